@@ -1,0 +1,104 @@
+"""The ``vitlab`` command: parses arguments, calls the Python API, formats output and errors.
+
+Each subcommand is a ``cmd_*`` function over a public function a notebook can call the same way.
+A :class:`~vitlab.errors.VitlabError` is printed in one or two lines and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from vitlab.errors import VitlabError
+
+
+def _fmt_count(n: int) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return str(n)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Print the presets: name, image size, patch, layers, hidden, heads, parameters, GFLOPs per image."""
+    from vitlab.models import PRESETS, create_model, get_config
+
+    rows = []
+    for name, preset in PRESETS.items():
+        cfg = get_config(name)
+        with _meta_device():
+            params = create_model(cfg).num_parameters()
+        rows.append(dict(name=name, image_size=list(cfg.image_size), patch=list(cfg.patch_size), layers=cfg.depth,
+                         hidden=cfg.hidden_dim, heads=cfg.num_heads, params=params,
+                         gflops=cfg.flops_per_image() / 1e9, description=preset.description))
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    header = f"{'name':<24}{'image':>9}{'patch':>7}{'layers':>8}{'hidden':>8}{'heads':>7}{'params':>14}{'GFLOPs':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        h, w = r["image_size"]
+        ph, pw = r["patch"]
+        image = f"{h}" if h == w else f"{h}x{w}"
+        patch = f"{ph}" if ph == pw else f"{ph}x{pw}"
+        print(f"{r['name']:<24}{image:>9}{patch:>7}{r['layers']:>8}{r['hidden']:>8}{r['heads']:>7}"
+              f"{r['params']:>14,}{r['gflops']:>10.3f}")
+    return 0
+
+
+class _meta_device:
+    """Build models on the meta device: counting ViT-H/14's parameters should not allocate 2.5 GB."""
+
+    def __enter__(self):
+        import torch
+
+        self._ctx = torch.device("meta")
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers that train well.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the model presets")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_models)
+
+    return parser
+
+
+def _version() -> str:
+    from vitlab import __version__
+
+    return f"vitlab {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vitlab`` console script and ``python -m vitlab``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 0
+    import logging
+
+    logging.basicConfig(level=logging.INFO if not getattr(args, "quiet", False) else logging.WARNING,
+                        format="%(message)s")
+    try:
+        return int(func(args) or 0)
+    except VitlabError as e:
+        print(f"vitlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitlab: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Weight converters between vitlab and other ViT implementations, and export."""

@@ -1,0 +1,92 @@
+"""Named presets: each is a :class:`ViTConfig` (data, not a class) with a line saying what it reproduces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vitlab.config import ViTConfig, config_from_dict, to_dict
+from vitlab.errors import ConfigError
+from vitlab.models.vit import VisionTransformer
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    config: dict[str, Any]
+
+
+def _paper(hidden: int, depth: int, heads: int, mlp: int, patch: int) -> dict[str, Any]:
+    return dict(image_size=224, patch_size=patch, num_classes=1000, hidden_dim=hidden, depth=depth,
+                num_heads=heads, mlp_dim=mlp)
+
+
+_PRESETS = [
+    # The paper (Dosovitskiy et al. 2021, Table 1), ImageNet heads at 224 px.
+    Preset("vit-b16", "ViT-Base/16 of the paper (Table 1), 224 px, 1000 classes", _paper(768, 12, 12, 3072, 16)),
+    Preset("vit-b32", "ViT-Base/32 of the paper (Table 1), 224 px, 1000 classes", _paper(768, 12, 12, 3072, 32)),
+    Preset("vit-l16", "ViT-Large/16 of the paper (Table 1), 224 px, 1000 classes", _paper(1024, 24, 16, 4096, 16)),
+    Preset("vit-l32", "ViT-Large/32 of the paper (Table 1), 224 px, 1000 classes", _paper(1024, 24, 16, 4096, 32)),
+    Preset("vit-h14", "ViT-Huge/14 of the paper (Table 1), 224 px, 1000 classes", _paper(1280, 32, 16, 5120, 14)),
+    # DeiT (Touvron et al. 2021) sizes, the usual small ViTs.
+    Preset("vit-ti16", "ViT-Ti/16 of DeiT (192 hidden, 3 heads), 224 px, 1000 classes", _paper(192, 12, 3, 768, 16)),
+    Preset("vit-s16", "ViT-S/16 of DeiT (384 hidden, 6 heads), 224 px, 1000 classes", _paper(384, 12, 6, 1536, 16)),
+    # The seed implementations vitlab replaces.
+    Preset("vit-tiny-4h-p16", "seed 'ViT-Tiny': 12 layers, 192 hidden, MLP 768, 4 heads, patch 16 at 224 px",
+           _paper(192, 12, 4, 768, 16)),
+    Preset("vit-small-6h-p16", "seed 'ViT-Small': 12 layers, 384 hidden, MLP 1536, 6 heads, patch 16 at 224 px "
+           "(same shape as DeiT's ViT-S/16)", _paper(384, 12, 6, 1536, 16)),
+    Preset("vit-small-12h-p16", "seed 'ViT-Small-12': 12 layers, 384 hidden, MLP 1536, 12 heads, patch 16 at "
+           "224 px", _paper(384, 12, 12, 1536, 16)),
+    Preset("vit-cifar-tiny-p4", "seed article's CIFAR-10 tiny ViT: 32 px, patch 4, 4 layers, 48 hidden, "
+           "4 heads, MLP 192, 10 classes",
+           dict(image_size=32, patch_size=4, num_classes=10, hidden_dim=48, depth=4, num_heads=4, mlp_dim=192)),
+    Preset("vit-cifar-showcase-p8", "seed CIFAR-10 showcase ViT: 32 px, patch 8, 2 blocks, 256 hidden, 2 heads, "
+           "MLP 256, mean pooling, no class token, no final norm, 10 classes",
+           dict(image_size=32, patch_size=8, num_classes=10, hidden_dim=256, depth=2, num_heads=2, mlp_dim=256,
+                class_token=False, pool="mean", final_norm=False)),
+    Preset("vit-mnist-notebook-p16", "seed MNIST notebook ViT: 32 px (MNIST resized), 1 channel, patch 16, "
+           "3 layers, 9 hidden, 3 heads, MLP 36, fixed sin-cos positions, 10 classes",
+           dict(image_size=32, patch_size=16, in_channels=1, num_classes=10, hidden_dim=9, depth=3, num_heads=3,
+                mlp_dim=36, pos_embed="sincos")),
+    # vitlab's own small models for its recipes.
+    Preset("vit-digits-p2", "vitlab default: a small ViT for the built-in 8x8 digits (patch 2, 6 layers, "
+           "128 hidden, 4 heads)",
+           dict(image_size=8, patch_size=2, in_channels=1, num_classes=10, hidden_dim=128, depth=6, num_heads=4,
+                mlp_dim=256)),
+]
+PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
+
+
+def list_models() -> list[str]:
+    """The preset names, in the order of the table (paper, DeiT, seeds, vitlab's own)."""
+    return list(PRESETS)
+
+
+def get_config(name: str, **overrides: Any) -> ViTConfig:
+    """The :class:`ViTConfig` of preset ``name`` with ``overrides`` applied (e.g. ``num_classes=10``)."""
+    key = name.lower().replace("_", "-").replace("/", "")
+    if key not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(key, PRESETS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown model {name!r}: {hint}`vitlab models` lists the presets")
+    data = dict(PRESETS[key].config)
+    if "num_classes" in overrides and "labels" not in overrides:
+        data.pop("labels", None)
+    return config_from_dict(ViTConfig, {**data, **overrides}, source=f"model {key}")
+
+
+def create_model(name: str | ViTConfig, **overrides: Any) -> VisionTransformer:
+    """Build a freshly initialised :class:`VisionTransformer` from a preset name (or a config)."""
+    if isinstance(name, ViTConfig):
+        config = config_from_dict(ViTConfig, {**to_dict(name), **overrides}) if overrides else name
+    else:
+        config = get_config(name, **overrides)
+    return VisionTransformer(config)
+
+
+def describe(name: str) -> str:
+    return PRESETS[name].description

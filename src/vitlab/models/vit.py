@@ -1,0 +1,244 @@
+"""The Vision Transformer: patch embedding -> [class token] + positions -> encoder blocks -> norm -> pool -> head.
+
+One class for every variant; a :class:`~vitlab.config.ViTConfig` says which. Parameter names follow timm's
+``vision_transformer`` layout (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``head``), so its weights load
+with few changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitlab.config import ViTConfig, config_from_dict, pair, to_dict
+from vitlab.models.block import Block
+from vitlab.models.patch_embed import PatchEmbed
+from vitlab.models.position import resize_grid_embedding, sincos_2d
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class ViTOutput:
+    """What ``forward`` returns when hidden states or attentions are asked for.
+
+    ``hidden_states``: the embedding output and each block's output, ``depth + 1`` tensors ``(B, N, D)``
+    (before the final norm, as Hugging Face returns them). ``attentions``: each block's ``(B, H, N, N)``
+    attention probabilities.
+    """
+
+    logits: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class VisionTransformer(nn.Module):
+    """A ViT as in "An Image Is Worth 16x16 Words", with the common variants as config switches."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.patch_embed = PatchEmbed(in_channels=c.in_channels, hidden_dim=c.hidden_dim,
+                                      patch_size=c.patch_size, style=c.patch_embed)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_dim)) if c.class_token else None
+        num_tokens = c.num_patches + c.num_prefix_tokens
+        if c.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, c.hidden_dim))
+        elif c.pos_embed == "sincos":
+            # Fixed, so a buffer; the class token's position is zero (as in MAE / MoCo v3).
+            pe = torch.cat((torch.zeros(c.num_prefix_tokens, c.hidden_dim), sincos_2d(c.grid_size, c.hidden_dim)))
+            self.register_buffer("pos_embed", pe[None], persistent=False)
+        else:
+            self.pos_embed = None
+        self.pos_drop = nn.Dropout(c.dropout)
+        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear schedule
+        self.blocks = nn.ModuleList(
+            Block(dim=c.hidden_dim, num_heads=c.num_heads, mlp_dim=c.mlp_dim, qkv_bias=c.qkv_bias,
+                  dropout=c.dropout, attention_dropout=c.attention_dropout, drop_path=rate,
+                  layer_scale=c.layer_scale, norm_eps=c.norm_eps)
+            for rate in rates)
+        self.norm = nn.LayerNorm(c.hidden_dim, eps=c.norm_eps) if c.final_norm else nn.Identity()
+        if c.representation_dim:
+            self.pre_logits = nn.Sequential(nn.Linear(c.hidden_dim, c.representation_dim), nn.Tanh())
+            head_in = c.representation_dim
+        else:
+            self.pre_logits = nn.Identity()
+            head_in = c.hidden_dim
+        self.head = nn.Linear(head_in, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------- init
+    def reset_parameters(self) -> None:
+        """Truncated normal (std 0.02, cut at 2 std) for weights and embeddings; zero biases; unit norms."""
+
+        def trunc(t: torch.Tensor) -> None:
+            nn.init.trunc_normal_(t, std=0.02, a=-0.04, b=0.04)
+
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                trunc(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if isinstance(self.pos_embed, nn.Parameter):
+            trunc(self.pos_embed)
+        if self.cls_token is not None:
+            trunc(self.cls_token)
+        for blk in self.blocks:
+            for ls in (blk.ls1, blk.ls2):
+                if hasattr(ls, "gamma"):
+                    nn.init.constant_(ls.gamma, self.config.layer_scale)
+
+    # ---------------------------------------------------------------- forward
+    def _pos_embed_for(self, grid: tuple[int, int], interpolate: bool) -> torch.Tensor | None:
+        if self.pos_embed is None:
+            return None
+        if tuple(grid) == tuple(self.config.grid_size):
+            return self.pos_embed
+        if not interpolate:
+            raise ValueError(f"input gives a {grid[0]}x{grid[1]} patch grid but the model was built for "
+                             f"{self.config.grid_size[0]}x{self.config.grid_size[1]} (image_size="
+                             f"{self.config.image_size}); resize the images, call resize_image_size(), or pass "
+                             "interpolate_pos_encoding=True")
+        if self.config.pos_embed == "sincos":
+            pe = sincos_2d(grid, self.config.hidden_dim).to(self.pos_embed)
+            return torch.cat((self.pos_embed[:, :self.config.num_prefix_tokens], pe[None]), dim=1)
+        return resize_grid_embedding(self.pos_embed, self.config.grid_size, grid, self.config.num_prefix_tokens)
+
+    def embed(self, x: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` -> tokens ``(B, N, D)`` with class token and positions, before the blocks."""
+        grid = (x.shape[-2] // self.config.patch_size[0], x.shape[-1] // self.config.patch_size[1])
+        x = self.patch_embed(x)  # (B, C, H, W) -> (B, gh*gw, D)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # -> (B, 1+gh*gw, D)
+        pos = self._pos_embed_for(grid, interpolate_pos_encoding)
+        if pos is not None:
+            x = x + pos
+        return self.pos_drop(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, N, D)`` -> one vector per image ``(B, D)``: the class token or the mean of the patches."""
+        if self.config.pool == "cls":
+            return x[:, 0]
+        return x[:, self.config.num_prefix_tokens:].mean(dim=1)
+
+    def forward_features(self, x: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Images -> tokens after the encoder and final norm, ``(B, N, D)``."""
+        x = self.embed(x, interpolate_pos_encoding)
+        for blk in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-norm tokens ``(B, N, D)`` -> logits ``(B, num_classes)``."""
+        return self.head(self.pre_logits(self.pool(x)))
+
+    def forward(self, x: torch.Tensor, *, return_attentions: bool = False, return_hidden_states: bool = False,
+                interpolate_pos_encoding: bool = False):
+        """Images ``(B, C, H, W)`` -> logits ``(B, num_classes)``.
+
+        With ``return_attentions`` or ``return_hidden_states``, returns a :class:`ViTOutput` instead; asking
+        for attentions takes the explicit attention path for every block.
+        """
+        if not (return_attentions or return_hidden_states):
+            return self.forward_head(self.forward_features(x, interpolate_pos_encoding))
+        x = self.embed(x, interpolate_pos_encoding)
+        hidden, attentions = [x], []
+        for blk in self.blocks:
+            if return_attentions:
+                x, probs = blk(x, return_attention=True)
+                attentions.append(probs)
+            else:
+                x = blk(x)
+            hidden.append(x)
+        logits = self.forward_head(self.norm(x))
+        return ViTOutput(logits=logits, hidden_states=tuple(hidden) if return_hidden_states else None,
+                         attentions=tuple(attentions) if return_attentions else None)
+
+    # ---------------------------------------------------------------- changes for fine-tuning
+    def resize_image_size(self, image_size: int | tuple[int, int]) -> None:
+        """Change the input size in place: a learned position embedding is resized bicubically on its grid
+        (class token kept), a sin-cos one recomputed. For fine-tuning at another resolution."""
+        new = self.config.replace(image_size=pair(image_size, "image_size"))
+        if self.pos_embed is not None:
+            pe = self._pos_embed_for(new.grid_size, interpolate=True)
+            if isinstance(self.pos_embed, nn.Parameter):
+                self.pos_embed = nn.Parameter(pe.detach().clone())
+            else:
+                self.register_buffer("pos_embed", pe.detach().clone(), persistent=False)
+        self.config = new
+
+    def reset_classifier(self, num_classes: int, labels: list[str] | None = None) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` classes."""
+        self.config = self.config.replace(num_classes=num_classes, labels=labels)
+        head_in = self.config.representation_dim or self.config.hidden_dim
+        ref = next(self.parameters())
+        self.head = nn.Linear(head_in, num_classes).to(ref) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.trunc_normal_(self.head.weight, std=0.02, a=-0.04, b=0.04)
+            nn.init.zeros_(self.head.bias)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them (less memory)."""
+        self.gradient_checkpointing = enabled
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ---------------------------------------------------------------- save / load
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (each atomically)."""
+        from vitlab._files import save_safetensors, write_json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_safetensors(directory / WEIGHTS_NAME, self.state_dict(), metadata={"format": "pt"})
+        write_json(directory / CONFIG_NAME, {"architecture": "VisionTransformer", **to_dict(self.config)})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "VisionTransformer":
+        """Load a folder written by :meth:`save_pretrained`; no file is ever unpickled."""
+        from vitlab._files import load_safetensors, read_json
+        from vitlab.errors import CheckpointError
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: not a folder; expected a folder with {CONFIG_NAME} and "
+                                  f"{WEIGHTS_NAME} (as written by save_pretrained)")
+        data = read_json(directory / CONFIG_NAME)
+        data.pop("architecture", None)
+        config = config_from_dict(ViTConfig, data, source=str(directory / CONFIG_NAME))
+        model = cls(config)
+        state = load_safetensors(directory / WEIGHTS_NAME, device=map_location)
+        load_state_dict_strict(model, state, source=str(directory / WEIGHTS_NAME))
+        return model.to(map_location)
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``, raising a :class:`CheckpointError` that names the first key that is
+    missing, unexpected, or of the wrong shape."""
+    from vitlab.errors import CheckpointError
+
+    own = model.state_dict()
+    for key in own:
+        if key not in state:
+            raise CheckpointError(f"{source}: missing key {key!r} (expected shape {tuple(own[key].shape)})")
+    for key, value in state.items():
+        if key not in own:
+            raise CheckpointError(f"{source}: unexpected key {key!r} of shape {tuple(value.shape)}")
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(value.shape)}, the model expects "
+                                  f"{tuple(own[key].shape)}")
+    model.load_state_dict(state, strict=True)
