@@ -64,6 +64,18 @@ class _meta_device:
         self._ctx.__exit__(*exc)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time training steps or inference batches of a preset; print images/s, FLOP/s and utilisation."""
+    from vitlab.bench import benchmark, format_result
+
+    result = benchmark(args.model, batch=args.batch, mode=args.mode, precision=args.precision,
+                       compile=args.compile, device=args.device, repeats=args.repeats, warmup=args.warmup,
+                       threads=args.threads, gradient_checkpointing=args.gradient_checkpointing,
+                       measure_memory=not args.no_memory, check_syncs=args.check_syncs)
+    print(json.dumps(result) if args.json else format_result(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers that train well.")
     parser.add_argument("--version", action="version", version=_version())
@@ -72,6 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the model presets")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bench", help="time training steps or inference of a model: images/s, FLOP/s, utilisation")
+    p.add_argument("--model", required=True, help="preset name (see `vitlab models`)")
+    p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
+    p.add_argument("--mode", choices=["train", "infer"], default="train")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="autocast precision (default: bf16 where the device has fast bf16 matmul, else fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time reported apart)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats; images/s is their median (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument("--check-syncs", action="store_true", help="GPU: fail on a host-device sync in a step")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_bench)
 
     return parser
 

@@ -2,6 +2,11 @@
 
 The fused path calls ``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU). The explicit
 path computes ``softmax(q k^T / sqrt(d)) v`` itself and returns the probabilities, for attention maps.
+
+Which path a plain forward takes is ``Attention.impl``: "sdpa", "explicit", or "auto" (the default): SDPA on
+GPUs, where its fused kernels win, and on CPU in fp32; the explicit path on CPU under bf16 autocast or with
+bf16/fp16 inputs, where PyTorch's CPU SDPA kernel is about 3x slower than two bf16 matmuls and a softmax
+(measured in docs/performance.md).
 """
 
 from __future__ import annotations
@@ -11,8 +16,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
+IMPLS = ("auto", "sdpa", "explicit")
+
+
+def use_sdpa(impl: str, x: torch.Tensor, head_dim: int) -> bool:
+    """Whether the fused SDPA kernel serves this call better than the explicit path (see the module doc)."""
+    if impl != "auto":
+        return impl == "sdpa"
+    if x.device.type != "cpu":
+        return True
+    return not torch.is_autocast_enabled("cpu") and x.dtype == torch.float32
+
+
 class Attention(nn.Module):
     """``(B, N, D) -> (B, N, D)``; with ``return_attention=True`` also ``(B, H, N, N)`` probabilities."""
+
+    impl = "auto"  # "auto" | "sdpa" | "explicit": see the module docstring; set per instance to override
 
     def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool = True, attention_dropout: float = 0.0,
                  proj_dropout: float = 0.0):
@@ -35,8 +54,15 @@ class Attention(nn.Module):
             probs = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
             probs = probs.softmax(dim=-1)
             x = F.dropout(probs, dropout, self.training) @ v
-        else:
+        elif use_sdpa(self.impl, x, self.head_dim):
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:
+            # Same maths in q's dtype. Under CPU autocast q is already bf16; autocast would run the softmax in
+            # fp32 and cast (B, H, N, N) twice, which costs more than both matmuls at small head sizes. The
+            # softmax kernel accumulates in fp32 either way; only its output is rounded, as p @ v would be.
+            with torch.autocast("cpu", enabled=False):
+                scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+                x = F.dropout(scores.softmax(dim=-1), dropout, self.training) @ v
         x = x.transpose(1, 2).reshape(B, N, D)  # (B, H, N, D/H) -> (B, N, D)
         x = self.proj_drop(self.proj(x))
         return (x, probs) if return_attention else x

@@ -193,6 +193,15 @@ class VisionTransformer(nn.Module):
         """Recompute each block's activations in the backward pass instead of storing them (less memory)."""
         self.gradient_checkpointing = enabled
 
+    def set_attention_impl(self, impl: str = "auto") -> None:
+        """Pick the attention kernel of every block: "auto" (default), "sdpa" or "explicit" (same maths)."""
+        from vitlab.models.attention import IMPLS
+
+        if impl not in IMPLS:
+            raise ValueError(f"attention impl {impl!r} is not one of {', '.join(IMPLS)}")
+        for blk in self.blocks:
+            blk.attn.impl = impl
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 

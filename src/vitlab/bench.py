@@ -1,0 +1,462 @@
+"""Throughput, achieved FLOP/s and utilisation of a ViT's training steps or inference batches.
+
+:func:`benchmark` times real steps (forward, loss, backward, AdamW) or inference batches on synthetic data
+that lives on the device, after warm-up, and reports images/s (median over repeats, with min and max), the
+step time, peak memory, FLOPs per image (counted analytically by :meth:`ViTConfig.flops_per_image`), the
+achieved FLOP/s and the utilisation: achieved / the device's matmul peak measured in the same run and the
+same precision (:func:`matmul_peak`).
+
+It also times any ``nn.Module`` that maps images to logits (a Hugging Face ``ViTForImageClassification``
+too), which is how ``benchmarks/compare_peers.py`` runs the peer under exactly the same loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import time
+import weakref
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.config import ViTConfig
+from vitlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("train", "infer")
+
+# Training costs forward + backward; the backward of a matmul is two matmuls of the same size, so a training
+# step is counted as 3x the forward FLOPs (the usual convention, e.g. in the PaLM/MFU accounting).
+TRAIN_FLOPS_FACTOR = 3
+
+
+# ---------------------------------------------------------------------------------------------- devices
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" -> cuda when available else cpu; a CUDA request without a GPU is a :class:`ConfigError`."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}: no CUDA GPU is visible to PyTorch; use --device cpu")
+    return dev
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has native bf16 matmul instructions (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+def default_precision(device: str | torch.device) -> str:
+    """The fast default: bf16 on a GPU that supports it and on CPUs with native bf16 matmul, else fp32."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def matmul_peak(device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32", *, size: int | None = None,
+                repeats: int = 5) -> float:
+    """The device's measured matmul rate in FLOP/s: the best of ``repeats`` square matmuls of ``size``.
+
+    The reference for utilisation, measured in the same process and precision as the model, so a busy or
+    throttled machine lowers both. ``size`` defaults to 2048 on CPU and 8192 on GPU (large enough to run at
+    full rate, short enough to take well under a second).
+    """
+    dev = resolve_device(device)
+    dt = PRECISIONS[dtype] if isinstance(dtype, str) else dtype
+    n = size or (8192 if dev.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=dev).to(dt)
+    b = torch.randn(n, n, device=dev).to(dt)
+    out = torch.empty(n, n, device=dev, dtype=dt)
+    torch.mm(a, b, out=out)  # warm-up: thread pool, kernels, clocks
+    _sync(dev)
+    inner = 10 if dev.type == "cuda" else 1
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b, out=out)
+        _sync(dev)
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return 2.0 * n**3 / best
+
+
+# ---------------------------------------------------------------------------------------------- memory
+class LiveTensorBytes:
+    """Peak bytes of tensor storages created while active (CPU): a dispatch mode that counts every new
+    storage an operator returns and a finaliser that uncounts it when it is freed.
+
+    This sees exactly what the caching-free CPU allocator is asked for by PyTorch operators (activations
+    saved for backward, gradients, optimizer state created in the step, temporaries), independent of other
+    processes and of the allocator's page reuse, so two models measured one after the other in one process
+    compare fairly. Storages that existed before (parameters, the batch) are not counted: add them.
+    """
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+        self._seen: dict[int, int] = {}
+        self._mode = None
+
+    def _free(self, key: int, nbytes: int) -> None:
+        if self._seen.pop(key, None) is not None:
+            self.live -= nbytes
+
+    def _count(self, func, args, kwargs, out) -> None:
+        from torch.utils._pytree import tree_flatten
+
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            # Views and in-place results share an input's storage: nothing new was allocated.
+            if nbytes == 0 or key in inputs or key in self._seen:
+                continue
+            self._seen[key] = nbytes
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key, nbytes)
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                tracker._count(func, args, kwargs, out)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        self._mode = None
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            s = t.untyped_storage()
+            if s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                total += s.nbytes()
+    return total
+
+
+def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return _tensor_bytes(tensors)
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def _logits(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def make_optimizer(model: nn.Module, device: torch.device, lr: float = 1e-4) -> torch.optim.Optimizer:
+    """AdamW over all parameters, with the fused single-kernel update where this PyTorch has it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.05, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.05, foreach=device.type == "cuda")
+
+
+def make_step(model: nn.Module, *, mode: str, precision: str, device: torch.device,
+              optimizer: torch.optim.Optimizer | None = None, forward: Callable | None = None) -> Callable:
+    """A closure ``step(images, labels)`` doing one training step or one inference batch, without host syncs.
+
+    ``forward`` replaces ``model`` for the forward call (a ``torch.compile``-d model). In ``train`` mode the
+    step is forward under autocast, cross-entropy, backward, ``optimizer.step()``; gradients are set to
+    ``None`` (no zero-filling kernels). A GradScaler is used for fp16 on GPU.
+    """
+    fwd = forward or model
+    if mode == "infer":
+        def infer(images, labels):
+            with torch.inference_mode(), _autocast(device, precision):
+                return _logits(fwd(images))
+        return infer
+    assert optimizer is not None
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
+
+    def train(images, labels):
+        with _autocast(device, precision):
+            loss = F.cross_entropy(_logits(fwd(images)), labels)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return train
+
+
+def _threads(threads: int | None):
+    """Context that sets torch's intra-op threads for the run and puts the old value back."""
+    class _Ctx:
+        def __enter__(self):
+            self.old = torch.get_num_threads()
+            if threads:
+                torch.set_num_threads(threads)
+
+        def __exit__(self, *exc):
+            torch.set_num_threads(self.old)
+    return _Ctx()
+
+
+def time_alternating(steps: dict[str, Callable], inputs: dict[str, tuple], *, repeats: int = 5,
+                     steps_per_repeat: int = 1, warmup: int = 2, device: str | torch.device = "cpu"
+                     ) -> dict[str, list[float]]:
+    """Seconds per step of several step closures, interleaved: one repeat of each in turn, ``repeats`` times.
+
+    On a shared machine the load changes from second to second; interleaving exposes every contender to
+    the same load, so the ratio of their times is far steadier than either time (report the ratio).
+    ``inputs[name]`` is the ``(images, labels)`` for ``steps[name]``.
+    """
+    dev = torch.device(device)
+    for name, step in steps.items():
+        for _ in range(warmup):
+            step(*inputs[name])
+    _sync(dev)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(steps_per_repeat):
+                step(*inputs[name])
+            _sync(dev)
+            times[name].append((time.perf_counter() - t0) / steps_per_repeat)
+    return times
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+def _resolve_model(model_or_preset, overrides: dict[str, Any]) -> tuple[nn.Module, str, ViTConfig | None]:
+    from vitlab.models import create_model
+
+    if isinstance(model_or_preset, nn.Module):
+        config = getattr(model_or_preset, "config", None)
+        cfg = config if isinstance(config, ViTConfig) else None
+        return model_or_preset, type(model_or_preset).__name__, cfg
+    if isinstance(model_or_preset, ViTConfig):
+        model = create_model(model_or_preset, **overrides)
+        return model, "custom", model.config
+    model = create_model(str(model_or_preset), **overrides)
+    return model, str(model_or_preset), model.config
+
+
+def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mode: str = "train",
+              precision: str | None = "fp32", compile: bool = False, device: str | None = "cpu",
+              repeats: int = 5, *, warmup: int = 2, steps_per_repeat: int | None = None,
+              threads: int | None = None, gradient_checkpointing: bool = False, measure_peak: bool = True,
+              measure_memory: bool = True, flops_per_image: float | None = None, image_size=None,
+              in_channels: int | None = None, num_classes: int | None = None, seed: int = 0,
+              peak_flops: float | None = None, check_syncs: bool = False, **overrides: Any) -> dict[str, Any]:
+    """Time ``repeats`` x ``steps_per_repeat`` training steps or inference batches; return the figures.
+
+    ``model_or_preset``: a preset name (``vitlab models``), a :class:`ViTConfig`, or any module mapping
+    ``(B, C, H, W)`` images to logits (then pass ``flops_per_image`` unless it has a vitlab config, and
+    ``image_size``/``in_channels``/``num_classes`` unless it has ``config.image_size`` etc.).
+    ``precision``: "fp32", "bf16" or "fp16" autocast (``None`` = :func:`default_precision`).
+    ``compile``: ``torch.compile`` the model (compile time is reported separately, not in the timings).
+    ``steps_per_repeat``: ``None`` picks enough steps for ~0.3 s per repeat (GPU steps take milliseconds).
+    ``gradient_checkpointing``: recompute each block in backward (vitlab models) to save memory.
+    ``check_syncs`` (GPU): make a host-device sync inside a timed step an error.
+    ``peak_flops``: reuse a measured :func:`matmul_peak` instead of measuring it again.
+    Returns a dict: model, mode, batch, precision, device, threads, compile, images_per_s (median),
+    images_per_s_min, images_per_s_max, step_time_s, flops_per_image (per image per step: x3 in training),
+    achieved_flops, peak_flops, utilisation, peak_memory_bytes, memory_method, compile_time_s,
+    num_parameters, repeats, steps_per_repeat, torch.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r} is not one of {', '.join(MODES)}")
+    dev = resolve_device(device)
+    precision = precision or default_precision(dev)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and dev.type == "cpu":
+        log.warning("fp16 on CPU runs matmuls at a tiny fraction of fp32 speed; use bf16 or fp32")
+    if repeats < 1 or batch < 1:
+        raise ConfigError(f"repeats={repeats} and batch={batch} must be >= 1")
+    model, name, cfg = _resolve_model(model_or_preset, overrides)
+    if cfg is not None:
+        size, chans, classes = cfg.image_size, cfg.in_channels, cfg.num_classes
+        flops_fwd = flops_per_image if flops_per_image is not None else cfg.flops_per_image()
+    else:
+        hf = getattr(model, "config", None)
+        size = image_size or getattr(hf, "image_size", None)
+        chans = in_channels or getattr(hf, "num_channels", 3)
+        classes = num_classes or getattr(hf, "num_labels", None)
+        if size is None or classes is None or flops_per_image is None:
+            raise ConfigError("benchmark of a non-vitlab module needs image_size, num_classes and flops_per_image")
+        flops_fwd = flops_per_image
+    size = (size, size) if isinstance(size, int) else tuple(size)
+
+    with _threads(threads):
+        torch.manual_seed(seed)
+        model = model.to(dev)
+        model.train(mode == "train")
+        if gradient_checkpointing:
+            if not hasattr(model, "set_gradient_checkpointing"):
+                raise ConfigError(f"{name} has no gradient checkpointing switch")
+            model.set_gradient_checkpointing(True)
+        optimizer = make_optimizer(model, dev) if mode == "train" else None
+        forward = model
+        compile_time = None
+        if compile:
+            forward = torch.compile(model)
+        step = make_step(model, mode=mode, precision=precision, device=dev, optimizer=optimizer, forward=forward)
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        images = torch.randn(batch, chans, *size, device=dev, generator=gen)
+        labels = torch.randint(0, max(classes, 1), (batch,), device=dev, generator=gen)
+
+        t0 = time.perf_counter()
+        step(images, labels)  # first call: compile, lazy init, optimizer state
+        _sync(dev)
+        first = time.perf_counter() - t0
+        if compile:
+            compile_time = first
+        for _ in range(max(warmup - 1, 0)):
+            step(images, labels)
+        _sync(dev)
+        if steps_per_repeat is None:
+            t0 = time.perf_counter()
+            step(images, labels)
+            _sync(dev)
+            one = max(time.perf_counter() - t0, 1e-6)
+            steps_per_repeat = max(1, min(200, int(0.3 / one)))
+
+        if dev.type == "cuda" and check_syncs:
+            torch.cuda.set_sync_debug_mode("error")
+        times = []
+        try:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(steps_per_repeat):
+                    step(images, labels)
+                _sync(dev)
+                times.append((time.perf_counter() - t0) / steps_per_repeat)
+        finally:
+            if dev.type == "cuda" and check_syncs:
+                torch.cuda.set_sync_debug_mode("default")
+
+        peak_mem, method = None, None
+        if measure_memory:
+            peak_mem, method = _peak_memory(model, step, images, labels, optimizer, dev)
+        peak = peak_flops
+        if peak is None and measure_peak:
+            peak = matmul_peak(dev, precision)
+        used_threads = torch.get_num_threads()
+    if gradient_checkpointing:
+        model.set_gradient_checkpointing(False)
+
+    step_time = statistics.median(times)
+    factor = TRAIN_FLOPS_FACTOR if mode == "train" else 1
+    flops = factor * float(flops_fwd)
+    ips = [batch / t for t in times]
+    achieved = flops * batch / step_time
+    return dict(
+        model=name, mode=mode, batch=batch, precision=precision, device=str(dev),
+        device_name=_device_name(dev), threads=used_threads if dev.type == "cpu" else None, compile=compile,
+        gradient_checkpointing=gradient_checkpointing,
+        images_per_s=statistics.median(ips), images_per_s_min=min(ips), images_per_s_max=max(ips),
+        step_time_s=step_time, flops_per_image=flops, achieved_flops=achieved, peak_flops=peak,
+        utilisation=(achieved / peak) if peak else None, peak_memory_bytes=peak_mem, memory_method=method,
+        compile_time_s=compile_time, num_parameters=sum(p.numel() for p in model.parameters()),
+        repeats=repeats, steps_per_repeat=steps_per_repeat, torch=torch.__version__)
+
+
+def _peak_memory(model, step, images, labels, optimizer, dev) -> tuple[int, str]:
+    """Peak memory of one more step: CUDA allocator peak on GPU; live tensor bytes on CPU (see
+    :class:`LiveTensorBytes`), both including parameters, gradients, optimizer state and the batch."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        step(images, labels)
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev), "torch.cuda.max_memory_allocated"
+    before = _state_bytes(model, optimizer) + _tensor_bytes([images, labels])
+    with LiveTensorBytes() as tracker:
+        step(images, labels)
+    return before + tracker.peak, "live tensor bytes (dispatch-mode tracker)"
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
+
+
+def format_result(r: dict[str, Any]) -> str:
+    """A benchmark result as a few human-readable lines (what ``vitlab bench`` prints)."""
+    mem = r["peak_memory_bytes"]
+    lines = [
+        f"{r['model']}  {r['mode']}  batch {r['batch']}  {r['precision']}  {r['device']} "
+        f"({r['device_name']}{', %d threads' % r['threads'] if r['threads'] else ''})"
+        f"{'  compiled' if r['compile'] else ''}{'  checkpointing' if r['gradient_checkpointing'] else ''}",
+        f"  images/s        {r['images_per_s']:.1f}  (min {r['images_per_s_min']:.1f}, max {r['images_per_s_max']:.1f}, "
+        f"{r['repeats']} repeats x {r['steps_per_repeat']} steps)",
+        f"  step time       {r['step_time_s'] * 1e3:.1f} ms",
+        f"  FLOPs/image     {r['flops_per_image'] / 1e9:.3f} G ({'3x forward' if r['mode'] == 'train' else 'forward'})",
+        f"  achieved        {r['achieved_flops'] / 1e9:.1f} GFLOP/s",
+    ]
+    if r["peak_flops"]:
+        lines.append(f"  matmul peak     {r['peak_flops'] / 1e9:.1f} GFLOP/s ({r['precision']}, measured now)")
+        lines.append(f"  utilisation     {100 * r['utilisation']:.1f}%")
+    if mem is not None:
+        lines.append(f"  peak memory     {mem / 2**20:.1f} MiB ({r['memory_method']})")
+    if r["compile_time_s"] is not None:
+        lines.append(f"  compile + 1st   {r['compile_time_s']:.1f} s")
+    return "\n".join(lines)
+
+
+__all__ = ["benchmark", "matmul_peak", "time_alternating", "make_step", "make_optimizer", "LiveTensorBytes", "default_precision",
+           "cpu_has_fast_bf16", "format_result", "resolve_device"]
