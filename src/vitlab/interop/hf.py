@@ -35,13 +35,41 @@ def vit_config_from_hf(hf_config: Any, **overrides: Any) -> ViTConfig:
     return ViTConfig(**cfg)
 
 
+# transformers 5 renamed the modules of its ViT in memory (files on the Hub keep the classic names).
+_V5_TO_CLASSIC = [
+    ("attention.q_proj.", "attention.attention.query."),
+    ("attention.k_proj.", "attention.attention.key."),
+    ("attention.v_proj.", "attention.attention.value."),
+    ("attention.o_proj.", "attention.output.dense."),
+    ("mlp.fc1.", "intermediate.dense."),
+    ("mlp.fc2.", "output.dense."),
+]
+
+
+def _classic_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename transformers-5 keys (``layers.N.attention.q_proj``) to the classic on-disk layout
+    (``encoder.layer.N.attention.attention.query``); classic keys pass through unchanged."""
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("layers."):
+            _, idx, rest = key.split(".", 2)
+            for new, old in _V5_TO_CLASSIC:
+                if rest.startswith(new):
+                    rest = old + rest[len(new):]
+                    break
+            key = f"encoder.layer.{idx}.{rest}"
+        out[key] = value
+    return out
+
+
 def convert_hf_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, torch.Tensor]:
     """Map a ``ViTModel`` / ``ViTForImageClassification`` state dict to vitlab's names.
 
+    Accepts the classic key layout of files on the Hub and the one of ``transformers>=5`` models in memory.
     The pooler of ``ViTModel`` (not part of the classification model) is dropped. A missing key raises a
     :class:`CheckpointError` naming it.
     """
-    sd = {k[len("vit."):] if k.startswith("vit.") else k: v for k, v in state.items()}
+    sd = _classic_names({k[len("vit."):] if k.startswith("vit.") else k: v for k, v in state.items()})
 
     def take(key: str) -> torch.Tensor:
         if key not in sd:

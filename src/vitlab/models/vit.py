@@ -241,13 +241,13 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     from vitlab.errors import CheckpointError
 
     own = model.state_dict()
-    for key in own:
+    for key, expected in own.items():  # in the model's order, so "first" means first in the network
         if key not in state:
-            raise CheckpointError(f"{source}: missing key {key!r} (expected shape {tuple(own[key].shape)})")
+            raise CheckpointError(f"{source}: missing key {key!r} (expected shape {tuple(expected.shape)})")
+        if tuple(state[key].shape) != tuple(expected.shape):
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, the model expects "
+                                  f"{tuple(expected.shape)}")
     for key, value in state.items():
         if key not in own:
             raise CheckpointError(f"{source}: unexpected key {key!r} of shape {tuple(value.shape)}")
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(value.shape)}, the model expects "
-                                  f"{tuple(own[key].shape)}")
     model.load_state_dict(state, strict=True)

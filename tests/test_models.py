@@ -1,0 +1,255 @@
+"""The model: exact parameter counts, equivalent code paths, variants, validation, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitlab
+from vitlab import ConfigError, ViTConfig, VisionTransformer, create_model
+from vitlab.errors import CheckpointError
+from vitlab.models.position import resize_grid_embedding, sincos_2d
+
+
+def tiny(**kw) -> ViTConfig:
+    base = dict(image_size=16, patch_size=4, in_channels=3, num_classes=5, hidden_dim=24, depth=2, num_heads=3,
+                mlp_dim=48)
+    base.update(kw)
+    return ViTConfig(**base)
+
+
+def count_on_meta(name: str) -> int:
+    with torch.device("meta"):
+        return create_model(name).num_parameters()
+
+
+# The paper's and DeiT's counts agree with timm's vit_*_224 models; the showcase count is the seed's.
+@pytest.mark.parametrize("name,expected", [
+    ("vit-b16", 86_567_656),
+    ("vit-b32", 88_224_232),
+    ("vit-l16", 304_326_632),
+    ("vit-l32", 306_535_400),
+    ("vit-h14", 632_045_800),
+    ("vit-ti16", 5_717_416),
+    ("vit-s16", 22_050_664),
+    ("vit-cifar-showcase-p8", 847_626),
+])
+def test_parameter_counts(name, expected):
+    assert count_on_meta(name) == expected
+
+
+def test_seed_presets_have_the_published_shapes():
+    c = vitlab.get_config("vit-cifar-tiny-p4")
+    assert (c.image_size, c.patch_size, c.hidden_dim, c.depth, c.num_heads, c.mlp_dim, c.num_classes) == \
+        ((32, 32), (4, 4), 48, 4, 4, 192, 10)
+    c = vitlab.get_config("vit-mnist-notebook-p16")
+    assert (c.in_channels, c.hidden_dim, c.num_heads, c.depth, c.mlp_dim, c.pos_embed) == (1, 9, 3, 3, 36, "sincos")
+    c = vitlab.get_config("vit-tiny-4h-p16")
+    assert (c.hidden_dim, c.mlp_dim, c.num_heads, c.depth) == (192, 768, 4, 12)
+    c = vitlab.get_config("vit-small-12h-p16")
+    assert (c.hidden_dim, c.mlp_dim, c.num_heads, c.depth) == (384, 1536, 12, 12)
+    # Every preset builds and runs a forward pass of the right shape (small ones on CPU).
+    for name in ("vit-cifar-tiny-p4", "vit-cifar-showcase-p8", "vit-mnist-notebook-p16", "vit-digits-p2"):
+        m = create_model(name).eval()
+        c = m.config
+        x = torch.randn(2, c.in_channels, *c.image_size)
+        assert m(x).shape == (2, c.num_classes)
+
+
+def test_create_model_overrides_and_unknown_name():
+    m = create_model("vit-cifar-tiny-p4", num_classes=100, drop_path=0.1)
+    assert m.head.out_features == 100
+    assert m.blocks[-1].drop_path.p == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="unknown model 'vit-b17'.*vitlab models"):
+        create_model("vit-b17")
+    with pytest.raises(ConfigError, match="unknown ViTConfig field 'hidden'"):
+        create_model("vit-b16", hidden=3)
+
+
+def test_conv_and_unfold_linear_patchify_are_equal():
+    torch.manual_seed(0)
+    conv = VisionTransformer(tiny(patch_embed="conv", image_size=(16, 24))).eval()
+    lin = VisionTransformer(tiny(patch_embed="linear", image_size=(16, 24))).eval()
+    state = conv.state_dict()
+    state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"].reshape(24, -1)
+    lin.load_state_dict(state)
+    x = torch.randn(3, 3, 16, 24)
+    torch.testing.assert_close(lin.patch_embed(x), conv.patch_embed(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lin(x), conv(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(class_token=False, pool="mean"), dict(pos_embed="sincos"),
+                                dict(layer_scale=0.1, qkv_bias=False)])
+def test_fused_and_explicit_attention_agree(kw):
+    torch.manual_seed(0)
+    m = VisionTransformer(tiny(**kw)).eval()
+    x = torch.randn(4, 3, 16, 16)
+    fused = m(x)
+    out = m(x, return_attentions=True, return_hidden_states=True)
+    torch.testing.assert_close(out.logits, fused, rtol=1e-5, atol=1e-6)
+    n = 16 + (0 if kw.get("class_token") is False else 1)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (4, 3, n, n)
+    for a in out.attentions:
+        torch.testing.assert_close(a.sum(-1), torch.ones(4, 3, n))
+        assert (a >= 0).all()
+    assert len(out.hidden_states) == 3 and out.hidden_states[-1].shape == (4, n, 24)
+    # The last hidden state, normed and pooled, gives the logits.
+    torch.testing.assert_close(m.forward_head(m.norm(out.hidden_states[-1])), fused, rtol=1e-5, atol=1e-6)
+
+
+def test_one_channel_and_non_square_images():
+    m = VisionTransformer(tiny(in_channels=1, image_size=(20, 12), patch_size=(4, 3))).eval()
+    assert m.config.grid_size == (5, 4)
+    assert m(torch.randn(2, 1, 20, 12)).shape == (2, 5)
+    assert m.pos_embed.shape == (1, 21, 24)
+
+
+def test_variants_switch_the_right_modules():
+    m = VisionTransformer(tiny(qkv_bias=False, final_norm=False, layer_scale=1e-4, representation_dim=7))
+    names = dict(m.named_parameters())
+    assert "blocks.0.attn.qkv.bias" not in names and "blocks.0.attn.qkv.weight" in names
+    assert "norm.weight" not in names
+    assert torch.equal(names["blocks.1.ls2.gamma"], torch.full((24,), 1e-4))
+    assert names["pre_logits.0.weight"].shape == (7, 24) and names["head.weight"].shape == (5, 7)
+    m = VisionTransformer(tiny(pos_embed="sincos"))
+    assert "pos_embed" not in dict(m.named_parameters()) and "pos_embed" not in m.state_dict()
+    m = VisionTransformer(tiny(norm_eps=1e-12))
+    assert m.blocks[0].norm1.eps == 1e-12 and m.norm.eps == 1e-12
+
+
+def test_drop_path_schedule_is_linear_and_off_in_eval():
+    m = VisionTransformer(tiny(depth=5, drop_path=0.2))
+    assert [b.drop_path.p for b in m.blocks] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+    x = torch.randn(8, 3, 16, 16)
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+    m.train()
+    torch.manual_seed(0)
+    a = m(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, m(x))
+
+
+def test_dropout_is_active_only_in_training():
+    m = VisionTransformer(tiny(dropout=0.5, attention_dropout=0.5))
+    x = torch.randn(2, 3, 16, 16)
+    m.eval()
+    torch.testing.assert_close(m(x), m(x, return_attentions=True).logits, rtol=1e-5, atol=1e-6)
+    m.train()
+    assert not torch.allclose(m(x), m(x))
+
+
+def test_truncated_normal_init():
+    torch.manual_seed(0)
+    m = create_model("vit-ti16")
+    w = m.blocks[0].mlp.fc1.weight
+    assert w.abs().max() <= 0.04 + 1e-7  # cut at 2 std
+    assert 0.85 * 0.02 < w.std() < 0.02  # a normal truncated at 2 std has std 0.88 * sigma
+    assert torch.all(m.blocks[0].mlp.fc1.bias == 0)
+    assert torch.all(m.blocks[0].norm1.weight == 1)
+    assert 0.01 < m.pos_embed.std() < 0.02
+
+
+def test_sincos_2d_values():
+    pe = sincos_2d((2, 3), 8)
+    assert pe.shape == (6, 8)
+    # position (row 1, col 2) is index 5; frequencies 1 and 1/10000 for dim/4 = 2
+    x, y = 2.0, 1.0
+    expected = torch.tensor([torch.sin(torch.tensor(x)), torch.sin(torch.tensor(x / 1e4)),
+                             torch.cos(torch.tensor(x)), torch.cos(torch.tensor(x / 1e4)),
+                             torch.sin(torch.tensor(y)), torch.sin(torch.tensor(y / 1e4)),
+                             torch.cos(torch.tensor(y)), torch.cos(torch.tensor(y / 1e4))])
+    torch.testing.assert_close(pe[5], expected)
+    assert sincos_2d((2, 2), 9).shape == (4, 9)  # dims that are not a multiple of 4 work
+
+
+def test_pos_embed_resize_keeps_class_token_and_matches_bicubic():
+    torch.manual_seed(0)
+    pos = torch.randn(1, 1 + 4 * 4, 8)
+    out = resize_grid_embedding(pos, (4, 4), (6, 8), num_prefix_tokens=1)
+    assert out.shape == (1, 1 + 48, 8)
+    assert torch.equal(out[:, 0], pos[:, 0])
+    grid = pos[:, 1:].reshape(1, 4, 4, 8).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.interpolate(grid, size=(6, 8), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(out[:, 1:], ref.permute(0, 2, 3, 1).reshape(1, 48, 8))
+    assert resize_grid_embedding(pos, (4, 4), (4, 4), 1) is pos
+
+
+def test_resize_image_size_for_fine_tuning():
+    torch.manual_seed(0)
+    m = VisionTransformer(tiny()).eval()
+    x = torch.randn(2, 3, 24, 32)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        m(x)
+    on_the_fly = m(x, interpolate_pos_encoding=True)
+    m.resize_image_size((24, 32))
+    assert m.config.image_size == (24, 32) and m.pos_embed.shape == (1, 1 + 6 * 8, 24)
+    assert isinstance(m.pos_embed, torch.nn.Parameter)
+    torch.testing.assert_close(m(x), on_the_fly)
+    s = VisionTransformer(tiny(pos_embed="sincos"))
+    s.resize_image_size(32)
+    torch.testing.assert_close(s.pos_embed[0, 1:], sincos_2d((8, 8), 24))
+
+
+def test_reset_classifier():
+    m = VisionTransformer(tiny(labels=list("abcde")))
+    m.reset_classifier(3, labels=["x", "y", "z"])
+    assert m.head.out_features == 3 and m.config.num_classes == 3 and m.config.labels == ["x", "y", "z"]
+    assert m(torch.randn(1, 3, 16, 16)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    (dict(hidden_dim=100, num_heads=3), r"hidden_dim=100 is not divisible by num_heads=3"),
+    (dict(image_size=30, patch_size=4), r"image_size=\(30, 30\) is not divisible by patch_size=\(4, 4\)"),
+    (dict(pool="cls", class_token=False), r"pool='cls' needs class_token=True"),
+    (dict(pool="max"), r"pool='max' is not one of cls, mean"),
+    (dict(patch_embed="mlp"), r"patch_embed='mlp'"),
+    (dict(drop_path=1.5), r"drop_path=1.5 must be a probability"),
+    (dict(depth=0), r"depth=0 must be a positive integer"),
+    (dict(labels=["a", "b"]), r"labels has 2 names but num_classes=5"),
+    (dict(image_size="big"), r"image_size='big' must be an integer or a pair"),
+])
+def test_config_validation_names_the_field(kw, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        tiny(**kw)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = VisionTransformer(tiny(image_size=(16, 20), labels=list("abcde"), layer_scale=0.5)).eval()
+    m.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = VisionTransformer.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config == m.config
+    x = torch.randn(2, 3, 16, 20)
+    assert torch.equal(loaded(x), m(x))
+
+
+def test_load_errors_name_the_file_and_key(tmp_path):
+    with pytest.raises(CheckpointError, match="not a folder"):
+        VisionTransformer.from_pretrained(tmp_path / "nope")
+    VisionTransformer(tiny()).save_pretrained(tmp_path / "a")
+    # A checkpoint of another shape: the first mis-shaped key is named.
+    VisionTransformer(tiny(num_classes=7)).save_pretrained(tmp_path / "b")
+    (tmp_path / "b" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=r"model.safetensors: key 'head.weight' has shape \(7, 24\)"):
+        VisionTransformer.from_pretrained(tmp_path / "b")
+    # A truncated weights file.
+    data = (tmp_path / "a" / "model.safetensors").read_bytes()
+    (tmp_path / "a" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read safetensors file"):
+        VisionTransformer.from_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        VisionTransformer.from_pretrained(tmp_path / "a")
+
+
+def test_flops_per_image_matches_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for cfg in (tiny(), tiny(class_token=False, pool="mean", representation_dim=6), tiny(patch_embed="linear")):
+        m = VisionTransformer(cfg).eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            m(torch.randn(1, 3, 16, 16), return_attentions=True)  # explicit path: plain matmuls
+        assert counter.get_total_flops() == cfg.flops_per_image()
