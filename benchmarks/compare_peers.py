@@ -188,6 +188,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-batch", type=int, default=8)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    parser.add_argument("--save", default=None, help="also write the JSON document to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -218,6 +219,10 @@ def main(argv=None) -> int:
                torch=torch.__version__, transformers=transformers.__version__, vitlab_default_precision=fast,
                matmul_peak_flops=peaks, matmul_peak_flops_end=peaks_end, rows=rows, memory=memory,
                seconds=time.time() - t_start)
+    if args.save:
+        from vitlab._files import write_json
+
+        write_json(args.save, doc)
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0

@@ -200,12 +200,15 @@ def make_optimizer(model: nn.Module, device: torch.device, lr: float = 1e-4) -> 
 
 
 def make_step(model: nn.Module, *, mode: str, precision: str, device: torch.device,
-              optimizer: torch.optim.Optimizer | None = None, forward: Callable | None = None) -> Callable:
+              optimizer: torch.optim.Optimizer | None = None, forward: Callable | None = None,
+              transform: Callable | None = None, generator: torch.Generator | None = None) -> Callable:
     """A closure ``step(images, labels)`` doing one training step or one inference batch, without host syncs.
 
     ``forward`` replaces ``model`` for the forward call (a ``torch.compile``-d model). In ``train`` mode the
     step is forward under autocast, cross-entropy, backward, ``optimizer.step()``; gradients are set to
-    ``None`` (no zero-filling kernels). A GradScaler is used for fp16 on GPU.
+    ``None`` (no zero-filling kernels). A GradScaler is used for fp16 on GPU. ``transform`` (a
+    ``vitlab.data.TrainTransform``) turns uint8 images and labels into float images and soft targets on the
+    device inside the step, with ``generator``.
     """
     fwd = forward or model
     if mode == "infer":
@@ -217,6 +220,8 @@ def make_step(model: nn.Module, *, mode: str, precision: str, device: torch.devi
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
 
     def train(images, labels):
+        if transform is not None:
+            images, labels = transform(images, labels, generator)  # labels become soft targets (B, classes)
         with _autocast(device, precision):
             loss = F.cross_entropy(_logits(fwd(images)), labels)
         if scaler is None:
@@ -290,7 +295,8 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
               threads: int | None = None, gradient_checkpointing: bool = False, measure_peak: bool = True,
               measure_memory: bool = True, flops_per_image: float | None = None, image_size=None,
               in_channels: int | None = None, num_classes: int | None = None, seed: int = 0,
-              peak_flops: float | None = None, check_syncs: bool = False, **overrides: Any) -> dict[str, Any]:
+              peak_flops: float | None = None, check_syncs: bool = False, augment: bool = False,
+              **overrides: Any) -> dict[str, Any]:
     """Time ``repeats`` x ``steps_per_repeat`` training steps or inference batches; return the figures.
 
     ``model_or_preset``: a preset name (``vitlab models``), a :class:`ViTConfig`, or any module mapping
@@ -301,6 +307,9 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
     ``steps_per_repeat``: ``None`` picks enough steps for ~0.3 s per repeat (GPU steps take milliseconds).
     ``gradient_checkpointing``: recompute each block in backward (vitlab models) to save memory.
     ``check_syncs`` (GPU): make a host-device sync inside a timed step an error.
+    ``augment`` (train): feed uint8 images through ``vitlab.data.TrainTransform`` with the DeiT recipe's
+    augmentations (crop, flip, RandAugment, random erasing, Mixup/CutMix, label smoothing) inside each timed
+    step, on the device, so the figures include the input pipeline.
     ``peak_flops``: reuse a measured :func:`matmul_peak` instead of measuring it again.
     Returns a dict: model, mode, batch, precision, device, threads, compile, images_per_s (median),
     images_per_s_min, images_per_s_max, step_time_s, flops_per_image (per image per step: x3 in training),
@@ -344,9 +353,14 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
         compile_time = None
         if compile:
             forward = torch.compile(model)
-        step = make_step(model, mode=mode, precision=precision, device=dev, optimizer=optimizer, forward=forward)
         gen = torch.Generator(device=dev).manual_seed(seed)
-        images = torch.randn(batch, chans, *size, device=dev, generator=gen)
+        transform = _augmentation(size, chans, classes) if augment and mode == "train" else None
+        step = make_step(model, mode=mode, precision=precision, device=dev, optimizer=optimizer, forward=forward,
+                         transform=transform, generator=gen)
+        if transform is not None:
+            images = torch.randint(0, 256, (batch, chans, *size), device=dev, generator=gen, dtype=torch.uint8)
+        else:
+            images = torch.randn(batch, chans, *size, device=dev, generator=gen)
         labels = torch.randint(0, max(classes, 1), (batch,), device=dev, generator=gen)
 
         t0 = time.perf_counter()
@@ -397,12 +411,26 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
     return dict(
         model=name, mode=mode, batch=batch, precision=precision, device=str(dev),
         device_name=_device_name(dev), threads=used_threads if dev.type == "cpu" else None, compile=compile,
-        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing, augment=transform is not None,
         images_per_s=statistics.median(ips), images_per_s_min=min(ips), images_per_s_max=max(ips),
         step_time_s=step_time, flops_per_image=flops, achieved_flops=achieved, peak_flops=peak,
         utilisation=(achieved / peak) if peak else None, peak_memory_bytes=peak_mem, memory_method=method,
         compile_time_s=compile_time, num_parameters=sum(p.numel() for p in model.parameters()),
         repeats=repeats, steps_per_repeat=steps_per_repeat, torch=torch.__version__)
+
+
+def _augmentation(size: tuple[int, int], channels: int, classes: int) -> Callable:
+    """DeiT-style training augmentation on the device (vitlab.data); pad-crop for small images."""
+    try:
+        from vitlab.data import TrainTransform
+    except ImportError:
+        raise ConfigError("augment=True needs vitlab.data.TrainTransform (the data package) to be installed") from None
+    small = max(size) <= 64
+    return TrainTransform(mean=(0.5,) * channels, std=(0.5,) * channels, image_size=size, num_classes=classes,
+                          crop_padding=4 if small else 0, hflip=True,
+                          random_resized_crop=None if small else (0.08, 1.0),
+                          auto_augment="rand-m9-n2" if channels == 3 else None, random_erasing=0.25,
+                          mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
 
 
 def _peak_memory(model, step, images, labels, optimizer, dev) -> tuple[int, str]:
@@ -441,7 +469,8 @@ def format_result(r: dict[str, Any]) -> str:
     lines = [
         f"{r['model']}  {r['mode']}  batch {r['batch']}  {r['precision']}  {r['device']} "
         f"({r['device_name']}{', %d threads' % r['threads'] if r['threads'] else ''})"
-        f"{'  compiled' if r['compile'] else ''}{'  checkpointing' if r['gradient_checkpointing'] else ''}",
+        f"{'  compiled' if r['compile'] else ''}{'  checkpointing' if r['gradient_checkpointing'] else ''}"
+        f"{'  with augmentation' if r.get('augment') else ''}",
         f"  images/s        {r['images_per_s']:.1f}  (min {r['images_per_s_min']:.1f}, max {r['images_per_s_max']:.1f}, "
         f"{r['repeats']} repeats x {r['steps_per_repeat']} steps)",
         f"  step time       {r['step_time_s'] * 1e3:.1f} ms",

@@ -71,7 +71,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = benchmark(args.model, batch=args.batch, mode=args.mode, precision=args.precision,
                        compile=args.compile, device=args.device, repeats=args.repeats, warmup=args.warmup,
                        threads=args.threads, gradient_checkpointing=args.gradient_checkpointing,
-                       measure_memory=not args.no_memory, check_syncs=args.check_syncs)
+                       measure_memory=not args.no_memory, check_syncs=args.check_syncs, augment=args.augment)
     print(json.dumps(result) if args.json else format_result(result))
     return 0
 
@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     p.add_argument("--check-syncs", action="store_true", help="GPU: fail on a host-device sync in a step")
+    p.add_argument("--augment", action="store_true",
+                   help="train: include vitlab.data's on-device augmentation (DeiT recipe) in each step")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_bench)
 
