@@ -144,8 +144,9 @@ def run_case(preset: str, batch: int, mode: str, fast_precision: str, peaks: dic
     return rows
 
 
-def step_memory(model, precision: str, batch: int, checkpointing: bool = False) -> int:
-    """Peak live tensor bytes of one training step after a warm-up step (params, grads, AdamW state included)."""
+def step_memory(model, precision: str, batch: int, checkpointing: bool = False) -> tuple[int, int]:
+    """(peak, resident) live tensor bytes of one training step after a warm-up step; resident = parameters,
+    gradients, AdamW state and the batch, held before the step starts; peak - resident = activations etc."""
     dev = torch.device("cpu")
     model.train()
     if checkpointing:
@@ -162,18 +163,21 @@ def step_memory(model, precision: str, batch: int, checkpointing: bool = False) 
     base = _state_bytes(model, opt) + _tensor_bytes([images, labels])
     with LiveTensorBytes() as tracker:
         step(images, labels)
-    return base + tracker.peak
+    return base + tracker.peak, base
 
 
 def run_memory(preset: str, batch: int, fast_precision: str) -> dict:
     vit, hf, _ = build_pair(preset)
     out = dict(model=preset, batch=batch, method="peak live tensor bytes of one training step (dispatch-mode "
                                                    "tracker), parameters, gradients and AdamW state included")
-    out["vitlab_fp32"] = step_memory(copy.deepcopy(vit), "fp32", batch)
-    out["vitlab_fp32_checkpointing"] = step_memory(copy.deepcopy(vit), "fp32", batch, checkpointing=True)
+    runs = {"vitlab_fp32": (vit, "fp32", False), "vitlab_fp32_checkpointing": (vit, "fp32", True)}
     if fast_precision != "fp32":
-        out[f"vitlab_{fast_precision}"] = step_memory(copy.deepcopy(vit), fast_precision, batch)
-    out["hf_fp32"] = step_memory(hf, "fp32", batch)
+        runs[f"vitlab_{fast_precision}"] = (vit, fast_precision, False)
+    runs["hf_fp32"] = (hf, "fp32", False)
+    out["peak_bytes"], out["resident_bytes"] = {}, {}
+    for key, (model, precision, ckpt) in runs.items():
+        model = model if model is hf else copy.deepcopy(model)
+        out["peak_bytes"][key], out["resident_bytes"][key] = step_memory(model, precision, batch, ckpt)
     return out
 
 
@@ -209,6 +213,11 @@ def main(argv=None) -> int:
                 print(f"  done {preset} {mode} ({time.time() - t_start:.0f} s)", file=sys.stderr)
     # peaks again at the end: a drifting machine load shows up as a gap between the two
     peaks_end = {p: matmul_peak("cpu", p) for p in peaks}
+    # The device's peak is the best it showed: a busy machine at either end only lowers one measurement.
+    best = {p: max(peaks[p], peaks_end[p]) for p in peaks}
+    for r in rows:
+        r["vitlab_utilisation"] *= peaks[r["vitlab_precision"]] / best[r["vitlab_precision"]]
+        r["hf_utilisation"] *= peaks["fp32"] / best["fp32"]
     memory = None
     if not (args.quick or args.no_memory):
         memory = run_memory(args.memory_model, args.memory_batch, fast)
@@ -228,7 +237,7 @@ def main(argv=None) -> int:
         return 0
     print(f"machine: {doc['machine']}, {doc['threads']} threads, torch {doc['torch']}, "
           f"transformers {doc['transformers']}")
-    print("matmul peak (GFLOP/s, start/end): " + ", ".join(
+    print("matmul peak (GFLOP/s, start/end; utilisation uses the larger): " + ", ".join(
         f"{p} {peaks[p] / 1e9:.0f}/{peaks_end[p] / 1e9:.0f}" for p in peaks))
     timm = any("timm_images_per_s" in r for r in rows)
     head = (f"{'model':<19}{'batch':>6} {'mode':<6}{'setting':<15}{'vitlab':>8}{'img/s':>9}{'HF img/s':>10}"
@@ -244,9 +253,10 @@ def main(argv=None) -> int:
         print(line)
     if memory:
         print(f"\npeak memory of one {memory['model']} training step, batch {memory['batch']} ({memory['method']}):")
-        for key, value in memory.items():
-            if isinstance(value, int) and key != "batch":
-                print(f"  {key:<28}{value / 2**20:>9.0f} MiB")
+        print(f"  {'':<28}{'peak':>9}{'resident':>10}{'in the step':>17}")
+        for key, peak in memory["peak_bytes"].items():
+            resident = memory["resident_bytes"][key]
+            print(f"  {key:<28}{peak / 2**20:>5.0f} MiB{resident / 2**20:>6.0f} MiB{(peak - resident) / 2**20:>13.0f} MiB")
     print(f"({doc['seconds']:.0f} s)")
     return 0
 

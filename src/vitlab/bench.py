@@ -363,6 +363,7 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
             images = torch.randn(batch, chans, *size, device=dev, generator=gen)
         labels = torch.randint(0, max(classes, 1), (batch,), device=dev, generator=gen)
 
+        peak_before = matmul_peak(dev, precision) if peak_flops is None and measure_peak else None
         t0 = time.perf_counter()
         step(images, labels)  # first call: compile, lazy init, optimizer state
         _sync(dev)
@@ -398,7 +399,8 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
             peak_mem, method = _peak_memory(model, step, images, labels, optimizer, dev)
         peak = peak_flops
         if peak is None and measure_peak:
-            peak = matmul_peak(dev, precision)
+            # before and after the timed steps; the larger is the device's peak (load changes the other)
+            peak = max(peak_before, matmul_peak(dev, precision))
         used_threads = torch.get_num_threads()
     if gradient_checkpointing:
         model.set_gradient_checkpointing(False)
