@@ -170,3 +170,17 @@ def test_compare_peers_builds_equal_models():
     vit.eval(), hf.eval()
     assert sum(p.numel() for p in vit.parameters()) == sum(p.numel() for p in hf.parameters())
     torch.testing.assert_close(vit(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_forward_compiles_as_one_graph(autocast):
+    """torch.compile takes the whole forward (explicit bf16 attention and checkpointing included): no breaks."""
+    import torch._dynamo
+
+    model = VisionTransformer(ViTConfig(**TINY)).train()
+    model.set_gradient_checkpointing(autocast)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        explained = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16))
+    torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
