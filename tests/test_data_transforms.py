@@ -42,8 +42,8 @@ def test_hflip_flips_about_half():
     tf = TrainTransform(mean=(0, 0, 0), std=(1, 1, 1), image_size=12, num_classes=10, hflip=True)
     out, _ = tf(x, y, torch.Generator().manual_seed(1))
     ref = x.float() / 255
-    flipped = [torch.equal(o, r.flip(2)) for o, r in zip(out, ref)]
-    same = [torch.equal(o, r) for o, r in zip(out, ref)]
+    flipped = [torch.allclose(o, r.flip(2), atol=1e-6, rtol=0) for o, r in zip(out, ref)]
+    same = [torch.allclose(o, r, atol=1e-6, rtol=0) for o, r in zip(out, ref)]
     assert all(f or s for f, s in zip(flipped, same))
     assert 16 < sum(flipped) < 48
 
@@ -56,7 +56,8 @@ def test_random_crop_is_a_window_of_the_padded_image():
     padded = torch.nn.functional.pad(x.float() / 255, (2, 2, 2, 2))
     offsets = set()
     for o, p in zip(out, padded):
-        hits = [(i, j) for i in range(5) for j in range(5) if torch.equal(o, p[:, i:i + 8, j:j + 8])]
+        hits = [(i, j) for i in range(5) for j in range(5)
+                if torch.allclose(o, p[:, i:i + 8, j:j + 8], atol=1e-6, rtol=0)]
         assert hits, "crop is not a window of the padded image"
         offsets.add(hits[0])
     assert len(offsets) > 5  # offsets differ between images
@@ -176,3 +177,14 @@ def test_resize_uint8_downscale_is_antialiased():
     out = T.resize_uint8(x, (1, 1))
     assert out.dtype == torch.uint8 and out.shape == (1, 1, 1, 1)
     assert 5 <= int(out) <= 40  # the corner is averaged in (a box filter would give 16)
+
+
+def test_grid_equals_affine_grid_and_smooth_equals_conv():
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(T._grid(theta, 7, 9), torch.nn.functional.affine_grid(theta, [5, 1, 7, 9],
+                                                                                      align_corners=False))
+    x = torch.rand(4, 3, 6, 5, generator=torch.Generator().manual_seed(1))
+    k = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13
+    conv = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"),
+                                      k.expand(3, 1, 3, 3), groups=3)
+    torch.testing.assert_close(T._sharpness_degenerate(x), conv)
