@@ -1,7 +1,6 @@
 """Augmentations tested on values: a flip flips, a crop is a shifted window, Mixup targets sum to one,
 the same seed gives the same batch."""
 
-import numpy as np
 import pytest
 import torch
 
