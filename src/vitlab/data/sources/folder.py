@@ -30,7 +30,7 @@ SPLIT_FOLDER_NAMES = {
     "val": ("val", "valid", "validation"),
     "test": ("test", "testing"),
 }
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when decoding changes: old caches then miss
 _CHUNK = 256  # files per task sent to a worker process
 _INLINE_BELOW = 512  # fewer files than this decode in this process: starting workers costs more
 
