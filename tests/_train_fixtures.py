@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import _data_standin
+import pytest
+import torch
 
-_data_standin.install()  # TEMPORARY until branch `data` is merged
-
-import torch  # noqa: E402
-
-from vitlab.config import TrainConfig  # noqa: E402
+from vitlab.config import TrainConfig
 
 TINY_MODEL = {"depth": 1, "hidden_dim": 16, "num_heads": 2, "mlp_dim": 32}
 
@@ -37,9 +34,6 @@ def tiny_config(tmp_path, name: str = "run", **changes) -> TrainConfig:
                 out=str(tmp_path / name))
     base.update(changes)
     return TrainConfig(**base)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture

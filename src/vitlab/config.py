@@ -335,9 +335,11 @@ class TrainConfig:
             raise bad("lr", "must be > 0")
         if self.min_lr > self.lr:
             raise bad("min_lr", f"must be <= lr={self.lr}")
-        for name in ("label_smoothing", "random_erasing", "mix_prob"):
+        for name in ("random_erasing", "mix_prob"):
             if getattr(self, name) > 1:
                 raise bad(name, "must be in [0, 1]")
+        if not self.label_smoothing < 1:
+            raise bad("label_smoothing", "must be in [0, 1)")
         if not self.val_fraction < 1:
             raise bad("val_fraction", "must be in [0, 1)")
         if self.clip_grad is not None and not (isinstance(self.clip_grad, (int, float)) and self.clip_grad > 0):
