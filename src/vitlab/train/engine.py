@@ -249,7 +249,6 @@ def fit(config: TrainConfig, *, data=None, model: torch.nn.Module | None = None,
 def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
     from vitlab.data import BatchLoader, TrainTransform, load_data
 
-    t_start = time.perf_counter()
     device = resolve_device(config.device, d.local_rank)
     if config.precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"TrainConfig.precision='fp16' needs a CUDA GPU (device is {device.type}): use bf16 "
@@ -459,7 +458,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
             break
         if config.time_limit_minutes is not None and epoch < planned_epochs:
             limit = config.time_limit_minutes * 60
-            elapsed = wall_before + time.perf_counter() - t_start
+            elapsed = wall_before + time.perf_counter() - t_loop  # training time: data loading not counted
             # Fit the remaining epochs to the time left (slowest epoch so far, to stay inside the limit).
             fits = epoch + int(max(limit - elapsed, 0.0) // max(epoch_times))
             if fits < planned_epochs:
