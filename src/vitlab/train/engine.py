@@ -292,6 +292,9 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
     scheduler = WarmupCosine(optimizer, lr=config.lr, min_lr=config.min_lr,
                              total_steps=planned_epochs * steps_per_epoch,
                              warmup_steps=round(config.warmup_epochs * steps_per_epoch))
+    if scheduler.warmup_steps >= scheduler.total_steps and d.is_main:
+        log.warning("warmup_epochs=%g >= epochs=%d: the learning rate never reaches lr=%g", config.warmup_epochs,
+                    config.epochs, config.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     preprocess = {"mean": list(data.mean), "std": list(data.std), "image_size": list(image_size),
                   "channels": channels}
