@@ -29,7 +29,7 @@ import torch.distributed as dist
 from vitlab.config import TrainConfig, dump_yaml, to_dict
 from vitlab.errors import CheckpointError, ConfigError, VitlabError
 from vitlab.train import checkpoint as ckpt
-from vitlab.train.metrics import ClassificationTally, soft_cross_entropy, write_metrics
+from vitlab.train.metrics import ClassificationTally, soft_cross_entropy, sum_dtype, write_metrics
 from vitlab.train.optim import WarmupCosine, build_optimizer
 
 log = logging.getLogger("vitlab.train")
@@ -359,7 +359,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
         generator.manual_seed(_epoch_seed(config.seed, epoch, d.rank))
         torch.manual_seed(_epoch_seed(config.seed, epoch, d.rank) + 1)  # dropout, drop path
         model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum = torch.zeros((), dtype=sum_dtype(device), device=device)
         seen = torch.zeros((), dtype=torch.int64, device=device)
         if progress is not None and d.is_main:
             progress.start(epoch + 1, planned_epochs, steps_per_epoch)
@@ -376,7 +376,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
                     logits = train_model(inputs)
                 loss = soft_cross_entropy(logits, targets)
                 scaler.scale(loss / config.accum_steps).backward()
-            loss_sum += loss.detach().double() * labels.shape[0]
+            loss_sum += loss.detach().to(loss_sum.dtype) * labels.shape[0]
             seen += labels.shape[0]
             if not boundary:
                 continue
