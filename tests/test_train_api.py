@@ -134,6 +134,16 @@ def test_time_limit_stops_cleanly_and_the_run_resumes(tmp_path):
     assert json.loads((result.run_dir / "last/state.json").read_text())["epoch"] == 1
 
 
+def test_time_limit_lays_the_schedule_out_early_in_the_first_epoch(tmp_path):
+    # 20 steps per epoch: after 5 steps the run sees that no more than this epoch fits and ends the cosine there
+    result = vitlab.train(tiny_config(tmp_path, epochs=3, time_limit_minutes=1e-9, eval_every=2, min_lr=1e-5),
+                          data=tiny_splits(n_train=320))
+    assert result.stopped == "completed" and len(result.history) == 1
+    assert result.history[0]["lr"] == pytest.approx(1e-5) and result.history[0]["top1"] is not None
+    state = json.loads((result.run_dir / "last/state.json").read_text())
+    assert state["planned_epochs"] == 1 and state["scheduler"]["total_steps"] == 20
+
+
 def test_linear_probe_trains_the_head_only(tmp_path):
     from vitlab._files import load_safetensors
 

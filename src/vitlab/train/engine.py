@@ -353,6 +353,8 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
     t_loop = time.perf_counter()
     stopped, final_eval, epoch = "completed", None, start_epoch
     epoch_times: list[float] = []
+    probe_step = max(5, steps_per_epoch // 10) if config.time_limit_minutes is not None and not resuming \
+        and steps_per_epoch >= 20 else -1
     while epoch < planned_epochs:
         t_epoch = time.perf_counter()
         loader.set_epoch(epoch)
@@ -391,6 +393,13 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
                 _ema_update(ema, model, config.ema_decay)
             step_in_epoch += 1
             now = time.perf_counter()
+            if step_in_epoch == probe_step and epoch == start_epoch:
+                # Time-limited run: estimate the epoch time early in the first epoch and lay the schedule out
+                # for the epochs that fit, rather than finding out after a long first epoch.
+                est = (now - t_epoch) / step_in_epoch * steps_per_epoch * 1.15  # + evaluation, roughly
+                left = config.time_limit_minutes * 60 - (wall_before + t_epoch - t_loop)
+                fits = _agree(max(epoch + int(left // est), epoch + 1), d, device)
+                planned_epochs = _replan(scheduler, config, planned_epochs, fits, steps_per_epoch, d)
             if now - last_check > 1.0 and d.is_main:  # the only host syncs inside an epoch: ~1 per second
                 last_check = now
                 current = loss.item()
@@ -413,7 +422,9 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
         row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "test_loss": None, "top1": None,
                                "top5": None, "lr": scheduler.current_lr(),
                                "images_per_s": steps_per_epoch * config.batch_size / train_time}
-        due = epoch % config.eval_every == 0 or epoch == planned_epochs
+        # A time-limited run may stop after any epoch, so it evaluates every epoch.
+        due = (epoch % config.eval_every == 0 or epoch == planned_epochs or epoch == config.stop_after_epoch
+               or config.time_limit_minutes is not None)
         if due:
             kwargs = dict(mean=data.mean, std=data.std, image_size=image_size, batch_size=config.eval_batch_size,
                           device=device, precision=config.precision, classes=classes)
@@ -460,20 +471,14 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
             stopped = "stop_after_epoch"
             break
         if config.time_limit_minutes is not None and epoch < planned_epochs:
-            limit = config.time_limit_minutes * 60
+            # Fit the remaining epochs to the time left, at the slowest epoch so far (to stay inside the limit).
             elapsed = wall_before + time.perf_counter() - t_loop  # training time: data loading not counted
-            # Fit the remaining epochs to the time left (slowest epoch so far, to stay inside the limit).
-            fits = epoch + int(max(limit - elapsed, 0.0) // max(epoch_times))
-            if fits < planned_epochs:
-                if fits <= epoch:
-                    stopped = "time_limit"
-                    break
-                planned_epochs = fits
-                scheduler.total_steps = planned_epochs * steps_per_epoch
-                scheduler.load_state_dict(scheduler.state_dict())
-                if d.is_main:
-                    log.info("time limit %.1f min: the schedule now ends at epoch %d", config.time_limit_minutes,
-                             planned_epochs)
+            fits = epoch + int(max(config.time_limit_minutes * 60 - elapsed, 0.0) // max(epoch_times))
+            fits = _agree(fits, d, device)
+            if fits <= epoch:
+                stopped = "time_limit"
+                break
+            planned_epochs = _replan(scheduler, config, planned_epochs, fits, steps_per_epoch, d)
     if writer is not None:
         writer.close()
     if d.is_main and history:
@@ -483,6 +488,30 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
     return TrainResult(run_dir=run, history=history, top1=tested[-1]["top1"] if tested else None,
                        best_top1=best_top1, best_epoch=best_epoch, wall_time=history[-1]["wall_time"] if history
                        else 0.0, stopped=stopped, final_eval=final_eval)
+
+
+def _agree(value: int, d: _Dist, device: torch.device) -> int:
+    """Rank 0's value on every rank (timings differ between ranks; the schedule must not)."""
+    if d.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _replan(scheduler: WarmupCosine, config: TrainConfig, planned: int, fits: int, steps_per_epoch: int,
+            d: _Dist) -> int:
+    """Shorten the schedule to end after epoch ``fits`` (if that is sooner): the cosine is recomputed for the
+    new total and the warmup keeps its share of the run."""
+    if fits >= planned:
+        return planned
+    scheduler.total_steps = fits * steps_per_epoch
+    scheduler.warmup_steps = min(scheduler.warmup_steps,
+                                 round(config.warmup_epochs / config.epochs * fits * steps_per_epoch))
+    scheduler.load_state_dict(scheduler.state_dict())
+    if d.is_main:
+        log.info("time limit %g min: the schedule now ends after epoch %d", config.time_limit_minutes, fits)
+    return fits
 
 
 @torch.no_grad()
