@@ -117,7 +117,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vitlab.config import apply_overrides, load_train_config
     from vitlab.train.progress import ProgressBar
 
-    given = {"model": args.model, "data": args.data, "out": args.out, "epochs": args.epochs, "device": args.device}
+    given = {"model": args.model, "data": args.data, "out": args.out, "epochs": args.epochs, "device": args.device,
+             "init": args.init}
     if args.resume:
         changes = apply_overrides({k: v for k, v in given.items() if v is not None and k != "out"}, args.set)
         config = resume_config(args.resume, changes)
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--out", help="run folder (default runs/<recipe-or-model>-<data>-<time>)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN exactly where it stopped")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from pretrained weights (a vitlab or run folder, a "
+                   "Hugging Face folder, timm/torchvision .pth/.safetensors, JAX .npz): `vitlab finetune`")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
     p.set_defaults(func=cmd_train)
 
