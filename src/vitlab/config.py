@@ -302,6 +302,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    threads: int | None = None  # CPU threads for PyTorch (torch.set_num_threads); None = PyTorch's default
     seed: int = 0
     eval_every: int = 1  # evaluate on the test split every N epochs (and after the last)
     eval_batch_size: int = 512
@@ -378,6 +379,8 @@ class TrainConfig:
             raise bad("model_overrides", "must be a mapping of ViTConfig fields, e.g. {depth: 4}")
         if self.image_size is not None:
             self.image_size = list(pair(self.image_size, "TrainConfig.image_size"))
+        if self.threads is not None and not (isinstance(self.threads, int) and self.threads >= 1):
+            raise bad("threads", "must be a positive integer or null (PyTorch's default)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise bad("seed", "must be an integer")
 
