@@ -131,7 +131,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if result.top1 is not None:
         best = f" (best {100 * result.best_top1:.2f}% at epoch {result.best_epoch})" if result.best_top1 else ""
-        print(f"test accuracy: {100 * result.top1:.2f}%{best} after {len(result.history)} epochs, "
+        epochs = len(result.history)
+        print(f"test accuracy: {100 * result.top1:.2f}%{best} after {epochs} epoch{'s' if epochs != 1 else ''}, "
               f"{result.wall_time / 60:.1f} min")
     if result.stopped != "completed":
         print(f"stopped early ({result.stopped.replace('_', ' ')}); continue with: vitlab train --resume "
