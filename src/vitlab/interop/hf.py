@@ -7,6 +7,7 @@ Hugging Face keeps separate ``query``/``key``/``value`` projections; vitlab fuse
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +106,27 @@ def is_hf_folder(path: str | Path) -> bool:
     return isinstance(data, dict) and data.get("model_type") == "vit"
 
 
+# transformers 5 names the modules differently in memory (``layers.N.attention.q_proj``) from the files
+# ``save_pretrained`` writes (``encoder.layer.N.attention.attention.query``); a ``torch.save(model.state_dict())``
+# has the in-memory names, so both are read, as the file names.
+_V5_NAMES = [(re.compile(rf"^(vit\.)?layers\.(\d+)\.{a}\."), rf"\1encoder.layer.\2.{b}.") for a, b in (
+    (r"attention\.q_proj", "attention.attention.query"), (r"attention\.k_proj", "attention.attention.key"),
+    (r"attention\.v_proj", "attention.attention.value"), (r"attention\.o_proj", "attention.output.dense"),
+    (r"mlp\.fc1", "intermediate.dense"), (r"mlp\.fc2", "output.dense"), ("layernorm_before", "layernorm_before"),
+    ("layernorm_after", "layernorm_after"))]
+
+
+def _file_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in _V5_NAMES:
+            key, n = pattern.subn(replacement, key)
+            if n:
+                break
+        out[key] = value
+    return out
+
+
 def _read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
     from vitlab._files import load_safetensors, read_json
     from vitlab.interop._common import read_state_dict
@@ -136,6 +158,7 @@ def load_hf_folder(directory: str | Path, **overrides: Any) -> "VisionTransforme
     directory = Path(directory)
     hf = read_json(directory / HF_CONFIG)
     state, source = _read_hf_weights(directory)
+    state = _file_names(state)
     classifier = state.get("classifier.weight")
     num_classes = int(classifier.shape[0]) if classifier is not None else 0
     id2label = hf.get("id2label") or {}
