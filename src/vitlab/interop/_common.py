@@ -67,13 +67,18 @@ def num_heads_for(hidden_dim: int, source: str, override: int | None) -> int:
 
 def image_size_from_tokens(num_tokens: int, num_prefix: int, patch_size: tuple[int, int], source: str,
                            key: str) -> tuple[int, int]:
-    """The image size of a square patch grid holding ``num_tokens - num_prefix`` positions."""
+    """The image size whose patch grid holds ``num_tokens - num_prefix`` positions: a square image (with
+    square patches: a square grid), else a square grid; otherwise the user must say."""
     n = num_tokens - num_prefix
-    side = math.isqrt(max(n, 0))
-    if n <= 0 or side * side != n:
-        raise CheckpointError(f"{source}: {key} holds {n} patch positions, not a square grid; pass "
-                              "image_size=(H, W) to say the image size the model was trained at")
-    return (side * patch_size[0], side * patch_size[1])
+    ph, pw = patch_size
+    side = math.isqrt(max(n * ph * pw, 0))  # square image: (side/ph) * (side/pw) = n
+    if n > 0 and side * side == n * ph * pw and side % ph == 0 and side % pw == 0:
+        return (side, side)
+    grid = math.isqrt(max(n, 0))
+    if n > 0 and grid * grid == n:
+        return (grid * ph, grid * pw)
+    raise CheckpointError(f"{source}: {key} holds {n} patch positions, which fit no square image or grid; pass "
+                          "image_size=(H, W) to say the image size the model was trained at")
 
 
 def need(state: dict[str, Any], key: str, source: str) -> Any:
