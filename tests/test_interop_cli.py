@@ -10,6 +10,15 @@ from vitlab import ViTConfig, VisionTransformer
 from vitlab.cli import main
 from vitlab.interop.jax_npz import to_jax_arrays
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two intra-op threads on a busy 2-core machine make these tiny training steps several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CFG = ViTConfig(image_size=32, patch_size=8, hidden_dim=24, depth=2, num_heads=3, mlp_dim=48, num_classes=4)
 
 
@@ -50,3 +59,50 @@ def test_errors_are_one_line(tmp_path, capsys):
     VisionTransformer(CFG.replace(pool="mean")).save_pretrained(tmp_path / "mean")
     assert main(["export", str(tmp_path / "mean"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
     assert "cannot export to a Hugging Face ViT folder: pool='mean'" in capsys.readouterr().err
+
+
+def _photo_folder(root, n_per_class=12, size=20):
+    """ROOT/train/<class>/*.png and ROOT/test/<class>/*.png: 'sky' images bright on top, 'sea' bright below."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_per_class), ("test", 4)):
+        for label, cls in enumerate(("sea", "sky")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+                rows = slice(0, size // 2) if cls == "sky" else slice(size // 2, size)
+                img[rows] += 150
+                Image.fromarray(img).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_finetune_linear_probe_from_a_timm_file(tmp_path, capsys):
+    """`vitlab finetune` = train with init: new head for the folder's classes, positions resized to 32 px,
+    the frozen encoder written unchanged, the head trained; then export of the run folder to HF."""
+    from safetensors.torch import load_file, save_file
+
+    from vitlab.interop.timm import to_timm_state_dict
+
+    pretrained = VisionTransformer(CFG.replace(image_size=48, hidden_dim=192, num_heads=3, mlp_dim=64, depth=1))
+    save_file(to_timm_state_dict(pretrained), tmp_path / "vit_tiny_patch8.safetensors")
+    data = _photo_folder(tmp_path / "photos")
+    rc = main(["finetune", str(tmp_path / "vit_tiny_patch8.safetensors"), "--data", f"folder:{data}",
+               "--epochs", "2", "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet",
+               "--set", "image_size=32", "--set", "linear_probe=true", "--set", "batch_size=8",
+               "--set", "warmup_epochs=0", "--set", "lr=0.05", "--set", "plots=false"])
+    assert rc == 0, capsys.readouterr().err
+    assert "test accuracy:" in capsys.readouterr().out
+    tuned = VisionTransformer.from_pretrained(tmp_path / "run" / "last")
+    assert tuned.config.labels == ["sea", "sky"] and tuned.config.image_size == (32, 32)
+    before = {k: v for k, v in pretrained.state_dict().items() if not k.startswith(("head.", "pos_embed"))}
+    after = load_file(tmp_path / "run" / "last" / "model.safetensors")
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key  # frozen by the linear probe
+    assert after["head.weight"].shape == (2, 192)
+    import json
+
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["train_loss"] for e in epochs if "train_loss" in e]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert main(["export", str(tmp_path / "run"), "--format", "onnx", "--out", str(tmp_path / "tuned.onnx")]) == 0

@@ -10,9 +10,10 @@ from safetensors.torch import save_file
 
 from vitlab import ViTConfig, VisionTransformer
 from vitlab.interop import load_pretrained
-from vitlab.interop.finetune import layer_decay_param_groups, prepare_finetune
+from vitlab.interop.finetune import prepare_finetune
 from vitlab.interop.jax_npz import to_jax_arrays
 from vitlab.interop.timm import to_timm_state_dict
+from vitlab.train.optim import param_groups
 
 PRETRAINED = ViTConfig(image_size=32, patch_size=8, hidden_dim=24, depth=2, num_heads=3, mlp_dim=48,
                        num_classes=10)
@@ -49,8 +50,10 @@ def _fixture_batch(n=16, size=48, seed=0):
     return x, y
 
 
-def _train(model, groups, steps, x, y):
-    opt = torch.optim.AdamW(groups)
+def _train(model, groups, steps, x, y, lr):
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
     model.train()
     losses = []
     for _ in range(steps):
@@ -69,8 +72,8 @@ def test_full_finetune_at_a_new_resolution_with_layer_decay(checkpoint):
     assert model.config.num_classes == 2 and model.config.labels == ["top", "bottom"]
     assert model.config.image_size == (48, 48) and model.pos_embed.shape == (1, 1 + 36, 24)
     assert torch.equal(model.pos_embed[:, :1], cls_pos)  # the class token's position is kept as it was
-    groups = layer_decay_param_groups(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5)
-    lr_of = {name: g["lr"] for g in groups for name in g["names"]}
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    lr_of = {name: 1e-3 * g["lr_scale"] for g in groups for name in g["names"]}
     wd_of = {name: g["weight_decay"] for g in groups for name in g["names"]}
     assert lr_of["head.weight"] == pytest.approx(1e-3) and lr_of["norm.weight"] == pytest.approx(1e-3)
     assert lr_of["blocks.1.attn.qkv.weight"] == pytest.approx(1e-3 * 0.5)
@@ -79,7 +82,7 @@ def test_full_finetune_at_a_new_resolution_with_layer_decay(checkpoint):
     assert wd_of["blocks.0.mlp.fc1.weight"] == 0.05 and wd_of["blocks.0.mlp.fc1.bias"] == 0.0 == wd_of["pos_embed"]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     x, y = _fixture_batch()
-    losses = _train(model, groups, 20, x, y)
+    losses = _train(model, groups, 20, x, y, lr=1e-3)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -93,13 +96,13 @@ def test_linear_probe_moves_only_the_head(tmp_path):
     model = prepare_finetune(load_pretrained(tmp_path / "ViT-tiny.npz"), num_classes=2, image_size=48,
                              linear_probe=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"head.weight", "head.bias", "pre_logits.0.weight", "pre_logits.0.bias"}
+    assert trainable == {"head.weight", "head.bias"}  # the in21k pre-logits layer is frozen too
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     head_before = model.head.weight.detach().clone()
-    groups = layer_decay_param_groups(model, lr=5e-2, weight_decay=0.0, layer_decay=0.75)
+    groups = param_groups(model, weight_decay=0.0, layer_decay=0.75)
     assert {n for g in groups for n in g["names"]} == trainable
     x, y = _fixture_batch(seed=3)
-    losses = _train(model, groups, 20, x, y)
+    losses = _train(model, groups, 20, x, y, lr=5e-2)
     assert losses[-1] < 0.8 * losses[0], losses
     for name, before in frozen.items():
         assert torch.equal(dict(model.named_parameters())[name], before), name

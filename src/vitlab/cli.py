@@ -83,12 +83,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    """``vitlab finetune CHECKPOINT --data SPEC ...`` is ``vitlab train --init CHECKPOINT --data SPEC ...``."""
-    parser = build_parser()
-    choices = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "train" not in choices:
-        raise VitlabError("vitlab finetune needs the train command, which this build lacks")
-    return main(["train", "--init", args.checkpoint, *args.train_args])
+    """``vitlab finetune CHECKPOINT --data SPEC ...`` is ``vitlab train --set init=CHECKPOINT --data SPEC ...``:
+    the head is replaced for the data's classes and the positions resized to ``--set image_size=N``."""
+    import json
+
+    # JSON quoting keeps a path with YAML-special characters (': ', '#') a string when --set parses it.
+    return main(["train", "--set", f"init={json.dumps(str(args.checkpoint))}", *args.train_args])
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
