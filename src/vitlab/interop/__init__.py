@@ -43,11 +43,28 @@ def _vitlab_folder(path: Path) -> Path | None:
     return None
 
 
+def _key_names(path: Path) -> set[str]:
+    """The tensor names in a weights file, reading no tensor data where the format allows it."""
+    from vitlab.interop._common import read_state_dict
+    from vitlab.interop.jax_npz import read_npz_keys
+
+    if path.suffix == ".npz":
+        return read_npz_keys(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return set(f.keys())
+        except (SafetensorError, OSError, ValueError):
+            pass  # read_state_dict names the file in its error
+    return set(read_state_dict(path))
+
+
 def detect_format(path: str | Path) -> str:
     """Which of :data:`FORMATS` the file or folder at ``path`` holds, from its layout and key names."""
-    from vitlab.interop._common import read_state_dict
     from vitlab.interop.hf import is_hf_folder
-    from vitlab.interop.jax_npz import is_jax_npz, read_npz
+    from vitlab.interop.jax_npz import is_jax_npz
     from vitlab.interop.timm import is_timm_state_dict
     from vitlab.interop.torchvision import is_torchvision_state_dict
 
@@ -62,14 +79,14 @@ def detect_format(path: str | Path) -> str:
         raise CheckpointError(f"{path}: a folder, but neither a vitlab save_pretrained/run folder nor a Hugging "
                               "Face ViT folder (config.json with model_type 'vit'); pass the weights file itself")
     if path.suffix == ".npz":
-        if is_jax_npz(read_npz(path)):
+        if is_jax_npz(_key_names(path)):
             return "jax"
         raise CheckpointError(f"{path}: an .npz without 'embedding/kernel' and 'Transformer/encoderblock_0/...' "
                               "keys, so not a google-research ViT checkpoint")
     if path.suffix not in _STATE_DICT_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; vitlab reads folders, .npz, "
                               f"and state dicts ({', '.join(_STATE_DICT_SUFFIXES)})")
-    state = read_state_dict(path)
+    state = _key_names(path)
     if is_timm_state_dict(state):
         return "timm"
     if is_torchvision_state_dict(state):
@@ -77,7 +94,7 @@ def detect_format(path: str | Path) -> str:
     if "vit.embeddings.cls_token" in state or "embeddings.cls_token" in state:
         raise CheckpointError(f"{path}: a Hugging Face ViT state dict; pass the folder that holds it and its "
                               "config.json instead")
-    first = next(iter(state))
+    first = sorted(state)[0]
     raise CheckpointError(f"{path}: not a known ViT layout (first key {first!r}); vitlab reads timm "
                           "('patch_embed.proj.weight', 'blocks.N.attn.qkv'), torchvision ('conv_proj', "
                           "'encoder.layers.encoder_layer_N') and Hugging Face folders")

@@ -26,6 +26,20 @@ _POS = "Transformer/posembed_input/pos_embedding"
 _OLD_PREFIX = "opt/target/"
 
 
+def read_npz_keys(path: str | Path) -> set[str]:
+    """The array names of an ``.npz`` (``opt/target/`` removed) without reading the arrays."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            names = list(f.files)
+    except (ValueError, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: cannot read it as an .npz file ({e}); it is corrupt or not a "
+                              "google-research ViT checkpoint") from None
+    if names and all(k.startswith(_OLD_PREFIX) for k in names):
+        names = [k[len(_OLD_PREFIX):] for k in names]
+    return set(names)
+
+
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` file (never unpickled), with an ``opt/target/`` prefix removed."""
     path = Path(path)
