@@ -111,7 +111,17 @@ def make_config(fields: dict[str, Any], overrides: dict[str, Any], source: str) 
 
 
 def build_and_load(config: ViTConfig, state: dict[str, torch.Tensor], source: str) -> VisionTransformer:
-    """Build a model of ``config`` and load the (already renamed) ``state`` strictly into it, in eval mode."""
-    model = VisionTransformer(config)
+    """Build a model of ``config`` and load the (already renamed) ``state`` strictly into it, in eval mode.
+
+    The random initialisation is skipped (it took 30 of 38 seconds converting ViT-B/16 on a 2-core machine):
+    the model is laid out on the meta device and given uninitialised memory, which strict loading then fills.
+    A model with non-persistent buffers (fixed sin-cos positions, not in any file) is built normally.
+    """
+    with torch.device("meta"):
+        model = VisionTransformer(config)
+    if any(m._non_persistent_buffers_set for m in model.modules()):
+        model = VisionTransformer(config)
+    else:
+        model = model.to_empty(device="cpu")
     load_state_dict_strict(model, state, source=source)
     return model.eval()
