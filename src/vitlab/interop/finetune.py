@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+from torch import nn
+
 from vitlab.config import pair
 from vitlab.models import VisionTransformer
 
@@ -15,13 +17,16 @@ log = logging.getLogger(__name__)
 
 def prepare_finetune(model: VisionTransformer, *, num_classes: int | None = None,
                      labels: Sequence[str] | None = None, image_size: int | tuple[int, int] | None = None,
-                     linear_probe: bool = False, reset_head: bool | None = None) -> VisionTransformer:
+                     linear_probe: bool = False, reset_head: bool | None = None,
+                     keep_pre_logits: bool = False) -> VisionTransformer:
     """Make a pretrained ``model`` ready to fine-tune, in place (and return it).
 
     - ``image_size``: when it differs, the learned position embedding is resized bicubically on its patch grid
       (224 -> 384, or 224 -> 32 for CIFAR upsampled is also possible: the grid shrinks to 2x2).
     - ``num_classes`` / ``labels``: the head is replaced by a fresh one when the class count or the class names
-      differ (``reset_head=True`` forces it, ``False`` keeps the pretrained head).
+      differ (``reset_head=True`` forces it, ``False`` keeps the pretrained head). As in the paper (section 3.2),
+      the whole head goes: an ImageNet-21k checkpoint's pre-logits layer (Linear + tanh) is removed too, unless
+      ``keep_pre_logits``.
     - ``linear_probe``: every parameter but the head is frozen (``requires_grad=False``), as ``TrainConfig``'s
       ``linear_probe`` does.
     """
@@ -39,6 +44,9 @@ def prepare_finetune(model: VisionTransformer, *, num_classes: int | None = None
         if num_classes is None:
             raise ValueError("reset_head=True needs num_classes or labels")
         log.info("new head: %d classes (the checkpoint had %d)", num_classes, c.num_classes)
+        if c.representation_dim and not keep_pre_logits:
+            model.config = model.config.replace(representation_dim=None)
+            model.pre_logits = nn.Identity()
         model.reset_classifier(num_classes, labels)
     for name, p in model.named_parameters():
         p.requires_grad_(not linear_probe or name.startswith("head."))
