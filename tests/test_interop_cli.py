@@ -106,3 +106,16 @@ def test_finetune_linear_probe_from_a_timm_file(tmp_path, capsys):
     losses = [e["train_loss"] for e in epochs if "train_loss" in e]
     assert len(losses) == 2 and losses[1] < losses[0]
     assert main(["export", str(tmp_path / "run"), "--format", "onnx", "--out", str(tmp_path / "tuned.onnx")]) == 0
+
+
+def test_vitlab_and_run_folders_load_with_overrides(tmp_path):
+    from vitlab.interop import detect_format, load_pretrained
+
+    model = VisionTransformer(CFG).eval()
+    model.save_pretrained(tmp_path / "run" / "best")
+    assert detect_format(tmp_path / "run") == "vitlab"
+    loaded = load_pretrained(tmp_path / "run", drop_path=0.2, num_heads=3)
+    assert loaded.config.drop_path == 0.2 and not loaded.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)

@@ -126,14 +126,14 @@ def load_pretrained(path: str | Path, *, format: str | None = None, num_heads: i
     folder = _vitlab_folder(path)
     if folder is None:
         raise CheckpointError(f"{path}: not a vitlab save_pretrained folder (config.json + model.safetensors)")
-    model = VisionTransformer.from_pretrained(folder)
-    if overrides:
-        from vitlab.models import load_state_dict_strict
+    # VisionTransformer.from_pretrained's reading, without its random initialisation (build_and_load skips it)
+    from vitlab._files import load_safetensors, read_json
+    from vitlab.interop._common import build_and_load, make_config
 
-        changed = VisionTransformer(model.config.replace(**overrides))
-        load_state_dict_strict(changed, model.state_dict(), source=str(folder))
-        model = changed
-    return model.eval()
+    data = read_json(folder / "config.json")
+    data.pop("architecture", None)
+    config = make_config(data, overrides, str(folder / "config.json"))
+    return build_and_load(config, load_safetensors(folder / "model.safetensors"), str(folder / "model.safetensors"))
 
 
 def convert(src: str | Path, dst: str | Path, *, format: str | None = None, num_heads: int | None = None,
