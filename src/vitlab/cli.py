@@ -83,12 +83,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    """``vitlab finetune CHECKPOINT --data SPEC ...`` is ``vitlab train --set init=CHECKPOINT --data SPEC ...``:
+    """``vitlab finetune CHECKPOINT --data SPEC ...`` is ``vitlab train --init CHECKPOINT --data SPEC ...``:
     the head is replaced for the data's classes and the positions resized to ``--set image_size=N``."""
-    import json
-
-    # JSON quoting keeps a path with YAML-special characters (': ', '#') a string when --set parses it.
-    return main(["train", "--set", f"init={json.dumps(str(args.checkpoint))}", *args.train_args])
+    return main(["train", "--init", str(args.checkpoint), *args.train_args])
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
@@ -157,7 +154,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vitlab.config import apply_overrides, load_train_config
     from vitlab.train.progress import ProgressBar
 
-    given = {"model": args.model, "data": args.data, "out": args.out, "epochs": args.epochs, "device": args.device}
+    given = {"model": args.model, "data": args.data, "out": args.out, "epochs": args.epochs, "device": args.device,
+             "init": args.init}
     if args.resume:
         changes = apply_overrides({k: v for k, v in given.items() if v is not None and k != "out"}, args.set)
         config = resume_config(args.resume, changes)
@@ -261,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-heads", type=int, default=None)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint: same as `vitlab train --init CHECKPOINT`")
+    p = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint: `vitlab train --init CHECKPOINT ...`")
     p.add_argument("checkpoint", help="any file or folder `vitlab convert` reads")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments of `vitlab train` (--data SPEC ...)")
     p.set_defaults(func=cmd_finetune)
@@ -296,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--out", help="run folder (default runs/<recipe-or-model>-<data>-<time>)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN exactly where it stopped")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from pretrained weights (a vitlab or run folder, a "
+                   "Hugging Face folder, timm/torchvision .pth/.safetensors, JAX .npz): `vitlab finetune`")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
     p.set_defaults(func=cmd_train)
 
