@@ -66,8 +66,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from vitlab._files import read_json
 
     cfg = read_json(out / "config.json")
+    size = lambda hw: str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"  # noqa: E731
     print(f"{args.checkpoint} ({fmt}) -> {out}: {cfg['depth']} layers, hidden {cfg['hidden_dim']}, "
-          f"{cfg['num_heads']} heads, patch {cfg['patch_size'][0]}, image {cfg['image_size'][0]}, "
+          f"{cfg['num_heads']} heads, patch {size(cfg['patch_size'])}, image {size(cfg['image_size'])}, "
           f"{cfg['num_classes']} classes")
     return 0
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,6 @@ def _vitlab_folder(path: Path) -> Path | None:
     for candidate in (path, path / "best", path / "last"):
         if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
             try:
-                import json
-
                 data = json.loads((candidate / "config.json").read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
