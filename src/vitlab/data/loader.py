@@ -37,6 +37,10 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.images)
 
+    def __repr__(self) -> str:  # the default would print the tensors
+        c, h, w = self.images.shape[1:]
+        return f"ArrayDataset({len(self)} images, {c}x{h}x{w} uint8, {len(self.classes)} classes)"
+
     @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) of every image."""
@@ -74,6 +78,12 @@ class DatasetSplits:
     name: str
     spec: str
     skipped_files: list[str] = field(default_factory=list)  # bad files left out (skip_bad_files=True)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{k}={len(v)}" for k, v in (("train", self.train), ("val", self.val), ("test", self.test))
+                          if v is not None and not (k == "test" and v is self.val))
+        c, (h, w) = self.channels, self.image_size
+        return f"DatasetSplits({self.spec!r}: {sizes}; {c}x{h}x{w}; {len(self.classes)} classes)"
 
     @property
     def image_size(self) -> tuple[int, int]:
