@@ -10,13 +10,8 @@ from vitlab import ViTConfig, VisionTransformer
 from vitlab.cli import main
 from vitlab.interop.jax_npz import to_jax_arrays
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two intra-op threads on a busy 2-core machine make these tiny training steps several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 
 CFG = ViTConfig(image_size=32, patch_size=8, hidden_dim=24, depth=2, num_heads=3, mlp_dim=48, num_classes=4)

@@ -15,6 +15,8 @@ from vitlab.interop.jax_npz import to_jax_arrays
 from vitlab.interop.timm import to_timm_state_dict
 from vitlab.train.optim import param_groups
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PRETRAINED = ViTConfig(image_size=32, patch_size=8, hidden_dim=24, depth=2, num_heads=3, mlp_dim=48,
                        num_classes=10)
 
@@ -28,14 +30,6 @@ def checkpoint(tmp_path):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two intra-op threads on a 2-core machine shared with other processes make each of these tiny steps
-    # ~50x slower (threads spin-waiting for each other); one thread is what such small tensors need.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _fixture_batch(n=16, size=48, seed=0):

@@ -13,6 +13,8 @@ transformers = pytest.importorskip("transformers")
 from vitlab import CheckpointError, ConfigError, ViTConfig, VisionTransformer  # noqa: E402
 from vitlab.interop import detect_format, export_hf, load_pretrained  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):

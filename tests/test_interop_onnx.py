@@ -12,6 +12,8 @@ ort = pytest.importorskip("onnxruntime")
 from vitlab import ViTConfig, VisionTransformer  # noqa: E402
 from vitlab.interop import export_onnx  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BASE = ViTConfig(image_size=32, patch_size=8, hidden_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=7)
 
 

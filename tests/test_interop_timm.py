@@ -13,6 +13,8 @@ from vitlab import CheckpointError, VisionTransformer
 from vitlab.interop import detect_format, load_pretrained
 from vitlab.interop.timm import to_timm_state_dict
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 class TimmAttention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias):

@@ -15,6 +15,8 @@ from vitlab import CheckpointError
 from vitlab.interop import detect_format, load_pretrained
 from vitlab.interop.torchvision import to_torchvision_state_dict
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 class EncoderBlock(nn.Module):
     def __init__(self, heads, dim, mlp):
