@@ -51,6 +51,44 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_overrides(args: argparse.Namespace) -> dict:
+    from vitlab.config import parse_override
+
+    return dict(parse_override(text) for text in (args.set or []))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert any supported checkpoint to a vitlab save_pretrained folder."""
+    from vitlab.interop import convert, detect_format
+
+    fmt = args.format or detect_format(args.checkpoint)
+    out = convert(args.checkpoint, args.out, format=fmt, num_heads=args.num_heads, **_load_overrides(args))
+    from vitlab._files import read_json
+
+    cfg = read_json(out / "config.json")
+    size = lambda hw: str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"  # noqa: E731
+    print(f"{args.checkpoint} ({fmt}) -> {out}: {cfg['depth']} layers, hidden {cfg['hidden_dim']}, "
+          f"{cfg['num_heads']} heads, patch {size(cfg['patch_size'])}, image {size(cfg['image_size'])}, "
+          f"{cfg['num_classes']} classes")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint (any format load_pretrained reads) to ONNX or a Hugging Face folder."""
+    from vitlab.interop import export, load_pretrained
+
+    model = load_pretrained(args.checkpoint, format=args.input_format, num_heads=args.num_heads)
+    out = export(model, args.out, format=args.format)
+    print(f"{args.checkpoint} -> {out} ({args.format})")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``vitlab finetune CHECKPOINT --data SPEC ...`` is ``vitlab train --init CHECKPOINT --data SPEC ...``:
+    the head is replaced for the data's classes and the positions resized to ``--set image_size=N``."""
+    return main(["train", "--init", str(args.checkpoint), *args.train_args])
+
+
 def cmd_data_info(args: argparse.Namespace) -> int:
     """Print a dataset's images per split, classes, image size and channels (``vitlab.data.dataset_info``)."""
     from vitlab.data import dataset_info
@@ -202,6 +240,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the model presets")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("convert", help="convert a pretrained checkpoint (HF folder, timm, torchvision, JAX .npz) "
+                       "to a vitlab folder")
+    p.add_argument("checkpoint", help="file or folder: HF save_pretrained folder, timm/torchvision .pth or "
+                   ".safetensors, google-research .npz")
+    p.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
+    p.add_argument("--format", choices=["vitlab", "hf", "timm", "torchvision", "jax"], default=None,
+                   help="skip format detection")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads (timm/torchvision files do not store them; default: standard for the size)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a ViTConfig field (repeatable)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export a model to ONNX (dynamic batch) or a Hugging Face folder")
+    p.add_argument("checkpoint", help="run folder, vitlab folder, or any file `vitlab convert` reads")
+    p.add_argument("--format", choices=["onnx", "hf"], default="onnx")
+    p.add_argument("--out", required=True, help="the .onnx file, or the folder for --format hf")
+    p.add_argument("--input-format", choices=["vitlab", "hf", "timm", "torchvision", "jax"], default=None)
+    p.add_argument("--num-heads", type=int, default=None)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint: `vitlab train --init CHECKPOINT ...`")
+    p.add_argument("checkpoint", help="any file or folder `vitlab convert` reads")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments of `vitlab train` (--data SPEC ...)")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("data", help="inspect and download datasets")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)

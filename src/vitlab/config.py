@@ -60,6 +60,7 @@ class ViTConfig:
     norm_eps: float = 1e-6
     qkv_bias: bool = True
     final_norm: bool = True
+    norm_after_pool: bool = False  # final norm on the pooled vector instead of every token (timm's fc_norm)
     representation_dim: int | None = None  # the paper's pre-logits layer (Linear + tanh), None = off
     labels: list[str] | None = None  # class names, index = class id
 
@@ -110,6 +111,8 @@ class ViTConfig:
         for name, allowed in (("patch_embed", PATCH_EMBEDS), ("pos_embed", POS_EMBEDS), ("pool", POOLS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"ViTConfig.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.norm_after_pool and not self.final_norm:
+            raise ConfigError("ViTConfig.norm_after_pool=True needs final_norm=True (it moves that norm)")
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("ViTConfig.pool='cls' needs class_token=True: set pool='mean' or class_token=True")
         for name in ("dropout", "attention_dropout", "drop_path"):

@@ -207,12 +207,11 @@ def _build_model(config: TrainConfig, classes: list[str], model: torch.nn.Module
             overrides["image_size"] = tuple(config.image_size)
         return create_model(get_config(config.model, **overrides).replace(num_classes=len(classes),
                                                                           labels=list(classes)))
-    # A ready (pretrained) model: fit its head and input size to this dataset.
-    if model.config.num_classes != len(classes) or model.config.labels != list(classes):
-        model.reset_classifier(len(classes), labels=list(classes))
-    if config.image_size is not None and tuple(config.image_size) != tuple(model.config.image_size):
-        model.resize_image_size(tuple(config.image_size))
-    return model
+    # A ready (pretrained) model: fit its head and input size to this dataset. A new head replaces the whole
+    # old one, an ImageNet-21k pre-logits layer included, as the paper fine-tunes.
+    from vitlab.interop.finetune import prepare_finetune
+
+    return prepare_finetune(model, labels=list(classes), image_size=config.image_size)
 
 
 def _input_spec(config: TrainConfig, model: torch.nn.Module | None) -> tuple[tuple[int, int], int]:
