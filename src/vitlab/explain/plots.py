@@ -1,0 +1,162 @@
+"""Figures: attention heatmaps over images, training curves, confusion matrices (matplotlib, Agg).
+
+Figures are built as ``matplotlib.figure.Figure`` objects on an Agg canvas (no pyplot, no global state, no
+display needed) and written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from vitlab._files import atomic_write_bytes
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_bytes(fig, fmt: str = "png", dpi: int = 100) -> bytes:
+    """Render a figure to bytes (``png``, ``svg``, ``pdf``, ``jpg``)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` to ``path`` atomically, the format taken from the suffix (default PNG)."""
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".") or "png"
+    fmt = {"jpeg": "jpg"}.get(fmt, fmt)
+    atomic_write_bytes(path, figure_bytes(fig, fmt, dpi))
+    return path
+
+
+def to_display(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """uint8 ``(C, H, W)`` -> ``(H, W, 3)`` uint8 for display (grey images repeated to RGB)."""
+    arr = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    arr = np.moveaxis(arr, 0, -1)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return arr[..., :3].astype(np.uint8)
+
+
+def heatmap_overlay(image: torch.Tensor | np.ndarray, heat: torch.Tensor | np.ndarray, alpha: float = 0.5,
+                    cmap: str = "jet") -> np.ndarray:
+    """Blend a heatmap (``(H, W)`` in [0, 1], same size as the image) over a uint8 ``(C, H, W)`` image ->
+    ``(H, W, 3)`` uint8."""
+    import matplotlib
+
+    rgb = to_display(image).astype(np.float32) / 255.0
+    heat = heat.numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat)
+    if heat.shape != rgb.shape[:2]:
+        raise ValueError(f"heatmap {heat.shape} and image {rgb.shape[:2]} differ in size; upsample the map first")
+    colour = matplotlib.colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3]
+    out = (1.0 - alpha) * rgb + alpha * colour
+    return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+@dataclass
+class Panel:
+    """One image of an attention figure: the picture (uint8 ``(C, H, W)``), its heat ``(H, W)`` in [0, 1],
+    optional per-head heats ``(heads, H, W)``, and a caption; ``correct`` colours it (None: no true label)."""
+
+    image: torch.Tensor | np.ndarray
+    heat: torch.Tensor | np.ndarray
+    caption: str
+    head_heats: torch.Tensor | np.ndarray | None = None
+    correct: bool | None = None
+
+
+def attention_figure(panels: Sequence[Panel], title: str | None = None, alpha: float = 0.5):
+    """A figure with, per image, the picture and its map overlaid (and each head's map when given),
+    captioned with the prediction. Without heads, image pairs are laid out four to a row."""
+    n = len(panels)
+    heads = panels[0].head_heats is not None if panels else False
+    num_heads = len(panels[0].head_heats) if heads else 0
+    per_row = 1 if heads else min(4, max(n, 1))
+    cols = per_row * (2 + num_heads)
+    rows = max(1, -(-n // per_row))
+    fig = _figure(1.9 * cols, 2.2 * rows + (0.4 if title else 0.0))
+    if title:
+        fig.suptitle(title)
+    for i, panel in enumerate(panels):
+        r, c0 = divmod(i, per_row)
+        c0 *= 2 + num_heads
+        ax = fig.add_subplot(rows, cols, r * cols + c0 + 1)
+        ax.imshow(to_display(panel.image), interpolation="bilinear")
+        colour = {True: "darkgreen", False: "firebrick", None: "black"}[panel.correct]
+        ax.set_title(panel.caption, fontsize=8, color=colour)
+        ax = fig.add_subplot(rows, cols, r * cols + c0 + 2)
+        ax.imshow(heatmap_overlay(panel.image, panel.heat, alpha), interpolation="bilinear")
+        ax.set_title("attention", fontsize=8)
+        for h in range(num_heads):
+            ax = fig.add_subplot(rows, cols, r * cols + c0 + 3 + h)
+            ax.imshow(heatmap_overlay(panel.image, panel.head_heats[h], alpha), interpolation="bilinear")
+            ax.set_title(f"last layer, head {h + 1}", fontsize=8)
+    for ax in fig.axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(history: Sequence[dict], x_key: str = "epoch"):
+    """Loss and accuracy curves from metric records (each a dict with ``x_key`` and any of the keys
+    ``train_loss``, ``val_loss``/``test_loss``, ``train_acc``, ``val_acc``/``test_acc`` ...): one axis for
+    the keys containing ``loss``, one for those containing ``acc``."""
+    fig = _figure(10, 3.6)
+    for i, word in enumerate(("loss", "acc")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        keys = sorted({k for rec in history for k, v in rec.items()
+                       if word in k and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for key in keys:
+            pts = [(rec[x_key], rec[key]) for rec in history if key in rec and x_key in rec]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=key)
+        ax.set_xlabel(x_key)
+        ax.set_title("loss" if word == "loss" else "accuracy")
+        if keys:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(matrix: np.ndarray, classes: Sequence[str]):
+    """The confusion matrix (rows: true class, columns: predicted) with counts written in the cells."""
+    k = len(classes)
+    size = min(3 + 0.45 * k, 14)
+    fig = _figure(size + 1, size)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels(classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticklabels(classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 30:
+        top = matrix.max() if matrix.size else 0
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if matrix[i, j] > top / 2 else "black")
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["Panel", "attention_figure", "heatmap_overlay", "curves_figure", "confusion_figure", "save_figure",
+           "figure_bytes", "to_display"]
