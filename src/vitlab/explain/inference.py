@@ -20,8 +20,6 @@ from vitlab.models import VisionTransformer
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
-                  ".pnm", ".jfif"}
 PREPROCESS_NAME = "preprocess.json"
 
 
@@ -138,12 +136,14 @@ def load_for_inference(run_or_checkpoint: str | Path, *, mean: Sequence[float] |
 
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
     """Expand ``paths``: a file is kept as given (whatever its type), a folder gives its image files
-    (by suffix, recursively, sorted, hidden ones skipped). A missing path raises :class:`DataError`."""
+    (by extension, recursively, sorted, hidden ones skipped). A missing path raises :class:`DataError`."""
+    from vitlab.data.images import is_image_file
+
     out: list[Path] = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f)
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 log.warning("%s: no image files in this folder", p)
@@ -172,4 +172,4 @@ def true_label_from_folder(path: Path, labels: Sequence[str]) -> str | None:
 
 
 __all__ = ["Preprocess", "LoadedModel", "load_for_inference", "read_normalisation", "list_images", "read_image",
-           "true_label_from_folder", "IMAGE_SUFFIXES"]
+           "true_label_from_folder"]
