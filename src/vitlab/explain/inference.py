@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from vitlab.errors import CheckpointError, DataError
+from vitlab.errors import CheckpointError
 from vitlab.models import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,8 @@ def load_for_inference(run_or_checkpoint: str | Path, *, mean: Sequence[float] |
 
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
     """Expand ``paths``: a file is kept as given (whatever its type), a folder gives its image files
-    (by extension, recursively, sorted, hidden ones skipped). A missing path raises :class:`DataError`."""
+    (by extension, recursively, sorted, hidden ones skipped). A missing path is kept: reading it fails with
+    a :class:`DataError` naming it, as for a corrupt file."""
     from vitlab.data.images import is_image_file
 
     out: list[Path] = []
@@ -148,10 +149,8 @@ def list_images(paths: Iterable[str | Path]) -> list[Path]:
             if not found:
                 log.warning("%s: no image files in this folder", p)
             out.extend(found)
-        elif p.exists():
-            out.append(p)
         else:
-            raise DataError(f"{p}: no such file or folder")
+            out.append(p)  # a missing file is reported when it is read, like a corrupt one
     return out
 
 
