@@ -94,6 +94,53 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_info(args: argparse.Namespace) -> int:
+    """Print a dataset's images per split, classes, image size and channels (``vitlab.data.dataset_info``)."""
+    from vitlab.data import dataset_info
+
+    info = dataset_info(args.spec, image_size=args.image_size, channels=args.channels,
+                        val_fraction=args.val_fraction, seed=args.seed, cache_dir=args.cache_dir,
+                        skip_bad_files=args.skip_bad_files, workers=args.workers)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    h, w = info["image_size"]
+    print(f"dataset   {info['name']}  ({info['spec']})")
+    print(f"images    " + ", ".join(f"{k} {v:,}" for k, v in info["splits"].items()))
+    print(f"size      {h}x{w}, {info['channels']} channel{'s' if info['channels'] > 1 else ''}")
+    print(f"mean/std  " + ", ".join(f"{m:.4f}" for m in info["mean"]) + " / "
+          + ", ".join(f"{s:.4f}" for s in info["std"]))
+    counts = info["class_counts"]["train"]
+    names = ", ".join(f"{c} ({n})" for c, n in zip(info["classes"], counts))
+    print(f"classes   {len(info['classes'])}: {names}")
+    if info["skipped_files"]:
+        print(f"skipped   {len(info['skipped_files'])} bad files:")
+        for msg in info["skipped_files"]:
+            print(f"  {msg}")
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    """Download a dataset from its official address, checked against the official md5s."""
+    from vitlab.data.download import download_dataset
+
+    spec = download_dataset(args.name, args.root, base_url=args.base_url)
+    print(f"ok: {args.name} is in {args.root}; use it as --data {spec}")
+    return 0
+
+
+def _image_size_arg(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use 32 or 32x48") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use 32 or 32x48")
+    return (parts[0], parts[1])
+
+
 class _meta_device:
     """Build models on the meta device: counting ViT-H/14's parameters should not allocate 2.5 GB."""
 
@@ -147,6 +194,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=16, help="test images in the attention grid (default 16)")
     p.add_argument("--method", choices=("rollout", "last"), default="rollout", help="attention map method")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("data", help="inspect and download datasets")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    q = data_sub.add_parser("info", help="images per split, classes, image size and channels of a data spec")
+    q.add_argument("spec", help="digits | cifar10:DIR | cifar100:DIR | mnist:DIR | fashion-mnist:DIR | "
+                                "kmnist:DIR | idx:DIR | folder:DIR")
+    q.add_argument("--image-size", type=_image_size_arg, default=None, help="resize to this (e.g. 32 or 32x48)")
+    q.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert to 1 (L) or 3 (RGB)")
+    q.add_argument("--val-fraction", type=float, default=0.1, help="held out of a folder without val/test")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--cache-dir", default=None, help="decoded-image cache (default $VITLAB_CACHE or ~/.cache/vitlab)")
+    q.add_argument("--skip-bad-files", action="store_true", help="leave out unreadable images and list them")
+    q.add_argument("--workers", type=int, default=None, help="decoding processes")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(func=cmd_data_info)
+    q = data_sub.add_parser("download", help="download cifar10, cifar100, mnist or fashion-mnist (md5-checked)")
+    q.add_argument("name", choices=("cifar10", "cifar100", "mnist", "fashion-mnist"))
+    q.add_argument("--root", required=True, help="folder to put the files in")
+    q.add_argument("--base-url", default=None, help="a mirror to use instead of the official address")
+    q.set_defaults(func=cmd_data_download)
 
     return parser
 
