@@ -7,7 +7,6 @@ training run's per-channel mean and std.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,6 @@ from vitlab.errors import CheckpointError
 from vitlab.models import VisionTransformer
 
 log = logging.getLogger(__name__)
-
-PREPROCESS_NAME = "preprocess.json"
 
 
 @dataclass
@@ -49,21 +46,6 @@ class LoadedModel:
     path: Path
 
 
-def _resolve_checkpoint(path: str | Path) -> Path:
-    # Placeholder until vitlab.train.checkpoint.resolve_checkpoint is merged (same contract).
-    path = Path(path)
-    for candidate in (path / "best", path / "last", path):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise CheckpointError(f"{path}: neither a run folder (with best/ or last/) nor a checkpoint folder with "
-                          "config.json; pass a run folder or a folder written by save_pretrained")
-
-
-def _load_model(path: Path, map_location: str = "cpu") -> VisionTransformer:
-    # Placeholder until vitlab.train.checkpoint.load_model is merged.
-    return VisionTransformer.from_pretrained(path, map_location=map_location)
-
-
 def _as_stats(value, n: int, source: str) -> tuple[float, ...]:
     try:
         stats = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
@@ -76,58 +58,28 @@ def _as_stats(value, n: int, source: str) -> tuple[float, ...]:
     return stats
 
 
-def read_normalisation(checkpoint_dir: str | Path) -> tuple[object, object, str] | None:
-    """The (mean, std, source file) that training normalised with, or None when no file records it.
-
-    Looked up in ``preprocess.json`` in the checkpoint folder, then the run's ``config.yaml`` (the folder
-    above a ``best/``/``last/`` checkpoint): top-level ``mean``/``std`` or under ``data``, and a Hugging Face
-    ``preprocessor_config.json`` (``image_mean``/``image_std``).
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    pre = checkpoint_dir / PREPROCESS_NAME
-    if pre.is_file():
-        from vitlab._files import read_json
-
-        data = read_json(pre)
-        if "mean" in data and "std" in data:
-            return data["mean"], data["std"], str(pre)
-    for cfg_path in (checkpoint_dir / "config.yaml", checkpoint_dir.parent / "config.yaml"):
-        if cfg_path.is_file():
-            from vitlab.config import load_yaml
-
-            cfg = load_yaml(cfg_path)
-            for section in (cfg, cfg.get("data") if isinstance(cfg.get("data"), dict) else None):
-                if section and section.get("mean") is not None and section.get("std") is not None:
-                    return section["mean"], section["std"], str(cfg_path)
-    hf = checkpoint_dir / "preprocessor_config.json"
-    if hf.is_file():
-        data = json.loads(hf.read_text(encoding="utf-8"))
-        if "image_mean" in data and "image_std" in data:
-            return data["image_mean"], data["image_std"], str(hf)
-    return None
-
-
 def load_for_inference(run_or_checkpoint: str | Path, *, mean: Sequence[float] | None = None,
                        std: Sequence[float] | None = None, device: str = "cpu") -> LoadedModel:
     """Load a run folder (its ``best/``, else ``last/``) or a checkpoint folder for prediction.
 
-    ``mean``/``std`` override what the checkpoint recorded; when neither is known, 0.5 per channel is used
-    with a warning (predictions may then be off).
+    The normalisation is the one training recorded in the checkpoint's ``preprocess.json``; ``mean``/``std``
+    override it. When neither is known, 0.5 per channel is used with a warning (predictions may be off).
     """
-    path = _resolve_checkpoint(run_or_checkpoint)
-    model = _load_model(path, map_location=device).eval()
+    from vitlab.train.checkpoint import PREPROCESS_NAME, load_model, load_preprocess, resolve_checkpoint
+
+    path = resolve_checkpoint(run_or_checkpoint)
+    model = load_model(path, map_location=device).eval()
     c = model.config
+    source = "arguments"
     if mean is None or std is None:
-        found = read_normalisation(path)
-        if found is None:
-            log.warning("%s: no mean/std recorded (preprocess.json or the run's config.yaml); normalising with "
-                        "0.5 per channel, pass mean/std if training used others", path)
-            found = (0.5, 0.5, "default")
-        mean = mean if mean is not None else found[0]
-        std = std if std is not None else found[1]
-        source = found[2]
-    else:
-        source = "arguments"
+        found = load_preprocess(path) or {}
+        source = str(path / PREPROCESS_NAME)
+        if found.get("mean") is None or found.get("std") is None:
+            log.warning("%s: no mean/std recorded in %s; normalising with 0.5 per channel, pass mean/std if "
+                        "training used others", path, PREPROCESS_NAME)
+            found = {"mean": 0.5, "std": 0.5}
+        mean = mean if mean is not None else found["mean"]
+        std = std if std is not None else found["std"]
     preprocess = Preprocess(image_size=tuple(c.image_size), channels=c.in_channels,
                             mean=_as_stats(mean, c.in_channels, source), std=_as_stats(std, c.in_channels, source))
     labels = list(c.labels) if c.labels else [f"class_{i}" for i in range(c.num_classes)]
@@ -170,5 +122,5 @@ def true_label_from_folder(path: Path, labels: Sequence[str]) -> str | None:
     return name if name in labels else None
 
 
-__all__ = ["Preprocess", "LoadedModel", "load_for_inference", "read_normalisation", "list_images", "read_image",
+__all__ = ["Preprocess", "LoadedModel", "load_for_inference", "list_images", "read_image",
            "true_label_from_folder"]

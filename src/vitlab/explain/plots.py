@@ -1,4 +1,5 @@
-"""Figures: attention heatmaps over images, training curves, confusion matrices (matplotlib, Agg).
+"""Figures of attention heatmaps over images (matplotlib, Agg); training curves and confusion matrices are
+drawn by :mod:`vitlab.train.plots`.
 
 Figures are built as ``matplotlib.figure.Figure`` objects on an Agg canvas (no pyplot, no global state, no
 display needed) and written atomically.
@@ -111,52 +112,4 @@ def attention_figure(panels: Sequence[Panel], title: str | None = None, alpha: f
     return fig
 
 
-def curves_figure(history: Sequence[dict], x_key: str = "epoch"):
-    """Loss and accuracy curves from metric records (each a dict with ``x_key`` and any of the keys
-    ``train_loss``, ``val_loss``/``test_loss``, ``train_acc``, ``val_acc``/``test_acc`` ...): one axis for
-    the keys containing ``loss``, one for those containing ``acc``."""
-    fig = _figure(10, 3.6)
-    for i, word in enumerate(("loss", "acc")):
-        ax = fig.add_subplot(1, 2, i + 1)
-        keys = sorted({k for rec in history for k, v in rec.items()
-                       if word in k and isinstance(v, (int, float)) and not isinstance(v, bool)})
-        for key in keys:
-            pts = [(rec[x_key], rec[key]) for rec in history if key in rec and x_key in rec]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=key)
-        ax.set_xlabel(x_key)
-        ax.set_title("loss" if word == "loss" else "accuracy")
-        if keys:
-            ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def confusion_figure(matrix: np.ndarray, classes: Sequence[str]):
-    """The confusion matrix (rows: true class, columns: predicted) with counts written in the cells."""
-    k = len(classes)
-    size = min(3 + 0.45 * k, 14)
-    fig = _figure(size + 1, size)
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(matrix, cmap="Blues")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_xticks(range(k))
-    ax.set_yticks(range(k))
-    ax.set_xticklabels(classes, rotation=60, ha="right", fontsize=8)
-    ax.set_yticklabels(classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if k <= 30:
-        top = matrix.max() if matrix.size else 0
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
-                        color="white" if matrix[i, j] > top / 2 else "black")
-    fig.tight_layout()
-    return fig
-
-
-__all__ = ["Panel", "attention_figure", "heatmap_overlay", "curves_figure", "confusion_figure", "save_figure",
-           "figure_bytes", "to_display"]
+__all__ = ["Panel", "attention_figure", "heatmap_overlay", "save_figure", "figure_bytes", "to_display"]
