@@ -66,14 +66,6 @@ def file_md5(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def check_md5(path: str | os.PathLike, expected: str) -> None:
-    """Raise :class:`DataError` naming ``path`` when its md5 is not ``expected``."""
-    got = file_md5(path)
-    if got != expected:
-        raise DataError(f"{path}: wrong checksum (md5 {got}, expected {expected}); the file is corrupt or "
-                        f"incomplete: delete it and download it again")
-
-
 def _fetch(url: str, dest: Path, md5: str, timeout: float) -> None:
     """Stream ``url`` into a temporary file beside ``dest``, check the md5, then rename it to ``dest``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -121,10 +113,22 @@ def download_dataset(name: str, root: str | os.PathLike, *, base_url: str | None
         raise DataError(f"cannot download {name!r}; vitlab downloads {', '.join(DATASETS)}")
     sub, files = DATASETS[key]
     root = Path(root).expanduser()
-    folder = root / sub if sub else root
+    download_files(files, root / sub if sub else root, base_url=base_url, timeout=timeout)
+    return f"{key}:{root}"
+
+
+def download_files(files: list[RemoteFile], folder: str | os.PathLike, *, base_url: str | None = None,
+                   timeout: float = 60.0) -> list[Path]:
+    """Fetch each :class:`RemoteFile` into ``folder`` (md5-checked, atomic); keep files already valid.
+
+    ``base_url`` (else ``$VITLAB_DATA_MIRROR``) replaces each file's official base address.
+    """
+    folder = Path(folder).expanduser()
     base_url = base_url or os.environ.get("VITLAB_DATA_MIRROR") or None
+    written = []
     for rf in files:
         dest = folder / rf.name
+        written.append(dest)
         if dest.is_file():
             if file_md5(dest) == rf.md5:
                 log.info("%s: present, checksum ok", dest)
@@ -142,6 +146,6 @@ def download_dataset(name: str, root: str | os.PathLike, *, base_url: str | None
             raise DataError(f"{rf.name}: cannot reach {url} ({reason}); without network, download it by hand "
                             f"and put it at {dest} (md5 {rf.md5})") from None
         except (http.client.HTTPException, OSError) as e:
-            raise DataError(f"{rf.name}: download from {url} failed ({e or type(e).__name__}); nothing was "
+            raise DataError(f"{rf.name}: download from {url} failed ({type(e).__name__}: {e}); nothing was "
                             f"saved, run the command again or put the file at {dest} by hand") from None
-    return f"{key}:{root}"
+    return written
