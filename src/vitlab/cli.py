@@ -154,6 +154,87 @@ class _meta_device:
         self._ctx.__exit__(*exc)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (default: the small digits ViT on the built-in digits), print the test accuracy and run folder."""
+    from vitlab.api import resume_config, train
+    from vitlab.config import apply_overrides, load_train_config
+    from vitlab.train.progress import ProgressBar
+
+    given = {"model": args.model, "data": args.data, "out": args.out, "epochs": args.epochs, "device": args.device}
+    if args.resume:
+        changes = apply_overrides({k: v for k, v in given.items() if v is not None and k != "out"}, args.set)
+        config = resume_config(args.resume, changes)
+    else:
+        config = load_train_config(args.recipe, args.set, **given)
+    result = train(config, progress=None if args.quiet else ProgressBar(sys.stdout))
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
+    if result.top1 is not None:
+        best = f" (best {100 * result.best_top1:.2f}% at epoch {result.best_epoch})" if result.best_top1 else ""
+        print(f"test accuracy: {100 * result.top1:.2f}%{best} after {len(result.history)} epochs, "
+              f"{result.wall_time / 60:.1f} min")
+    if result.stopped != "completed":
+        print(f"stopped early ({result.stopped.replace('_', ' ')}); continue with: vitlab train --resume "
+              f"{result.run_dir}")
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a run or checkpoint on a dataset's test split; write eval.json and confusion_matrix.png."""
+    from pathlib import Path
+
+    from vitlab.api import evaluate
+
+    out = args.out or str(Path(args.checkpoint) / "eval")
+    result = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device,
+                      precision=args.precision, out=out)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "confusion"}))
+        return 0
+    print(f"{result['checkpoint']} on {args.data} ({result['count']} test images)")
+    print(f"test loss {result['test_loss']:.4f}   top-1 {100 * result['top1']:.2f}%   top-5 "
+          f"{100 * result['top5']:.2f}%")
+    width = max(len(c) for c in result["classes"])
+    for name, acc in result["per_class"].items():
+        print(f"  {name:<{width}}  {100 * acc:6.2f}%")
+    print(f"wrote {out}/eval.json and {out}/confusion_matrix.png")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw a run's curves (train/test loss, test accuracy per epoch) and confusion matrix as PNG."""
+    from vitlab.api import plot_run
+
+    for path in plot_run(args.run):
+        print(path)
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the packaged training recipes with the accuracy each reached and the command that measured it."""
+    from vitlab.api import list_recipes
+
+    rows = list_recipes()
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    for row in rows:
+        print(f"{row['name']}: {row['description']}")
+        print(f"    model {row['model']}, data {row['data']}, {row['epochs']} epochs")
+        measured = row.get("measured") or {}
+        if measured.get("top1") is not None:
+            print(f"    measured: {measured['top1']}% test accuracy in {measured.get('wall_time', '?')} on "
+                  f"{measured.get('machine', '?')}")
+            print(f"    command:  {measured.get('command', '?')}")
+        else:
+            print("    measured: not yet")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers that train well.")
     parser.add_argument("--version", action="version", version=_version())
@@ -214,6 +295,37 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--root", required=True, help="folder to put the files in")
     q.add_argument("--base-url", default=None, help="a mirror to use instead of the official address")
     q.set_defaults(func=cmd_data_download)
+
+    p = sub.add_parser("train", help="train a ViT (no arguments: the small default model on the built-in digits)")
+    p.add_argument("--model", help="model preset (`vitlab models`); default vit-digits-p2")
+    p.add_argument("--data", help="data spec: digits, mnist:DIR, cifar10:DIR, folder:DIR, ...; default digits")
+    p.add_argument("--recipe", help="a recipe name (`vitlab recipes`) or a YAML file, e.g. RUN/config.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any TrainConfig field, e.g. --set lr=1e-3 --set epochs=50 (repeatable)")
+    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--out", help="run folder (default runs/<recipe-or-model>-<data>-<time>)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN exactly where it stopped")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run or checkpoint: loss, top-1/top-5, per class, confusion")
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--data", required=True, help="data spec whose test split to evaluate on")
+    p.add_argument("--out", help="folder for eval.json and confusion_matrix.png (default RUN_OR_CHECKPOINT/eval)")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="draw a run's loss and accuracy curves (and confusion matrix) as PNG")
+    p.add_argument("run", metavar="RUN")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("recipes", help="list the training recipes and the accuracy each reached")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_recipes)
 
     return parser
 

@@ -56,7 +56,8 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | P
     im = ax.imshow(cm, cmap="Blues")
     fig.colorbar(im, ax=ax, fraction=0.046)
     ticks = range(k)
-    ax.set_xticks(ticks, classes, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+    slanted = k > 4 and max(len(c) for c in classes) > 2  # long names overlap when horizontal
+    ax.set_xticks(ticks, classes, rotation=45 if slanted else 0, ha="right" if slanted else "center")
     ax.set_yticks(ticks, classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
