@@ -83,6 +83,7 @@ def test_report_is_self_contained_with_real_numbers(run, tmp_path):
 
 def test_cli_report_default_path(run, capsys):
     out, _ = run
-    assert main(["report", str(out), "--num-images", "3"]) == 0
-    assert (out / "report.html").is_file()
+    assert main(["report", str(out), "--num-images", "3", "--checkpoint", "last"]) == 0
     assert str(out / "report.html") in capsys.readouterr().out
+    page = (out / "report.html").read_text()
+    assert f"<code>{out / 'last'}</code> (saved after epoch 2 of 2)" in page

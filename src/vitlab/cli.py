@@ -63,7 +63,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(format_table(results))
     failed = [r for r in results if not r.ok]
     for r in failed:
-        print(f"vitlab: cannot read {r.file}: {r.error}", file=sys.stderr)
+        print(f"vitlab: skipped {r.error}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -73,14 +73,14 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
     items = plot_attention(args.checkpoint, args.paths, args.output, method=args.method, heads=args.heads,
                            head_fusion=args.head_fusion, discard_ratio=args.discard_ratio, data=args.data,
-                           num_images=args.num_images)
+                           num_images=args.num_images, dpi=args.dpi)
     failed = [i for i in items if i.error]
     for i in items:
         if not i.error:
             true = f"  (true: {i.true_label})" if i.true_label is not None else ""
             print(f"{i.name}: {i.label} {i.probability:.1%}{true}")
     for i in failed:
-        print(f"vitlab: cannot read {i.name}: {i.error}", file=sys.stderr)
+        print(f"vitlab: skipped {i.error}", file=sys.stderr)
     print(f"wrote {args.output}")
     return 1 if failed else 0
 
@@ -89,7 +89,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """One self-contained HTML report of a training run."""
     from vitlab.explain.report import write_report
 
-    path = write_report(args.run, args.output, num_images=args.num_images, method=args.method)
+    path = write_report(args.run, args.output, num_images=args.num_images, method=args.method,
+                        checkpoint=args.checkpoint)
     print(f"wrote {path}")
     return 0
 
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="SPEC", help="instead of images: the evaluation split of a dataset "
                    "(e.g. folder:DIR, cifar10:DIR), shown with true labels")
     p.add_argument("--num-images", type=int, default=16, help="with --data: how many images (default 16)")
+    p.add_argument("--dpi", type=int, default=100, help="figure resolution (default 100; lower, smaller file)")
     p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("report", help="write one self-contained HTML report of a training run")
@@ -274,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="HTML file to write (default RUN/report.html)")
     p.add_argument("--num-images", type=int, default=16, help="test images in the attention grid (default 16)")
     p.add_argument("--method", choices=("rollout", "last"), default="rollout", help="attention map method")
+    p.add_argument("--checkpoint", choices=("best", "last"), default=None,
+                   help="which checkpoint of the run to report on (default best/, else last/)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("data", help="inspect and download datasets")

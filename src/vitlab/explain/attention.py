@@ -74,13 +74,14 @@ def attention_panels(loaded: LoadedModel, images: torch.Tensor, *, true_labels: 
 def plot_attention(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] = (),
                    output: str | Path = "attention.png", *, method: str = "rollout", heads: bool = False,
                    head_fusion: str = "mean", discard_ratio: float = 0.0, data: str | None = None,
-                   num_images: int = 16, max_images: int = 64) -> list[AttentionItem]:
+                   num_images: int = 16, max_images: int = 64, dpi: int = 100) -> list[AttentionItem]:
     """Write one figure: each image, its attention map overlaid, the predicted label and probability.
 
     Images come from ``paths`` (files and folders; a file's parent folder naming a class gives the true
     label) or from the evaluation split of dataset ``data`` (a ``vitlab.data.load_data`` spec; ``num_images``
     spread over the split, with true labels). Unreadable files are left out and returned with ``error``.
-    ``method``: ``rollout`` or ``last``; ``heads`` adds the last layer's map of every head.
+    ``method``: ``rollout`` or ``last``; ``heads`` adds the last layer's map of every head; ``dpi`` sets
+    the figure's resolution (lower: smaller file).
     """
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_for_inference(checkpoint)
     items: list[AttentionItem] = []
@@ -121,7 +122,7 @@ def plot_attention(checkpoint: str | Path | LoadedModel, paths: Sequence[str | P
     panels, preds = attention_panels(loaded, images, true_labels=true, display=display, method=method, heads=heads,
                                      head_fusion=head_fusion, discard_ratio=discard_ratio)
     title = f"{'attention rollout' if method == 'rollout' else 'last-layer attention'} ({head_fusion} over heads)"
-    save_figure(attention_figure(panels, title=title), output)
+    save_figure(attention_figure(panels, title=title), output, dpi=dpi)
     items.extend(AttentionItem(name=name, label=label, probability=p, true_label=t)
                  for name, (label, p), t in zip(names, preds, true))
     return items

@@ -81,11 +81,11 @@ class Panel:
 
 def attention_figure(panels: Sequence[Panel], title: str | None = None, alpha: float = 0.5):
     """A figure with, per image, the picture and its map overlaid (and each head's map when given),
-    captioned with the prediction. Without heads, image pairs are laid out four to a row."""
+    captioned with the prediction. Without heads, image pairs are laid out four (or three) to a row."""
     n = len(panels)
     heads = panels[0].head_heats is not None if panels else False
     num_heads = len(panels[0].head_heats) if heads else 0
-    per_row = 1 if heads else min(4, max(n, 1))
+    per_row = 1 if heads else (3 if n % 4 and n % 3 == 0 else min(4, max(n, 1)))
     cols = per_row * (2 + num_heads)
     rows = max(1, -(-n // per_row))
     fig = _figure(1.9 * cols, 2.2 * rows + (0.4 if title else 0.0))

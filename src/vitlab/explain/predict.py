@@ -90,14 +90,15 @@ def format_table(results: Sequence[Prediction]) -> str:
     """Predictions as a text table: file, then ``label probability`` pairs best first (errors as ``ERROR``)."""
     if not results:
         return "(no images)"
-    width = min(max(len(r.file) for r in results), 60)
+    width = min(max(len(r.file) for r in results), 70)
+    label_width = max((len(lab) for r in results for lab, _ in r.top), default=0)
     lines = [f"{'file':<{width}}  top predictions"]
     for r in results:
         name = r.file if len(r.file) <= width else "..." + r.file[-(width - 3):]
         if r.error is not None:
-            lines.append(f"{name:<{width}}  ERROR {r.error}")
+            lines.append(f"{name:<{width}}  ERROR {r.error.removeprefix(r.file + ': ')}")
         else:
-            lines.append(f"{name:<{width}}  " + "  ".join(f"{lab} {p:6.1%}" for lab, p in r.top))
+            lines.append(f"{name:<{width}}  " + "  ".join(f"{lab:<{label_width}} {p:6.1%}" for lab, p in r.top))
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from vitlab.errors import CheckpointError, VitlabError
+from vitlab.errors import CheckpointError, ConfigError, VitlabError
 from vitlab.explain.inference import LoadedModel, load_for_inference
 
 log = logging.getLogger(__name__)
@@ -99,12 +99,12 @@ def _evaluate(loaded: LoadedModel, run_config: dict, num_images: int, method: st
 
 
 def write_report(run: str | Path, output: str | Path | None = None, *, num_images: int = 16,
-                 method: str = "rollout") -> Path:
+                 method: str = "rollout", checkpoint: str | None = None) -> Path:
     """Write ``output`` (default ``RUN/report.html``): a self-contained HTML report of training run ``run``.
 
-    The checkpoint (``best/``, else ``last/``) is evaluated afresh on the run's test split; when that data
-    cannot be loaded any more, the run's ``eval.json`` (its last evaluated epoch) is used and the image
-    grid is left out, with a note saying so.
+    The checkpoint (``checkpoint="best"`` or ``"last"``; default ``best/``, else ``last/``) is evaluated
+    afresh on the run's test split; when that data cannot be loaded any more, the run's ``eval.json`` (its
+    last evaluated epoch) is used and the image grid is left out, with a note saying so.
     """
     from vitlab._files import atomic_write_text, read_json
     from vitlab.config import load_yaml
@@ -118,11 +118,17 @@ def write_report(run: str | Path, output: str | Path | None = None, *, num_image
     output = Path(output) if output is not None else run / "report.html"
     config_text = (run / "config.yaml").read_text(encoding="utf-8")
     run_config = load_yaml(run / "config.yaml")
-    loaded = load_for_inference(run)
+    if checkpoint is not None and checkpoint not in ("best", "last"):
+        raise ConfigError(f"checkpoint={checkpoint!r} must be 'best' or 'last' (a folder of the run)")
+    loaded = load_for_inference(run / checkpoint if checkpoint else run)
+    state_file = loaded.path / "state.json"
+    state = read_json(state_file) if state_file.is_file() else {}
     history = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
 
     parts = [f"<h1>vitlab run report: {html.escape(run.name)}</h1>",
-             f'<p class="note">checkpoint <code>{html.escape(str(loaded.path))}</code>, model '
+             f'<p class="note">checkpoint <code>{html.escape(str(loaded.path))}</code>'
+             + (f" (saved after epoch {state['epoch']} of {state.get('planned_epochs', '?')})"
+                if "epoch" in state else "") + ", model "
              f"{html.escape(str(run_config.get('model', '?')))}, {loaded.model.num_parameters():,} parameters; "
              f"data <code>{html.escape(str(run_config.get('data', '?')))}</code>; written "
              f"{time.strftime('%Y-%m-%d %H:%M')}</p>"]
