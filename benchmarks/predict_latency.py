@@ -42,14 +42,18 @@ def _photo(tmp: Path, given: str | None) -> Path:
     return path
 
 
-def _times(fn, repeats: int, warmup: int = 3) -> list[float]:
+def _times(fns, repeats: int, warmup: int = 3) -> list[list[float]]:
+    """Milliseconds per call of each function, the functions interleaved call by call so that a busy
+    machine slows them alike."""
     for _ in range(warmup):
-        fn()
-    out = []
+        for fn in fns:
+            fn()
+    out: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
+        for fn, times in zip(fns, out):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return out
 
 
@@ -83,8 +87,8 @@ def main() -> None:
                 with torch.inference_mode():
                     loaded.model(x)
 
-            end_to_end = _times(lambda: predict(loaded, [photo], top_k=5, batch_size=1), args.repeats)
-            forward_only = _times(forward, args.repeats)
+            end_to_end, forward_only = _times([lambda: predict(loaded, [photo], top_k=5, batch_size=1), forward],
+                                              args.repeats)
             rows.append((name, c.image_size, model.num_parameters(), _summary(end_to_end), _summary(forward_only)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, photo {photo.name}, "
           f"{args.repeats} repeats, batch 1")
