@@ -98,3 +98,14 @@ def test_bad_files_raise_data_error_naming_them(tmp_path):
         decode_image(tmp_path / "cut.jpg", (32, 32), 3)
     with pytest.raises(DataError, match="missing.png: file not found"):
         decode_image(tmp_path / "missing.png", None, 3)
+
+
+def test_large_jpeg_downscaled_while_decoding_keeps_content(tmp_path):
+    a = np.zeros((480, 640, 3), np.uint8)
+    a[:, :320] = (200, 40, 40)  # left half red, right half blue
+    a[:, 320:] = (30, 60, 210)
+    Image.fromarray(a).save(tmp_path / "big.jpg", quality=95)
+    out = decode_image(tmp_path / "big.jpg", (24, 32), 3).astype(int)
+    assert out.shape == (3, 24, 32)
+    assert np.abs(out[:, :, :14] - np.array([200, 40, 40])[:, None, None]).max() <= 6
+    assert np.abs(out[:, :, 18:] - np.array([30, 60, 210])[:, None, None]).max() <= 6

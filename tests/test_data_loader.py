@@ -82,3 +82,11 @@ def test_cli_data_errors_are_one_line(tmp_path, capsys):
     assert main(["data", "info", f"folder:{tmp_path / 'nope'}"]) == 2
     err = capsys.readouterr().err
     assert err == f"vitlab: error: {tmp_path / 'nope'}: folder not found\n"
+
+
+def test_reprs_are_short():
+    from vitlab.data import load_data
+
+    d = load_data("digits")
+    assert repr(d) == "DatasetSplits('digits': train=1438, test=359; 1x8x8; 10 classes)"
+    assert repr(d.train) == "ArrayDataset(1438 images, 1x8x8 uint8, 10 classes)"

@@ -1,7 +1,6 @@
 """Every data source loads from small fixtures written here in the real formats; every bad input names itself."""
 
 import gzip
-import io
 import os
 import pickle
 import struct

@@ -84,6 +84,11 @@ def decode_image(path: str | os.PathLike, image_size: Sequence[int] | None = Non
             # PIL warns about huge or odd files; the error path below reports what matters.
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
+                if image_size is not None and im.format == "JPEG":
+                    # Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding (never below the target;
+                    # max side both ways because EXIF may rotate): a large photo decodes several times faster.
+                    side = max(int(image_size[0]), int(image_size[1]))
+                    im.draft(None, (side, side))
                 im.load()  # decode now: a truncated file fails here, not later
                 im = ImageOps.exif_transpose(im)
                 im = _convert(im, channels)

@@ -37,6 +37,10 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.images)
 
+    def __repr__(self) -> str:  # the default would print the tensors
+        c, h, w = self.images.shape[1:]
+        return f"ArrayDataset({len(self)} images, {c}x{h}x{w} uint8, {len(self.classes)} classes)"
+
     @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) of every image."""
@@ -75,6 +79,12 @@ class DatasetSplits:
     spec: str
     skipped_files: list[str] = field(default_factory=list)  # bad files left out (skip_bad_files=True)
 
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{k}={len(v)}" for k, v in (("train", self.train), ("val", self.val), ("test", self.test))
+                          if v is not None and not (k == "test" and v is self.val))
+        c, (h, w) = self.channels, self.image_size
+        return f"DatasetSplits({self.spec!r}: {sizes}; {c}x{h}x{w}; {len(self.classes)} classes)"
+
     @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) of the images."""
@@ -86,22 +96,23 @@ class DatasetSplits:
         return self.train.channels
 
 
-def channel_mean_std(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images (N, C, H, W) on the [0, 1] scale, in chunks (no big copy)."""
+def channel_mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W) on the [0, 1] scale.
+
+    Exact and cheap: one 256-bin histogram per channel, then the moments of the histogram.
+    """
     if len(images) == 0:
         raise DataError("cannot compute the mean and std of an empty dataset")
-    c = images.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    total_sq = torch.zeros(c, dtype=torch.float64)
-    for part in images.split(chunk):
-        x = part.to(torch.float64).transpose(0, 1).reshape(c, -1)  # (C, n*H*W)
-        total += x.sum(1)
-        total_sq += (x * x).sum(1)
-    count = images.numel() // c
-    mean = total / count
-    var = (total_sq / count - mean * mean).clamp_min(0)
-    std = var.sqrt().clamp_min(1e-3)  # a constant channel must not divide by zero
-    return tuple(round(float(v) / 255.0, 6) for v in mean), tuple(round(float(v) / 255.0, 6) for v in std)
+    values = torch.arange(256, dtype=torch.float64)
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        hist = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
+        p = hist / hist.sum()
+        mean = float((p * values).sum())
+        var = float((p * (values - mean) ** 2).sum())
+        means.append(round(mean / 255.0, 6))
+        stds.append(round(max(var ** 0.5 / 255.0, 1e-3), 6))  # a constant channel must not divide by zero
+    return tuple(means), tuple(stds)
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import multiprocessing
 import numpy as np
 import torch
 
@@ -30,7 +30,7 @@ SPLIT_FOLDER_NAMES = {
     "val": ("val", "valid", "validation"),
     "test": ("test", "testing"),
 }
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when decoding changes: old caches then miss
 _CHUNK = 256  # files per task sent to a worker process
 _INLINE_BELOW = 512  # fewer files than this decode in this process: starting workers costs more
 
@@ -175,7 +175,10 @@ def _cache_key(files: list[str], image_size: tuple[int, int], channels: int) -> 
     h = hashlib.sha256()
     h.update(json.dumps([CACHE_VERSION, list(image_size), channels]).encode())
     for f in files:
-        st = os.stat(f)
+        try:
+            st = os.stat(f)
+        except OSError as e:
+            raise DataError(f"{f}: cannot read the file ({e.strerror}); did it move while loading?") from None
         h.update(f"\0{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return h.hexdigest()[:32]
 
