@@ -134,6 +134,16 @@ def test_time_limit_stops_cleanly_and_the_run_resumes(tmp_path):
     assert json.loads((result.run_dir / "last/state.json").read_text())["epoch"] == 1
 
 
+def test_time_limit_lays_the_schedule_out_early_in_the_first_epoch(tmp_path):
+    # 20 steps per epoch: after 5 steps the run sees that no more than this epoch fits and ends the cosine there
+    result = vitlab.train(tiny_config(tmp_path, epochs=3, time_limit_minutes=1e-9, eval_every=2, min_lr=1e-5),
+                          data=tiny_splits(n_train=320))
+    assert result.stopped == "completed" and len(result.history) == 1
+    assert result.history[0]["lr"] == pytest.approx(1e-5) and result.history[0]["top1"] is not None
+    state = json.loads((result.run_dir / "last/state.json").read_text())
+    assert state["planned_epochs"] == 1 and state["scheduler"]["total_steps"] == 20
+
+
 def test_linear_probe_trains_the_head_only(tmp_path):
     from vitlab._files import load_safetensors
 
@@ -204,3 +214,27 @@ def test_cli_recipes_lists_them(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert "cifar10-cpu:" in out and "seed-cifar10:" in out and "model vit-mnist-p4" in out
+
+
+def test_init_from_pretrained_resets_head_and_resizes_positions(tmp_path, monkeypatch):
+    import vitlab.interop
+
+    start = vitlab.train(tiny_config(tmp_path, "start", epochs=1), data=tiny_splits())
+    loaded = []
+
+    def fake_load_pretrained(path, **overrides):  # the interop branch provides the real one
+        loaded.append(path)
+        return vitlab.train.load_model(path)
+
+    monkeypatch.setattr(vitlab.interop, "load_pretrained", fake_load_pretrained, raising=False)
+    other = tiny_splits(classes=3, size=12)  # other classes, other image size
+    cfg = tiny_config(tmp_path, "finetune", epochs=1, init=str(start.run_dir / "last"), image_size=12, lr=1e-9,
+                      min_lr=0.0, weight_decay=0.0)
+    result = vitlab.train(cfg, data=other)
+    assert loaded == [str(start.run_dir / "last")]
+    model = vitlab.train.load_model(result.run_dir / "last")
+    assert model.config.num_classes == 3 and model.config.labels == ["c0", "c1", "c2"]
+    assert tuple(model.config.image_size) == (12, 12) and model.pos_embed.shape[1] == 1 + 6 * 6
+    before = vitlab.train.load_model(start.run_dir / "last")
+    # lr ~ 0: the body is the pretrained one
+    torch.testing.assert_close(model.blocks[0].mlp.fc1.weight, before.blocks[0].mlp.fc1.weight, atol=1e-6, rtol=0)

@@ -22,7 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TESTS = Path(__file__).parent
 # No augmentation or dropout: the random draws of 2 ranks cannot match those of 1 process.
-SETTINGS = dict(epochs=2, batch_size=16, label_smoothing=0.1, clip_grad=1.0, weight_decay=0.05)
+# A time limit far away: exercises the ranks agreeing on the schedule without changing it.
+SETTINGS = dict(epochs=2, batch_size=16, label_smoothing=0.1, clip_grad=1.0, weight_decay=0.05,
+                time_limit_minutes=1000)
 
 
 def _free_port() -> int:

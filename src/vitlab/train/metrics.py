@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from vitlab._files import atomic_write_text
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 for running sums (exact enough over an epoch), float32 where the device has no float64 (MPS)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy against soft targets ``(B, K)`` (label smoothing, Mixup/CutMix), computed in fp32."""
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -22,7 +27,7 @@ class ClassificationTally:
 
     def __init__(self, num_classes: int, device: torch.device):
         self.num_classes = num_classes
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss = torch.zeros((), dtype=sum_dtype(device), device=device)
         self.top1 = torch.zeros((), dtype=torch.int64, device=device)
         self.top5 = torch.zeros((), dtype=torch.int64, device=device)
         self.count = torch.zeros((), dtype=torch.int64, device=device)
@@ -30,7 +35,7 @@ class ClassificationTally:
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits = logits.float()
-        self.loss += F.cross_entropy(logits, labels, reduction="sum").double()
+        self.loss += F.cross_entropy(logits, labels, reduction="sum").to(self.loss.dtype)
         k = min(5, self.num_classes)
         topk = logits.topk(k, dim=-1).indices  # (B, k)
         hits = topk == labels[:, None]
