@@ -53,12 +53,11 @@ def images(tmp_path_factory) -> Path:
 
 
 def _reference_probs(model: VisionTransformer, path: Path) -> torch.Tensor:
-    """What predict must compute: PIL RGB, bicubic resize to 16x16, /255, (x - mean) / std, softmax."""
-    with Image.open(path) as im:
-        rgba = im.convert("RGBA")
-        flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-        a = np.asarray(flat.resize((16, 16), Image.BICUBIC), dtype=np.float32) / 255.0
-    x = (torch.from_numpy(a).permute(2, 0, 1) - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    """What predict must compute: the data layer's decoding at 16x16 RGB, /255, (x - mean) / std, softmax."""
+    from vitlab.data import decode_image
+
+    a = torch.from_numpy(decode_image(path, (16, 16), 3)).float() / 255.0
+    x = (a - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
     with torch.no_grad():
         return model(x[None]).softmax(-1)[0]
 
