@@ -161,3 +161,17 @@ def test_plot_attention_figure_and_true_labels(checkpoint, images, tmp_path):
     code = main(["attention", str(checkpoint), str(images / "a_rgb.png"), "-o", str(tmp_path / "f.svg"),
                  "--method", "last"])
     assert code == 0 and (tmp_path / "f.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_maps_of_mean_pooled_model_without_class_token():
+    torch.manual_seed(2)
+    cfg = ViTConfig(image_size=16, patch_size=4, num_classes=3, hidden_dim=24, depth=2, num_heads=2, mlp_dim=48,
+                    class_token=False, pool="mean", final_norm=False)
+    model = VisionTransformer(cfg).eval()
+    x = torch.randn(2, 3, 16, 16)
+    maps = compute_attention_maps(model, x)
+    out = model(x, return_attentions=True)
+    assert out.attentions[0].shape == (2, 2, 16, 16)
+    torch.testing.assert_close(maps.maps, attention_rollout(out.attentions, pool="mean", num_prefix_tokens=0))
+    torch.testing.assert_close(maps.probs, out.logits.softmax(-1))
+    assert maps.head_maps.shape == (2, 2, 4, 4)
