@@ -161,6 +161,8 @@ def test_plot_attention_figure_and_true_labels(checkpoint, images, tmp_path):
     code = main(["attention", str(checkpoint), str(images / "a_rgb.png"), "-o", str(tmp_path / "f.svg"),
                  "--method", "last"])
     assert code == 0 and (tmp_path / "f.svg").read_text().lstrip().startswith("<?xml")
+    assert main(["attention", str(checkpoint), str(images / "a_rgb.png"), "-o", str(tmp_path / "f.gif")]) == 2
+    assert not (tmp_path / "f.gif").exists()
 
 
 def test_maps_of_mean_pooled_model_without_class_token():

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from vitlab.data.transforms import resize_uint8
 from vitlab.errors import ConfigError, DataError
 from vitlab.explain.inference import (LoadedModel, list_images, load_for_inference, read_image,
                                       true_label_from_folder)
 from vitlab.explain.maps import compute_attention_maps, upsample_maps
-from vitlab.explain.plots import Panel, attention_figure, save_figure
+from vitlab.explain.plots import Panel, attention_figure, figure_format, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,7 @@ def attention_panels(loaded: LoadedModel, images: torch.Tensor, *, true_labels: 
         if display is not None:
             shown = display[start:start + batch_size]
         else:
-            size = _display_size(tuple(chunk.shape[-2:]))
-            shown = F.interpolate(chunk.float(), size=size, mode="bilinear", align_corners=False)
-            shown = shown.round().clamp(0, 255).to(torch.uint8)
+            shown = resize_uint8(chunk.cpu(), _display_size(tuple(chunk.shape[-2:])))
         size = tuple(shown.shape[-2:])
         heat = upsample_maps(result.maps.cpu(), size)  # (B, H, W)
         head_heat = upsample_maps(result.head_maps.cpu(), size) if heads else None  # (B, heads, H, W)
@@ -83,6 +81,7 @@ def plot_attention(checkpoint: str | Path | LoadedModel, paths: Sequence[str | P
     ``method``: ``rollout`` or ``last``; ``heads`` adds the last layer's map of every head; ``dpi`` sets
     the figure's resolution (lower: smaller file).
     """
+    figure_format(output)  # a bad file name fails before any work
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_for_inference(checkpoint)
     items: list[AttentionItem] = []
     if data is not None:

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 
 from vitlab._files import atomic_write_bytes
+from vitlab.errors import ConfigError
+
+FIGURE_FORMATS = ("png", "svg", "pdf", "jpg")
 
 
 def _figure(width: float, height: float):
@@ -34,12 +37,20 @@ def figure_bytes(fig, fmt: str = "png", dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
+def figure_format(path: str | Path) -> str:
+    """The figure format a file name asks for (``png`` when it has no suffix); :class:`ConfigError` if unknown."""
+    fmt = Path(path).suffix.lower().lstrip(".") or "png"
+    fmt = {"jpeg": "jpg"}.get(fmt, fmt)
+    if fmt not in FIGURE_FORMATS:
+        raise ConfigError(f"{path}: cannot write a figure as .{fmt}; use one of "
+                          + ", ".join(f".{f}" for f in FIGURE_FORMATS))
+    return fmt
+
+
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     """Write ``fig`` to ``path`` atomically, the format taken from the suffix (default PNG)."""
     path = Path(path)
-    fmt = path.suffix.lower().lstrip(".") or "png"
-    fmt = {"jpeg": "jpg"}.get(fmt, fmt)
-    atomic_write_bytes(path, figure_bytes(fig, fmt, dpi))
+    atomic_write_bytes(path, figure_bytes(fig, figure_format(path), dpi))
     return path
 
 
@@ -112,4 +123,5 @@ def attention_figure(panels: Sequence[Panel], title: str | None = None, alpha: f
     return fig
 
 
-__all__ = ["Panel", "attention_figure", "heatmap_overlay", "save_figure", "figure_bytes", "to_display"]
+__all__ = ["Panel", "attention_figure", "heatmap_overlay", "save_figure", "figure_bytes", "figure_format",
+           "to_display"]
