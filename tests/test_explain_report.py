@@ -87,3 +87,20 @@ def test_cli_report_default_path(run, capsys):
     assert str(out / "report.html") in capsys.readouterr().out
     page = (out / "report.html").read_text()
     assert f"<code>{out / 'last'}</code> (saved after epoch 2 of 2)" in page
+
+
+def test_report_falls_back_to_eval_json_when_data_is_gone(run, tmp_path):
+    import shutil
+
+    out, _ = run
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    config = (moved / "config.yaml").read_text()
+    (moved / "config.yaml").write_text(re.sub(r"data: .*", f"data: folder:{tmp_path / 'gone'}", config, count=1))
+    page = write_report(moved, checkpoint="last").read_text()
+    assert "could not be loaded" in page and "eval.json" in page
+    assert len(re.findall(r"<img ", page)) == 2  # curves and confusion matrix, no image grid
+    import json
+
+    top1 = json.loads((moved / "eval.json").read_text())["top1"]
+    assert f"top-1 <b>{100 * top1:.2f}%</b>" in page
