@@ -299,7 +299,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
     preprocess = {"mean": list(data.mean), "std": list(data.std), "image_size": list(image_size),
                   "channels": channels}
 
-    start_epoch, history, best_top1, best_epoch, wall_before = 0, [], None, None, 0.0
+    start_epoch, history, best_top1, best_epoch, best_loss, wall_before = 0, [], None, None, math.inf, 0.0
     if resuming:
         state = ckpt.load_training_state(run / "last", model=model, optimizer=optimizer, ema=ema,
                                          map_location=device)
@@ -314,6 +314,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
             scheduler.total_steps = planned_epochs * steps_per_epoch
             scheduler.load_state_dict(scheduler.state_dict())
         best_top1, best_epoch = state.get("best_top1"), state.get("best_epoch")
+        best_loss = state.get("best_loss") if state.get("best_loss") is not None else math.inf
         wall_before = float(state.get("wall_time", 0.0))
         if d.is_main:
             write_metrics(run / "metrics.jsonl", history)  # drop lines of an epoch the checkpoint does not hold
@@ -439,13 +440,16 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
         row["wall_time"] = wall
         history.append(row)
         candidate = max(row["top1"], row.get("ema_top1") or 0.0) if due else None
-        improved = candidate is not None and (best_top1 is None or candidate > best_top1)
+        cand_loss = min(row["test_loss"], row.get("ema_test_loss") or math.inf) if due else None
+        # best = highest top-1; among equal top-1, the lower test loss (a saturated 100% keeps improving)
+        improved = candidate is not None and (best_top1 is None or candidate > best_top1 or
+                                              (candidate == best_top1 and cand_loss < best_loss))
         if improved:
-            best_top1, best_epoch = candidate, epoch
+            best_top1, best_epoch, best_loss = candidate, epoch, cand_loss
         if d.is_main:
             state = {"epoch": epoch, "planned_epochs": planned_epochs, "config_epochs": config.epochs,
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "best_top1": best_top1,
-                     "best_epoch": best_epoch, "wall_time": wall, "history": history,
+                     "best_epoch": best_epoch, "best_loss": None if math.isinf(best_loss) else best_loss, "wall_time": wall, "history": history,
                      "best_source": "ema" if (ema is not None and improved and row.get("ema_top1", 0) > row["top1"])
                      else "model"}
             ckpt.save_checkpoint(run / "last", model=model, preprocess=preprocess, state=state,
