@@ -89,6 +89,50 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return main(["train", "--init", str(args.checkpoint), *args.train_args])
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Top-k classes for image files and folders; a table or JSON lines. Exit 1 if a file could not be read."""
+    from vitlab.explain.predict import format_table, predict
+
+    results = predict(args.checkpoint, args.paths, top_k=args.top_k, batch_size=args.batch_size)
+    if args.json:
+        for r in results:
+            print(json.dumps(r.to_dict()))
+    else:
+        print(format_table(results))
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"vitlab: skipped {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    """One figure of attention maps over the images; exit 1 if a file could not be read."""
+    from vitlab.explain.attention import plot_attention
+
+    items = plot_attention(args.checkpoint, args.paths, args.output, method=args.method, heads=args.heads,
+                           head_fusion=args.head_fusion, discard_ratio=args.discard_ratio, data=args.data,
+                           num_images=args.num_images, dpi=args.dpi)
+    failed = [i for i in items if i.error]
+    for i in items:
+        if not i.error:
+            true = f"  (true: {i.true_label})" if i.true_label is not None else ""
+            print(f"{i.name}: {i.label} {i.probability:.1%}{true}")
+    for i in failed:
+        print(f"vitlab: skipped {i.error}", file=sys.stderr)
+    print(f"wrote {args.output}")
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """One self-contained HTML report of a training run."""
+    from vitlab.explain.report import write_report
+
+    path = write_report(args.run, args.output, num_images=args.num_images, method=args.method,
+                        checkpoint=args.checkpoint)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_data_info(args: argparse.Namespace) -> int:
     """Print a dataset's images per split, classes, image size and channels (``vitlab.data.dataset_info``)."""
     from vitlab.data import dataset_info
@@ -265,6 +309,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="any file or folder `vitlab convert` reads")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments of `vitlab train` (--data SPEC ...)")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("predict", help="name what is in photos: top-k classes with probabilities")
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder (uses best/, else last/) or a "
+                   "checkpoint folder")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5, help="how many classes to list per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("attention", help="draw attention maps over images into one figure")
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder or a checkpoint folder")
+    p.add_argument("paths", metavar="IMAGE_OR_FOLDER", nargs="*", help="image files or folders")
+    p.add_argument("-o", "--output", required=True, help="figure file to write (.png, .svg, .pdf, .jpg)")
+    p.add_argument("--method", choices=("rollout", "last"), default="rollout",
+                   help="attention rollout over all layers (default) or the last layer's attention")
+    p.add_argument("--heads", action="store_true", help="also show the last layer's map of every head")
+    p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean",
+                   help="how heads are combined per layer (default mean)")
+    p.add_argument("--discard-ratio", type=float, default=0.0,
+                   help="rollout: drop this lowest fraction of each layer's weights (default 0)")
+    p.add_argument("--data", metavar="SPEC", help="instead of images: the evaluation split of a dataset "
+                   "(e.g. folder:DIR, cifar10:DIR), shown with true labels")
+    p.add_argument("--num-images", type=int, default=16, help="with --data: how many images (default 16)")
+    p.add_argument("--dpi", type=int, default=100, help="figure resolution (default 100; lower, smaller file)")
+    p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser("report", help="write one self-contained HTML report of a training run")
+    p.add_argument("run", metavar="RUN", help="a run folder written by `vitlab train`")
+    p.add_argument("-o", "--output", help="HTML file to write (default RUN/report.html)")
+    p.add_argument("--num-images", type=int, default=16, help="test images in the attention grid (default 16)")
+    p.add_argument("--method", choices=("rollout", "last"), default="rollout", help="attention map method")
+    p.add_argument("--checkpoint", choices=("best", "last"), default=None,
+                   help="which checkpoint of the run to report on (default best/, else last/)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("data", help="inspect and download datasets")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
