@@ -109,6 +109,7 @@ def test_shape_mismatch_is_named(tmp_path):
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=r"bad.pth: key 'blocks.1.attn.proj.weight' has shape \(32, 31\)"):
         load_pretrained(tmp_path / "bad.pth", num_heads=4)
+    state["encoder.layers.encoder_layer_1.self_attention.out_proj.weight"] = torch.zeros(32, 32)
     del state["encoder.layers.encoder_layer_1.ln_2.weight"]
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=r"bad.pth: missing key 'blocks.1.norm2.weight'"):
