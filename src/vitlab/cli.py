@@ -51,6 +51,135 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_overrides(args: argparse.Namespace) -> dict:
+    from vitlab.config import parse_override
+
+    return dict(parse_override(text) for text in (args.set or []))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert any supported checkpoint to a vitlab save_pretrained folder."""
+    from vitlab.interop import convert, detect_format
+
+    fmt = args.format or detect_format(args.checkpoint)
+    out = convert(args.checkpoint, args.out, format=fmt, num_heads=args.num_heads, **_load_overrides(args))
+    from vitlab._files import read_json
+
+    cfg = read_json(out / "config.json")
+    size = lambda hw: str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"  # noqa: E731
+    print(f"{args.checkpoint} ({fmt}) -> {out}: {cfg['depth']} layers, hidden {cfg['hidden_dim']}, "
+          f"{cfg['num_heads']} heads, patch {size(cfg['patch_size'])}, image {size(cfg['image_size'])}, "
+          f"{cfg['num_classes']} classes")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint (any format load_pretrained reads) to ONNX or a Hugging Face folder."""
+    from vitlab.interop import export, load_pretrained
+
+    model = load_pretrained(args.checkpoint, format=args.input_format, num_heads=args.num_heads)
+    out = export(model, args.out, format=args.format)
+    print(f"{args.checkpoint} -> {out} ({args.format})")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``vitlab finetune CHECKPOINT --data SPEC ...`` is ``vitlab train --init CHECKPOINT --data SPEC ...``:
+    the head is replaced for the data's classes and the positions resized to ``--set image_size=N``."""
+    return main(["train", "--init", str(args.checkpoint), *args.train_args])
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Top-k classes for image files and folders; a table or JSON lines. Exit 1 if a file could not be read."""
+    from vitlab.explain.predict import format_table, predict
+
+    results = predict(args.checkpoint, args.paths, top_k=args.top_k, batch_size=args.batch_size)
+    if args.json:
+        for r in results:
+            print(json.dumps(r.to_dict()))
+    else:
+        print(format_table(results))
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"vitlab: skipped {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    """One figure of attention maps over the images; exit 1 if a file could not be read."""
+    from vitlab.explain.attention import plot_attention
+
+    items = plot_attention(args.checkpoint, args.paths, args.output, method=args.method, heads=args.heads,
+                           head_fusion=args.head_fusion, discard_ratio=args.discard_ratio, data=args.data,
+                           num_images=args.num_images, dpi=args.dpi)
+    failed = [i for i in items if i.error]
+    for i in items:
+        if not i.error:
+            true = f"  (true: {i.true_label})" if i.true_label is not None else ""
+            print(f"{i.name}: {i.label} {i.probability:.1%}{true}")
+    for i in failed:
+        print(f"vitlab: skipped {i.error}", file=sys.stderr)
+    print(f"wrote {args.output}")
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """One self-contained HTML report of a training run."""
+    from vitlab.explain.report import write_report
+
+    path = write_report(args.run, args.output, num_images=args.num_images, method=args.method,
+                        checkpoint=args.checkpoint)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    """Print a dataset's images per split, classes, image size and channels (``vitlab.data.dataset_info``)."""
+    from vitlab.data import dataset_info
+
+    info = dataset_info(args.spec, image_size=args.image_size, channels=args.channels,
+                        val_fraction=args.val_fraction, seed=args.seed, cache_dir=args.cache_dir,
+                        skip_bad_files=args.skip_bad_files, workers=args.workers)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    h, w = info["image_size"]
+    print(f"dataset   {info['name']}  ({info['spec']})")
+    print(f"images    " + ", ".join(f"{k} {v:,}" for k, v in info["splits"].items()))
+    print(f"size      {h}x{w}, {info['channels']} channel{'s' if info['channels'] > 1 else ''}")
+    print(f"mean/std  " + ", ".join(f"{m:.4f}" for m in info["mean"]) + " / "
+          + ", ".join(f"{s:.4f}" for s in info["std"]))
+    counts = info["class_counts"]["train"]
+    names = ", ".join(f"{c} ({n})" for c, n in zip(info["classes"], counts))
+    print(f"classes   {len(info['classes'])}: {names}")
+    if info["skipped_files"]:
+        print(f"skipped   {len(info['skipped_files'])} bad files:")
+        for msg in info["skipped_files"]:
+            print(f"  {msg}")
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    """Download a dataset from its official address, checked against the official md5s."""
+    from vitlab.data.download import download_dataset
+
+    spec = download_dataset(args.name, args.root, base_url=args.base_url)
+    print(f"ok: {args.name} is in {args.root}; use it as --data {spec}")
+    return 0
+
+
+def _image_size_arg(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use 32 or 32x48") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use 32 or 32x48")
+    return (parts[0], parts[1])
+
+
 class _meta_device:
     """Build models on the meta device: counting ViT-H/14's parameters should not allocate 2.5 GB."""
 
@@ -76,6 +205,89 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (default: the small digits ViT on the built-in digits), print the test accuracy and run folder."""
+    from vitlab.api import resume_config, train
+    from vitlab.config import apply_overrides, load_train_config
+    from vitlab.train.progress import ProgressBar
+
+    given = {"model": args.model, "data": args.data, "out": args.out, "epochs": args.epochs, "device": args.device,
+             "init": args.init}
+    if args.resume:
+        changes = apply_overrides({k: v for k, v in given.items() if v is not None and k != "out"}, args.set)
+        config = resume_config(args.resume, changes)
+    else:
+        config = load_train_config(args.recipe, args.set, **given)
+    result = train(config, progress=None if args.quiet else ProgressBar(sys.stdout))
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
+    if result.top1 is not None:
+        best = f" (best {100 * result.best_top1:.2f}% at epoch {result.best_epoch})" if result.best_top1 else ""
+        epochs = len(result.history)
+        print(f"test accuracy: {100 * result.top1:.2f}%{best} after {epochs} epoch{'s' if epochs != 1 else ''}, "
+              f"{result.wall_time / 60:.1f} min")
+    if result.stopped != "completed":
+        print(f"stopped early ({result.stopped.replace('_', ' ')}); continue with: vitlab train --resume "
+              f"{result.run_dir}")
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a run or checkpoint on a dataset's test split; write eval.json and confusion_matrix.png."""
+    from pathlib import Path
+
+    from vitlab.api import evaluate
+
+    out = args.out or str(Path(args.checkpoint) / "eval")
+    result = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device,
+                      precision=args.precision, out=out)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "confusion"}))
+        return 0
+    print(f"{result['checkpoint']} on {args.data} ({result['count']} test images)")
+    print(f"test loss {result['test_loss']:.4f}   top-1 {100 * result['top1']:.2f}%   top-5 "
+          f"{100 * result['top5']:.2f}%")
+    width = max(len(c) for c in result["classes"])
+    for name, acc in result["per_class"].items():
+        print(f"  {name:<{width}}  {100 * acc:6.2f}%")
+    print(f"wrote {out}/eval.json and {out}/confusion_matrix.png")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw a run's curves (train/test loss, test accuracy per epoch) and confusion matrix as PNG."""
+    from vitlab.api import plot_run
+
+    for path in plot_run(args.run):
+        print(path)
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the packaged training recipes with the accuracy each reached and the command that measured it."""
+    from vitlab.api import list_recipes
+
+    rows = list_recipes()
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    for row in rows:
+        print(f"{row['name']}: {row['description']}")
+        print(f"    model {row['model']}, data {row['data']}, {row['epochs']} epochs")
+        measured = row.get("measured") or {}
+        if measured.get("top1") is not None:
+            print(f"    measured: {measured['top1']}% test accuracy in {measured.get('wall_time', '?')} on "
+                  f"{measured.get('machine', '?')}")
+            print(f"    command:  {measured.get('command', '?')}")
+        else:
+            print("    measured: not yet")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers that train well.")
     parser.add_argument("--version", action="version", version=_version())
@@ -84,6 +296,119 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the model presets")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("convert", help="convert a pretrained checkpoint (HF folder, timm, torchvision, JAX .npz) "
+                       "to a vitlab folder")
+    p.add_argument("checkpoint", help="file or folder: HF save_pretrained folder, timm/torchvision .pth or "
+                   ".safetensors, google-research .npz")
+    p.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
+    p.add_argument("--format", choices=["vitlab", "hf", "timm", "torchvision", "jax"], default=None,
+                   help="skip format detection")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads (timm/torchvision files do not store them; default: standard for the size)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a ViTConfig field (repeatable)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export a model to ONNX (dynamic batch) or a Hugging Face folder")
+    p.add_argument("checkpoint", help="run folder, vitlab folder, or any file `vitlab convert` reads")
+    p.add_argument("--format", choices=["onnx", "hf"], default="onnx")
+    p.add_argument("--out", required=True, help="the .onnx file, or the folder for --format hf")
+    p.add_argument("--input-format", choices=["vitlab", "hf", "timm", "torchvision", "jax"], default=None)
+    p.add_argument("--num-heads", type=int, default=None)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint: `vitlab train --init CHECKPOINT ...`")
+    p.add_argument("checkpoint", help="any file or folder `vitlab convert` reads")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments of `vitlab train` (--data SPEC ...)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("predict", help="name what is in photos: top-k classes with probabilities")
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder (uses best/, else last/) or a "
+                   "checkpoint folder")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5, help="how many classes to list per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("attention", help="draw attention maps over images into one figure")
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder or a checkpoint folder")
+    p.add_argument("paths", metavar="IMAGE_OR_FOLDER", nargs="*", help="image files or folders")
+    p.add_argument("-o", "--output", required=True, help="figure file to write (.png, .svg, .pdf, .jpg)")
+    p.add_argument("--method", choices=("rollout", "last"), default="rollout",
+                   help="attention rollout over all layers (default) or the last layer's attention")
+    p.add_argument("--heads", action="store_true", help="also show the last layer's map of every head")
+    p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean",
+                   help="how heads are combined per layer (default mean)")
+    p.add_argument("--discard-ratio", type=float, default=0.0,
+                   help="rollout: drop this lowest fraction of each layer's weights (default 0)")
+    p.add_argument("--data", metavar="SPEC", help="instead of images: the evaluation split of a dataset "
+                   "(e.g. folder:DIR, cifar10:DIR), shown with true labels")
+    p.add_argument("--num-images", type=int, default=16, help="with --data: how many images (default 16)")
+    p.add_argument("--dpi", type=int, default=100, help="figure resolution (default 100; lower, smaller file)")
+    p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser("report", help="write one self-contained HTML report of a training run")
+    p.add_argument("run", metavar="RUN", help="a run folder written by `vitlab train`")
+    p.add_argument("-o", "--output", help="HTML file to write (default RUN/report.html)")
+    p.add_argument("--num-images", type=int, default=16, help="test images in the attention grid (default 16)")
+    p.add_argument("--method", choices=("rollout", "last"), default="rollout", help="attention map method")
+    p.add_argument("--checkpoint", choices=("best", "last"), default=None,
+                   help="which checkpoint of the run to report on (default best/, else last/)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("data", help="inspect and download datasets")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    q = data_sub.add_parser("info", help="images per split, classes, image size and channels of a data spec")
+    q.add_argument("spec", help="digits | cifar10:DIR | cifar100:DIR | mnist:DIR | fashion-mnist:DIR | "
+                                "kmnist:DIR | idx:DIR | folder:DIR")
+    q.add_argument("--image-size", type=_image_size_arg, default=None, help="resize to this (e.g. 32 or 32x48)")
+    q.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert to 1 (L) or 3 (RGB)")
+    q.add_argument("--val-fraction", type=float, default=0.1, help="held out of a folder without val/test")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--cache-dir", default=None, help="decoded-image cache (default $VITLAB_CACHE or ~/.cache/vitlab)")
+    q.add_argument("--skip-bad-files", action="store_true", help="leave out unreadable images and list them")
+    q.add_argument("--workers", type=int, default=None, help="decoding processes")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(func=cmd_data_info)
+    q = data_sub.add_parser("download", help="download cifar10, cifar100, mnist or fashion-mnist (md5-checked)")
+    q.add_argument("name", choices=("cifar10", "cifar100", "mnist", "fashion-mnist"))
+    q.add_argument("--root", required=True, help="folder to put the files in")
+    q.add_argument("--base-url", default=None, help="a mirror to use instead of the official address")
+    q.set_defaults(func=cmd_data_download)
+
+    p = sub.add_parser("train", help="train a ViT (no arguments: the small default model on the built-in digits)")
+    p.add_argument("--model", help="model preset (`vitlab models`); default vit-digits-p2")
+    p.add_argument("--data", help="data spec: digits, mnist:DIR, cifar10:DIR, folder:DIR, ...; default digits")
+    p.add_argument("--recipe", help="a recipe name (`vitlab recipes`) or a YAML file, e.g. RUN/config.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any TrainConfig field, e.g. --set lr=1e-3 --set epochs=50 (repeatable)")
+    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--out", help="run folder (default runs/<recipe-or-model>-<data>-<time>)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN exactly where it stopped")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from pretrained weights (a vitlab or run folder, a "
+                   "Hugging Face folder, timm/torchvision .pth/.safetensors, JAX .npz): `vitlab finetune`")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run or checkpoint: loss, top-1/top-5, per class, confusion")
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--data", required=True, help="data spec whose test split to evaluate on")
+    p.add_argument("--out", help="folder for eval.json and confusion_matrix.png (default RUN_OR_CHECKPOINT/eval)")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="draw a run's loss and accuracy curves (and confusion matrix) as PNG")
+    p.add_argument("run", metavar="RUN")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("recipes", help="list the training recipes and the accuracy each reached")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("bench", help="time training steps or inference of a model: images/s, FLOP/s, utilisation")
     p.add_argument("--model", required=True, help="preset name (see `vitlab models`)")

@@ -6,7 +6,7 @@ A preset is data: a :class:`ViTConfig` with a name. Defaults live here and nowhe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -60,6 +60,7 @@ class ViTConfig:
     norm_eps: float = 1e-6
     qkv_bias: bool = True
     final_norm: bool = True
+    norm_after_pool: bool = False  # final norm on the pooled vector instead of every token (timm's fc_norm)
     representation_dim: int | None = None  # the paper's pre-logits layer (Linear + tanh), None = off
     labels: list[str] | None = None  # class names, index = class id
 
@@ -110,6 +111,8 @@ class ViTConfig:
         for name, allowed in (("patch_embed", PATCH_EMBEDS), ("pos_embed", POS_EMBEDS), ("pool", POOLS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"ViTConfig.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.norm_after_pool and not self.final_norm:
+            raise ConfigError("ViTConfig.norm_after_pool=True needs final_norm=True (it moves that norm)")
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("ViTConfig.pool='cls' needs class_token=True: set pool='mean' or class_token=True")
         for name in ("dropout", "attention_dropout", "drop_path"):
@@ -245,7 +248,191 @@ def dump_yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs, as flat named values (the CLI's ``--set key=value`` sets any of them).
+
+    ``batch_size`` is the *global* batch: per process and per accumulation step the loader gives
+    ``batch_size / (world_size * accum_steps)`` images, so the same config trains the same way on 1 or N
+    processes. A recipe YAML file holds a subset of these fields.
+    """
+
+    # what to train on what
+    model: str = "vit-digits-p2"  # a preset name (`vitlab models`)
+    data: str = "digits"  # a data spec: digits, mnist:DIR, cifar10:DIR, folder:DIR, ...
+    recipe: str | None = None  # the recipe these values came from (informational)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # ViTConfig fields, e.g. {depth: 4}
+    image_size: int | list[int] | None = None  # input size; None = the model's
+    drop_path: float | None = None  # overrides the model's
+    dropout: float | None = None  # overrides the model's
+    init: str | None = None  # pretrained weights (any format vitlab.interop.load_pretrained reads)
+    linear_probe: bool = False  # train the head only
+    layer_decay: float | None = None  # layer-wise lr decay for fine-tuning (e.g. 0.75)
+    # schedule and optimiser
+    epochs: int = 30
+    batch_size: int = 128  # global batch (all processes, all accumulation steps)
+    accum_steps: int = 1
+    lr: float = 2e-3  # peak learning rate
+    min_lr: float = 1e-5  # end of the cosine
+    warmup_epochs: float = 3.0  # linear warmup from 0, then cosine decay to min_lr
+    weight_decay: float = 0.05  # AdamW; never on norms, biases, position embeddings, class token
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float | None = 1.0  # max global grad norm; None = off
+    label_smoothing: float = 0.1
+    ema_decay: float | None = None  # EMA of the weights (e.g. 0.999), evaluated alongside
+    time_limit_minutes: float | None = None  # stop after this much training; the cosine is fitted to it
+    stop_after_epoch: int | None = None  # stop cleanly after this epoch (schedule still laid out for `epochs`)
+    # augmentation (the keyword arguments of vitlab.data.TrainTransform)
+    crop_padding: int = 0
+    hflip: bool = False
+    random_resized_crop: list[float] | None = None  # scale range, e.g. [0.35, 1.0]
+    auto_augment: str | None = None  # e.g. "rand-m9-n2", "trivial"
+    random_erasing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    # data loading
+    val_fraction: float = 0.1
+    workers: int | None = None
+    cache_dir: str | None = None
+    skip_bad_files: bool = False
+    # machinery
+    precision: str = "fp32"  # fp32, bf16 (autocast, CPU or GPU), fp16 (autocast + grad scaler, GPU)
+    compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    threads: int | None = None  # CPU threads for PyTorch (torch.set_num_threads); None = PyTorch's default
+    seed: int = 0
+    eval_every: int = 1  # evaluate on the test split every N epochs (and after the last)
+    eval_batch_size: int = 512
+    plots: bool = True  # write curves.png and confusion_matrix.png at the end
+    out: str | None = None  # run folder; None = runs/<model>-<data>-<time>
+    resume: str | None = None  # a run folder to continue exactly
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first field that cannot work."""
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} {why}")
+
+        for name in ("model", "data"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise bad(name, "must be a non-empty string")
+        for name in ("epochs", "batch_size", "accum_steps", "eval_every", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, "must be a positive integer")
+        if self.batch_size % self.accum_steps:
+            raise bad("batch_size", f"must be divisible by accum_steps={self.accum_steps}")
+        for name in ("lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing", "random_erasing",
+                     "mixup_alpha", "cutmix_alpha", "mix_prob", "val_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or value != value:
+                raise bad(name, "must be a number >= 0")
+        if not self.lr > 0:
+            raise bad("lr", "must be > 0")
+        if self.min_lr > self.lr:
+            raise bad("min_lr", f"must be <= lr={self.lr}")
+        for name in ("random_erasing", "mix_prob"):
+            if getattr(self, name) > 1:
+                raise bad(name, "must be in [0, 1]")
+        if not self.label_smoothing < 1:
+            raise bad("label_smoothing", "must be in [0, 1)")
+        if not self.val_fraction < 1:
+            raise bad("val_fraction", "must be in [0, 1)")
+        if self.clip_grad is not None and not (isinstance(self.clip_grad, (int, float)) and self.clip_grad > 0):
+            raise bad("clip_grad", "must be a positive number or null (off)")
+        if self.ema_decay is not None and not (isinstance(self.ema_decay, (int, float)) and 0 < self.ema_decay < 1):
+            raise bad("ema_decay", "must be in (0, 1) (e.g. 0.999) or null (off)")
+        if self.layer_decay is not None and not (isinstance(self.layer_decay, (int, float))
+                                                 and 0 < self.layer_decay <= 1):
+            raise bad("layer_decay", "must be in (0, 1] or null (off)")
+        if self.time_limit_minutes is not None and not (isinstance(self.time_limit_minutes, (int, float))
+                                                        and self.time_limit_minutes > 0):
+            raise bad("time_limit_minutes", "must be a positive number of minutes or null")
+        if self.stop_after_epoch is not None and not (isinstance(self.stop_after_epoch, int)
+                                                      and 1 <= self.stop_after_epoch):
+            raise bad("stop_after_epoch", "must be a positive integer or null")
+        for name in ("drop_path", "dropout"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise bad(name, "must be a probability in [0, 1) or null (the model's)")
+        if not (isinstance(self.betas, (list, tuple)) and len(self.betas) == 2
+                and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+            raise bad("betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        self.betas = [float(b) for b in self.betas]
+        if self.random_resized_crop is not None:
+            rrc = self.random_resized_crop
+            if not (isinstance(rrc, (list, tuple)) and len(rrc) == 2 and 0 < rrc[0] <= rrc[1] <= 1):
+                raise bad("random_resized_crop", "must be a scale range [min, max] with 0 < min <= max <= 1")
+            self.random_resized_crop = [float(x) for x in rrc]
+        if not isinstance(self.crop_padding, int) or self.crop_padding < 0:
+            raise bad("crop_padding", "must be an integer >= 0")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"is not one of {', '.join(PRECISIONS)}")
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in DEVICES:
+            raise bad("device", f"must be one of {', '.join(DEVICES)} (or cuda:N)")
+        if not isinstance(self.model_overrides, dict):
+            raise bad("model_overrides", "must be a mapping of ViTConfig fields, e.g. {depth: 4}")
+        if self.image_size is not None:
+            self.image_size = list(pair(self.image_size, "TrainConfig.image_size"))
+        if self.threads is not None and not (isinstance(self.threads, int) and self.threads >= 1):
+            raise bad("threads", "must be a positive integer or null (PyTorch's default)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise bad("seed", "must be an integer")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A validated copy with some fields changed."""
+        return config_from_dict(TrainConfig, {**to_dict(self), **changes})
+
+
+def load_train_config(recipe: str | Path | None = None, overrides: Sequence[str] = (),
+                      **fields_: Any) -> TrainConfig:
+    """Build a :class:`TrainConfig`: defaults, then the recipe (a name in ``vitlab/recipes`` or a YAML file,
+    e.g. a run's ``config.yaml``), then keyword ``fields_`` that are not None, then ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if recipe is not None:
+        path = recipe_path(recipe)
+        data = load_yaml(path)
+        for key in RECIPE_META_KEYS:
+            data.pop(key, None)
+        if data.get("recipe") is None:
+            data["recipe"] = Path(path).stem if Path(path).parent == RECIPES_DIR else str(path)
+    data.update({k: v for k, v in fields_.items() if v is not None})
+    data = apply_overrides(data, overrides)
+    return config_from_dict(TrainConfig, data, source=str(recipe) if recipe else None)
+
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+RECIPE_META_KEYS = ("description", "measured")  # documentation in a recipe file, not TrainConfig fields
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A recipe name (``mnist``) -> the packaged YAML file; a path -> itself. Unknown names are a ConfigError."""
+    text = str(recipe)
+    if text.endswith((".yaml", ".yml")) or "/" in text or Path(text).is_file():
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} not found")
+        return path
+    path = RECIPES_DIR / f"{text}.yaml"
+    if not path.is_file():
+        import difflib
+
+        names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(text, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown recipe {text!r}: {hint}`vitlab recipes` lists them ({', '.join(names)})")
+    return path
+
+
 __all__ = [
     "ViTConfig", "pair", "to_dict", "config_from_dict", "parse_override", "apply_overrides", "load_yaml",
-    "dump_yaml",
+    "dump_yaml", "TrainConfig", "load_train_config", "recipe_path", "RECIPES_DIR",
 ]

@@ -1,1 +1,159 @@
-"""Weight converters between vitlab and other ViT implementations, and export."""
+"""Pretrained ViTs in every common format -> vitlab, and vitlab -> ONNX / Hugging Face.
+
+``load_pretrained(path)`` reads, from local files only:
+
+- a vitlab ``save_pretrained`` folder, or a run folder (its ``best/``, else ``last/``);
+- a Hugging Face ``ViTModel`` / ``ViTForImageClassification`` folder (``config.json`` + ``model.safetensors``
+  or ``pytorch_model.bin``);
+- a timm ``vision_transformer`` state dict (``.safetensors``, ``.pth``, ``.pt``, ``.bin``), including the
+  ``fc_norm`` / global-average-pool variants;
+- a torchvision ``vit_b_16``-style state dict (``.pth``);
+- a google-research ``.npz`` checkpoint (``ViT-B_16.npz`` and friends, with or without ``opt/target/``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vitlab.errors import CheckpointError
+from vitlab.interop.hf import export_hf, load_hf_folder
+from vitlab.interop.jax_npz import load_jax_npz
+from vitlab.interop.onnx_export import export_onnx
+from vitlab.interop.timm import load_timm
+from vitlab.interop.torchvision import load_torchvision
+from vitlab.models import VisionTransformer
+
+FORMATS = ("vitlab", "hf", "timm", "torchvision", "jax")
+_STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def _vitlab_folder(path: Path) -> Path | None:
+    """The save_pretrained folder ``path`` names: itself, or a run folder's ``best/`` then ``last/``."""
+    for candidate in (path, path / "best", path / "last"):
+        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+            try:
+                data = json.loads((candidate / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and "hidden_dim" in data:
+                return candidate
+    return None
+
+
+def _key_names(path: Path) -> set[str]:
+    """The tensor names in a weights file, reading no tensor data where the format allows it."""
+    from vitlab.interop._common import read_state_dict
+    from vitlab.interop.jax_npz import read_npz_keys
+
+    if path.suffix == ".npz":
+        return read_npz_keys(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return set(f.keys())
+        except (SafetensorError, OSError, ValueError):
+            pass  # read_state_dict names the file in its error
+    return set(read_state_dict(path))
+
+
+def detect_format(path: str | Path) -> str:
+    """Which of :data:`FORMATS` the file or folder at ``path`` holds, from its layout and key names."""
+    from vitlab.interop.hf import is_hf_folder
+    from vitlab.interop.jax_npz import is_jax_npz
+    from vitlab.interop.timm import is_timm_state_dict
+    from vitlab.interop.torchvision import is_torchvision_state_dict
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if _vitlab_folder(path):
+            return "vitlab"
+        if is_hf_folder(path):
+            return "hf"
+        raise CheckpointError(f"{path}: a folder, but neither a vitlab save_pretrained/run folder nor a Hugging "
+                              "Face ViT folder (config.json with model_type 'vit'); pass the weights file itself")
+    if path.suffix == ".npz":
+        if is_jax_npz(_key_names(path)):
+            return "jax"
+        raise CheckpointError(f"{path}: an .npz without 'embedding/kernel' and 'Transformer/encoderblock_0/...' "
+                              "keys, so not a google-research ViT checkpoint")
+    if path.suffix not in _STATE_DICT_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; vitlab reads folders, .npz, "
+                              f"and state dicts ({', '.join(_STATE_DICT_SUFFIXES)})")
+    state = _key_names(path)
+    if is_timm_state_dict(state):
+        return "timm"
+    if is_torchvision_state_dict(state):
+        return "torchvision"
+    if "vit.embeddings.cls_token" in state or "embeddings.cls_token" in state:
+        raise CheckpointError(f"{path}: a Hugging Face ViT state dict; pass the folder that holds it and its "
+                              "config.json instead")
+    first = sorted(state)[0]
+    raise CheckpointError(f"{path}: not a known ViT layout (first key {first!r}); vitlab reads timm "
+                          "('patch_embed.proj.weight', 'blocks.N.attn.qkv'), torchvision ('conv_proj', "
+                          "'encoder.layers.encoder_layer_N') and Hugging Face folders")
+
+
+def load_pretrained(path: str | Path, *, format: str | None = None, num_heads: int | None = None,
+                    **overrides: Any) -> VisionTransformer:
+    """Load any supported checkpoint (see the module docstring) as a vitlab model in eval mode.
+
+    ``format`` skips detection (one of :data:`FORMATS`). The architecture is read from the file; where the
+    format does not store the number of heads (timm, torchvision), ``num_heads`` gives it, else the standard
+    table by hidden size is used (192->3, 384->6, 768->12, 1024->16, 1280->16). ``overrides`` set other
+    :class:`~vitlab.config.ViTConfig` fields (e.g. ``dropout=0.1``, ``drop_path=0.1``, ``pool="mean"``).
+    A file whose keys or shapes do not fit raises :class:`CheckpointError` naming the file and the key.
+    """
+    path = Path(path)
+    fmt = format or detect_format(path)
+    if fmt not in FORMATS:
+        raise CheckpointError(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt in ("timm", "torchvision"):
+        loader = load_timm if fmt == "timm" else load_torchvision
+        return loader(path, num_heads=num_heads, **overrides)
+    if num_heads is not None:
+        overrides["num_heads"] = num_heads
+    if fmt == "jax":
+        return load_jax_npz(path, **overrides)
+    if fmt == "hf":
+        return load_hf_folder(path, **overrides)
+    folder = _vitlab_folder(path)
+    if folder is None:
+        raise CheckpointError(f"{path}: not a vitlab save_pretrained folder (config.json + model.safetensors)")
+    # VisionTransformer.from_pretrained's reading, without its random initialisation (build_and_load skips it)
+    from vitlab._files import load_safetensors, read_json
+    from vitlab.interop._common import build_and_load, make_config
+
+    data = read_json(folder / "config.json")
+    data.pop("architecture", None)
+    config = make_config(data, overrides, str(folder / "config.json"))
+    return build_and_load(config, load_safetensors(folder / "model.safetensors"), str(folder / "model.safetensors"))
+
+
+def convert(src: str | Path, dst: str | Path, *, format: str | None = None, num_heads: int | None = None,
+            **overrides: Any) -> Path:
+    """Load ``src`` (any supported checkpoint) and write it to ``dst`` as a vitlab ``save_pretrained`` folder."""
+    model = load_pretrained(src, format=format, num_heads=num_heads, **overrides)
+    return model.save_pretrained(dst)
+
+
+def export(model_or_path: VisionTransformer | str | Path, out: str | Path, *, format: str = "onnx") -> Path:
+    """Export a model (or any checkpoint :func:`load_pretrained` reads) as ``onnx`` (a file) or ``hf`` (a
+    transformers folder)."""
+    from vitlab.errors import ConfigError
+
+    model = model_or_path if isinstance(model_or_path, VisionTransformer) else load_pretrained(model_or_path)
+    if format == "onnx":
+        return export_onnx(model, out)
+    if format == "hf":
+        return export_hf(model, out)
+    raise ConfigError(f"export format {format!r} is not one of onnx, hf")
+
+
+__all__ = ["FORMATS", "detect_format", "load_pretrained", "convert", "export", "export_onnx", "export_hf",
+           "load_hf_folder", "load_timm", "load_torchvision", "load_jax_npz"]

@@ -6,12 +6,18 @@ Hugging Face keeps separate ``query``/``key``/``value`` projections; vitlab fuse
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vitlab.config import ViTConfig
-from vitlab.errors import CheckpointError
+from vitlab.config import ViTConfig, to_dict
+from vitlab.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from vitlab.models import VisionTransformer
 
 
 def vit_config_from_hf(hf_config: Any, **overrides: Any) -> ViTConfig:
@@ -106,3 +112,199 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> 
         out["head.weight"] = sd["classifier.weight"]
         out["head.bias"] = sd["classifier.bias"]
     return out
+
+
+# ---------------------------------------------------------------------------- save_pretrained folders
+
+HF_CONFIG = "config.json"
+HF_SAFETENSORS = "model.safetensors"
+HF_SAFETENSORS_INDEX = "model.safetensors.index.json"
+HF_BIN = "pytorch_model.bin"
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """True for a folder whose ``config.json`` says ``"model_type": "vit"`` (a transformers ``save_pretrained``)."""
+    path = Path(path)
+    if not (path / HF_CONFIG).is_file():
+        return False
+    try:
+        data = json.loads((path / HF_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("model_type") == "vit"
+
+
+# transformers 5 names the modules differently in memory (``layers.N.attention.q_proj``) from the files
+# ``save_pretrained`` writes (``encoder.layer.N.attention.attention.query``); a ``torch.save(model.state_dict())``
+# has the in-memory names, so both are read, as the file names.
+_V5_NAMES = [(re.compile(rf"^(vit\.)?layers\.(\d+)\.{a}\."), rf"\1encoder.layer.\2.{b}.") for a, b in (
+    (r"attention\.q_proj", "attention.attention.query"), (r"attention\.k_proj", "attention.attention.key"),
+    (r"attention\.v_proj", "attention.attention.value"), (r"attention\.o_proj", "attention.output.dense"),
+    (r"mlp\.fc1", "intermediate.dense"), (r"mlp\.fc2", "output.dense"), ("layernorm_before", "layernorm_before"),
+    ("layernorm_after", "layernorm_after"))]
+
+
+def _file_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in _V5_NAMES:
+            key, n = pattern.subn(replacement, key)
+            if n:
+                break
+        out[key] = value
+    return out
+
+
+def _read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
+    from vitlab._files import load_safetensors, read_json
+    from vitlab.interop._common import read_state_dict
+
+    if (directory / HF_SAFETENSORS).is_file():
+        return load_safetensors(directory / HF_SAFETENSORS), str(directory / HF_SAFETENSORS)
+    if (directory / HF_SAFETENSORS_INDEX).is_file():  # sharded: {"weight_map": {key: shard file}}
+        index = read_json(directory / HF_SAFETENSORS_INDEX)
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            state.update(load_safetensors(directory / shard))
+        return state, str(directory / HF_SAFETENSORS_INDEX)
+    if (directory / HF_BIN).is_file():
+        return read_state_dict(directory / HF_BIN), str(directory / HF_BIN)
+    raise CheckpointError(f"{directory}: no {HF_SAFETENSORS} or {HF_BIN} next to {HF_CONFIG}; copy the weights "
+                          "file that save_pretrained wrote into this folder")
+
+
+def load_hf_folder(directory: str | Path, **overrides: Any) -> "VisionTransformer":
+    """Load a transformers ``ViTModel`` / ``ViTForImageClassification`` ``save_pretrained`` folder.
+
+    Reads ``config.json`` and ``model.safetensors`` (or a sharded index, or ``pytorch_model.bin`` with
+    ``weights_only=True``). A ``ViTModel`` (no ``classifier``) gives a model without a head; ``id2label``
+    becomes the class names. ``overrides`` set other :class:`ViTConfig` fields.
+    """
+    from vitlab._files import read_json
+    from vitlab.interop._common import build_and_load, make_config
+
+    directory = Path(directory)
+    hf = read_json(directory / HF_CONFIG)
+    state, source = _read_hf_weights(directory)
+    state = _file_names(state)
+    classifier = state.get("classifier.weight")
+    num_classes = int(classifier.shape[0]) if classifier is not None else 0
+    id2label = hf.get("id2label") or {}
+    labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    if len(labels) != num_classes or all(name == f"LABEL_{i}" for i, name in enumerate(labels)):
+        labels = None  # transformers writes LABEL_i when the classes had no names
+    cfg = vit_config_from_hf({**hf, "id2label": None, "num_labels": num_classes})
+    config = make_config({**to_dict(cfg), "labels": labels}, overrides, source)
+    # Compare against the names this config has in Hugging Face's layout, so that an unexpected or missing
+    # key is named as it appears in the user's file.
+    prefix = "vit." if any(k.startswith("vit.") for k in state) else ""
+    expected = {(k if k.startswith("classifier.") else prefix + k) for k in to_hf_state_dict_keys(config)}
+    for key in expected:
+        if key not in state:
+            raise CheckpointError(f"{source}: missing key {key!r}")
+    for key, value in state.items():
+        if key not in expected and not key.startswith(prefix + "pooler."):
+            raise CheckpointError(f"{source}: unexpected key {key!r} of shape {tuple(value.shape)}")
+    return build_and_load(config, convert_hf_state_dict(state, config), source)
+
+
+def to_hf_state_dict_keys(config: ViTConfig) -> list[str]:
+    """The key names (without the ``vit.`` prefix, ``classifier.*`` as is) Hugging Face uses for ``config``."""
+    keys = ["embeddings.cls_token", "embeddings.position_embeddings", "embeddings.patch_embeddings.projection.weight",
+            "embeddings.patch_embeddings.projection.bias", "layernorm.weight", "layernorm.bias"]
+    for i in range(config.depth):
+        p = f"encoder.layer.{i}."
+        a = p + "attention.attention."
+        keys += [p + "layernorm_before.weight", p + "layernorm_before.bias"]
+        keys += [a + n + s for n in ("query", "key", "value") for s in ((".weight", ".bias") if config.qkv_bias
+                                                                      else (".weight",))]
+        keys += [p + n + s for n in ("attention.output.dense", "layernorm_after", "intermediate.dense",
+                                     "output.dense") for s in (".weight", ".bias")]
+    if config.num_classes > 0:
+        keys += ["classifier.weight", "classifier.bias"]
+    return keys
+
+
+def hf_unsupported(config: ViTConfig) -> str | None:
+    """Why Hugging Face's ``ViTForImageClassification`` cannot express ``config``, or None when it can."""
+    reasons = [
+        (config.pool != "cls", f"pool={config.pool!r} (Hugging Face's ViT classifies the class token only)"),
+        (not config.class_token, "class_token=False (Hugging Face's ViT always has a class token)"),
+        (config.pos_embed != "learned", f"pos_embed={config.pos_embed!r} (Hugging Face's ViT has learned "
+                                        "positions only)"),
+        (not config.final_norm, "final_norm=False (Hugging Face's ViT always has the final layernorm)"),
+        (config.norm_after_pool, "norm_after_pool=True (timm's fc_norm)"),
+        (config.layer_scale is not None, "layer_scale (Hugging Face's ViT has no layer scale)"),
+        (config.representation_dim is not None, "representation_dim (ViTForImageClassification has no "
+                                                "pre-logits layer)"),
+        (config.num_classes == 0, "num_classes=0 (export needs a classifier; call reset_classifier first)"),
+    ]
+    return next((why for bad, why in reasons if bad), None)
+
+
+def to_hf_config_dict(config: ViTConfig) -> dict[str, Any]:
+    """``config.json`` contents of a ``ViTForImageClassification`` equal to ``config``."""
+    labels = config.labels or [f"LABEL_{i}" for i in range(config.num_classes)]
+    h, w = config.image_size
+    ph, pw = config.patch_size
+    return {
+        "architectures": ["ViTForImageClassification"], "model_type": "vit",
+        "hidden_size": config.hidden_dim, "num_hidden_layers": config.depth,
+        "num_attention_heads": config.num_heads, "intermediate_size": config.mlp_dim, "hidden_act": "gelu",
+        "hidden_dropout_prob": config.dropout, "attention_probs_dropout_prob": config.attention_dropout,
+        "initializer_range": 0.02, "layer_norm_eps": config.norm_eps,
+        "image_size": h if h == w else [h, w], "patch_size": ph if ph == pw else [ph, pw],
+        "num_channels": config.in_channels, "qkv_bias": config.qkv_bias, "encoder_stride": ph,
+        "id2label": {str(i): name for i, name in enumerate(labels)},
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+
+
+def to_hf_state_dict(model: "VisionTransformer") -> dict[str, torch.Tensor]:
+    """The model's weights under ``ViTForImageClassification`` names (the reverse of
+    :func:`convert_hf_state_dict`)."""
+    c = model.config
+    why = hf_unsupported(c)
+    if why:
+        raise ConfigError(f"cannot export to a Hugging Face ViT folder: {why}; export to ONNX or save_pretrained "
+                          "instead")
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    d = c.hidden_dim
+    out = {
+        "vit.embeddings.cls_token": sd["cls_token"],
+        "vit.embeddings.position_embeddings": sd["pos_embed"],
+        "vit.embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"].reshape(
+            d, c.in_channels, *c.patch_size),  # a linear patch embedding has the conv's (C, ph, pw) order
+        "vit.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+        "vit.layernorm.weight": sd["norm.weight"], "vit.layernorm.bias": sd["norm.bias"],
+        "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"],
+    }
+    for i in range(c.depth):
+        p, b = f"vit.encoder.layer.{i}.", f"blocks.{i}."
+        a = p + "attention.attention."
+        for j, n in enumerate(("query", "key", "value")):
+            out[a + n + ".weight"] = sd[b + "attn.qkv.weight"][j * d:(j + 1) * d]
+            if c.qkv_bias:
+                out[a + n + ".bias"] = sd[b + "attn.qkv.bias"][j * d:(j + 1) * d]
+        for dst, src in (("layernorm_before", "norm1"), ("attention.output.dense", "attn.proj"),
+                         ("layernorm_after", "norm2"), ("intermediate.dense", "mlp.fc1"),
+                         ("output.dense", "mlp.fc2")):
+            out[p + dst + ".weight"] = sd[b + src + ".weight"]
+            out[p + dst + ".bias"] = sd[b + src + ".bias"]
+    return {k: v.clone() for k, v in out.items()}
+
+
+def export_hf(model: "VisionTransformer", directory: str | Path) -> Path:
+    """Write a folder that ``transformers.ViTForImageClassification.from_pretrained`` loads with equal logits.
+
+    Raises :class:`ConfigError` for what Hugging Face's ViT cannot express (mean pooling, sin-cos or no
+    positions, no class token, layer scale, fc_norm, a pre-logits layer, no head).
+    """
+    from vitlab._files import save_safetensors, write_json
+
+    directory = Path(directory)
+    state = to_hf_state_dict(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_safetensors(directory / HF_SAFETENSORS, state, metadata={"format": "pt"})
+    write_json(directory / HF_CONFIG, to_hf_config_dict(model.config))
+    return directory

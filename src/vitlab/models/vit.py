@@ -131,18 +131,25 @@ class VisionTransformer(nn.Module):
         return x[:, self.config.num_prefix_tokens:].mean(dim=1)
 
     def forward_features(self, x: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """Images -> tokens after the encoder and final norm, ``(B, N, D)``."""
+        """Images -> tokens after the encoder and final norm, ``(B, N, D)`` (before the norm when the config
+        says ``norm_after_pool``: then :meth:`forward_head` applies it to the pooled vector)."""
         x = self.embed(x, interpolate_pos_encoding)
         for blk in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
-        return self.norm(x)
+        return self._token_norm(x)
+
+    def _token_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.config.norm_after_pool else self.norm(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Final-norm tokens ``(B, N, D)`` -> logits ``(B, num_classes)``."""
-        return self.head(self.pre_logits(self.pool(x)))
+        x = self.pool(x)  # (B, N, D) -> (B, D)
+        if self.config.norm_after_pool:
+            x = self.norm(x)
+        return self.head(self.pre_logits(x))
 
     def forward(self, x: torch.Tensor, *, return_attentions: bool = False, return_hidden_states: bool = False,
                 interpolate_pos_encoding: bool = False):
@@ -162,7 +169,7 @@ class VisionTransformer(nn.Module):
             else:
                 x = blk(x)
             hidden.append(x)
-        logits = self.forward_head(self.norm(x))
+        logits = self.forward_head(self._token_norm(x))
         return ViTOutput(logits=logits, hidden_states=tuple(hidden) if return_hidden_states else None,
                          attentions=tuple(attentions) if return_attentions else None)
 

@@ -1,0 +1,120 @@
+"""Measure a recipe's test accuracy and wall time on the real datasets in ../shared/data.
+
+    PYTHONPATH=src python benchmarks/accuracy.py fruits
+    PYTHONPATH=src python benchmarks/accuracy.py mnist --set time_limit_minutes=10
+    PYTHONPATH=src python benchmarks/accuracy.py cifar10-cpu --data-root /path/to/shared/data
+
+Runs `vitlab.train` with the recipe, its data spec replaced by the copy under --data-root (CIFAR-10's
+JPEG tarball is unpacked once into --cache-dir and read as an image folder), then prints the test accuracy per
+epoch with the wall time, the final and best accuracy, the accuracy reached by given minutes (--at), and the
+machine. Not run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ROOT = REPO.parent / "shared" / "data"
+
+
+def _unpack_cifar(root: Path, cache_dir: Path) -> Path:
+    tarball = root / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
+    dest = cache_dir / "cifar10-jpeg"
+    if not (dest / ".complete").is_file():
+        if not tarball.is_file():
+            sys.exit(f"accuracy.py: {tarball} not found; pass --data-root")
+        tmp = cache_dir / f".cifar10-jpeg.tmp-{os.getpid()}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, filter="data")
+        (tmp / ".complete").write_text("ok\n")
+        if dest.exists():
+            import shutil
+
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    return dest
+
+
+def data_spec(recipe: str, root: Path, cache_dir: Path) -> str:
+    """The data spec of ``recipe`` on the shared copy of its dataset."""
+    if recipe.startswith("mnist"):
+        return f"mnist:{root / 'mnist'}"
+    if recipe.startswith(("cifar10", "seed-cifar10")):
+        return f"folder:{_unpack_cifar(root, cache_dir)}"
+    if recipe.startswith("fruits"):
+        return f"folder:{root / 'fruits360-subset'}"
+    if recipe.startswith("digits"):
+        return "digits"
+    sys.exit(f"accuracy.py: no shared dataset known for recipe {recipe!r}")
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+            f"{gpu}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", help="recipe name or YAML file")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "vitlab")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", help="run folder (default runs/accuracy-<recipe>-<time>)")
+    parser.add_argument("--at", type=float, nargs="*", default=[5, 10, 20, 60],
+                        help="also report the accuracy of the last epoch finished by these minutes")
+    args = parser.parse_args()
+
+    import vitlab
+    from vitlab.config import load_train_config
+    from vitlab.train.progress import ProgressBar
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    name = Path(args.recipe).stem
+    spec = data_spec(name, args.data_root.resolve(), args.cache_dir)
+    out = args.out or f"runs/accuracy-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = load_train_config(args.recipe, args.set, data=spec, out=out)
+    t0 = time.perf_counter()
+    result = vitlab.train(config, progress=ProgressBar(sys.stdout))
+    total = time.perf_counter() - t0
+
+    print(f"\nrecipe {name}: {config.model} on {spec}")
+    print(f"{'epoch':>5} {'minutes':>8} {'train loss':>11} {'test loss':>10} {'top-1':>8}")
+    for row in result.history:
+        if row["top1"] is not None:
+            print(f"{row['epoch']:>5} {row['wall_time'] / 60:>8.2f} {row['train_loss']:>11.4f} "
+                  f"{row['test_loss']:>10.4f} {100 * row['top1']:>7.2f}%")
+    for minutes in args.at:
+        done = [r for r in result.history if r["top1"] is not None and r["wall_time"] <= minutes * 60]
+        if done and minutes * 60 < result.wall_time + 1:
+            print(f"by {minutes:g} min: {100 * done[-1]['top1']:.2f}% (epoch {done[-1]['epoch']}, mid-schedule)")
+    print(f"final test accuracy: {100 * result.top1:.2f}%  best: {100 * result.best_top1:.2f}% (epoch "
+          f"{result.best_epoch})  epochs: {len(result.history)}  stopped: {result.stopped}")
+    print(f"training wall time: {result.wall_time / 60:.2f} min (with data loading: {total / 60:.2f} min)")
+    print(f"machine: {machine()}")
+    print(f"command: PYTHONPATH=src python benchmarks/accuracy.py {' '.join(sys.argv[1:])}")
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Decoding one image file of any mode into a uint8 (C, H, W) array at a given size.
+
+Deliberately free of torch: folder datasets call :func:`decode_image` in worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vitlab.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+                    ".jfif")
+
+# Modes that carry no colour: they become 1-channel images when the caller asks for native channels.
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"}
+# What PIL raises for a file that is not an image, is truncated, or is corrupt.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True when the file name has an image extension (case-insensitive) and is not hidden."""
+    name = os.path.basename(os.fspath(path))
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def native_channels(path: str | os.PathLike) -> int:
+    """1 for a grayscale file (L, 1, LA, 16-bit, float), else 3. Raises :class:`DataError` for a bad file."""
+    try:
+        with Image.open(path) as im:
+            return 1 if im.mode in _GRAY_MODES else 3
+    except _DECODE_ERRORS as e:
+        raise DataError(f"{path}: not a readable image ({_reason(e)})") from None
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.replace(os.linesep, " ")[:200]
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and float images -> 8-bit 'L' by scaling their range (PIL's own convert would clip at 255)."""
+    a = np.asarray(im)
+    if im.mode == "F":
+        a = a.astype(np.float64)
+        top = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
+        a = np.clip(np.nan_to_num(a) / top * 255.0, 0, 255)
+    else:
+        # 'I;16*' holds 0..65535; 'I' (32-bit) is how PIL opens 16-bit PNGs too.
+        a = np.clip(a.astype(np.float64) / 257.0, 0, 255)
+    return Image.fromarray(np.round(a).astype(np.uint8), mode="L")
+
+
+def _convert(im: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode -> 'RGB' (channels=3) or 'L' (channels=1). Transparency is composited onto white."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = _to_8bit(im)
+    if im.mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+    if im.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba).convert("RGB")
+    target = "L" if channels == 1 else "RGB"
+    return im if im.mode == target else im.convert(target)
+
+
+def decode_image(path: str | os.PathLike, image_size: Sequence[int] | None = None, channels: int = 3) -> np.ndarray:
+    """Read an image file into a uint8 array (C, H, W), C = ``channels`` (1 or 3).
+
+    Any mode works (RGB, L, RGBA and P with transparency on white, CMYK, 16-bit, float); EXIF orientation
+    is applied. With ``image_size=(H, W)`` the image is resized to exactly that size (antialiased).
+    A file that is not an image, or is corrupt or truncated, raises :class:`DataError` naming it.
+    """
+    if channels not in (1, 3):
+        raise DataError(f"{path}: channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns about huge or odd files; the error path below reports what matters.
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                if image_size is not None and im.format == "JPEG":
+                    # Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding (never below the target;
+                    # max side both ways because EXIF may rotate): a large photo decodes several times faster.
+                    side = max(int(image_size[0]), int(image_size[1]))
+                    im.draft(None, (side, side))
+                im.load()  # decode now: a truncated file fails here, not later
+                im = ImageOps.exif_transpose(im)
+                im = _convert(im, channels)
+                if image_size is not None:
+                    h, w = int(image_size[0]), int(image_size[1])
+                    if im.size != (w, h):
+                        im = im.resize((w, h), Image.BICUBIC)
+                a = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not an image file") from None
+    except _DECODE_ERRORS as e:
+        raise DataError(f"{path}: not a readable image ({_reason(e)}); the file is corrupt, truncated or "
+                        f"not an image: replace or delete it") from None
+    # (H, W) or (H, W, C) -> (C, H, W)
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    return np.ascontiguousarray(a)

@@ -1,0 +1,198 @@
+"""``vitlab report RUN``: one self-contained HTML file about a training run, with every image embedded.
+
+Config, loss and accuracy curves, the confusion matrix, per-class accuracy, the most confused pairs, and a
+grid of test images with predictions and attention maps. Figures are PNGs inlined as base64 data URIs and
+the style sheet is inline, so the file can be mailed or opened offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from vitlab.errors import CheckpointError, ConfigError, VitlabError
+from vitlab.explain.inference import LoadedModel, load_for_inference
+
+log = logging.getLogger(__name__)
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222}
+h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}img{max-width:100%}
+.note{color:#666;font-size:.9em}
+"""
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
+def _png_via_file(plot, *args, **kwargs) -> bytes:
+    """PNG bytes of a plot function that writes to a path (the training plots do)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "figure.png"
+        plot(*args, path, **kwargs)
+        return path.read_bytes()
+
+
+def most_confused_pairs(confusion: Sequence[Sequence[int]], classes: Sequence[str],
+                        top: int = 10) -> list[tuple[str, str, int, float]]:
+    """The largest off-diagonal cells of a confusion matrix (rows: true): ``(true, predicted, count,
+    fraction of the true class)``, largest count first, ties in class order; zero cells are left out."""
+    m = torch.as_tensor(confusion, dtype=torch.long)
+    off = m.clone()
+    off.fill_diagonal_(0)
+    totals = m.sum(dim=1).clamp_min(1)
+    flat = off.flatten()
+    # Stable sort on -count keeps ties in row-major (class) order.
+    order = torch.sort(-flat, stable=True).indices
+    pairs = []
+    for i in order.tolist()[:top]:
+        count = int(flat[i])
+        if count == 0:
+            break
+        t, p = divmod(i, m.shape[1])
+        pairs.append((classes[t], classes[p], count, count / int(totals[t])))
+    return pairs
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]], numeric: Sequence[bool]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f'<td class="num">{html.escape(str(v))}</td>' if num else
+                                    f"<td>{html.escape(str(v))}</td>" for v, num in zip(row, numeric)) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _evaluate(loaded: LoadedModel, run_config: dict, num_images: int, method: str):
+    """Evaluate the checkpoint on the run's test split; returns (eval dict, attention figure PNG, spec)."""
+    from vitlab.data import load_data
+    from vitlab.explain.attention import attention_panels
+    from vitlab.explain.plots import attention_figure, figure_bytes
+    from vitlab.train import evaluate
+
+    spec = run_config.get("data")
+    if not spec:
+        raise CheckpointError("the run's config.yaml has no `data` field")
+    p = loaded.preprocess
+    data = load_data(spec, image_size=p.image_size, channels=p.channels,
+                     val_fraction=run_config.get("val_fraction", 0.1), seed=run_config.get("seed", 0),
+                     cache_dir=run_config.get("cache_dir"), skip_bad_files=bool(run_config.get("skip_bad_files")))
+    split = data.test
+    result = evaluate(loaded.model, split, mean=p.mean, std=p.std, image_size=p.image_size, classes=loaded.labels)
+    n = min(num_images, len(split))
+    index = torch.linspace(0, len(split) - 1, n).round().long().unique()
+    panels, _ = attention_panels(loaded, split.images[index], method=method,
+                                 true_labels=[split.classes[int(split.labels[i])] for i in index])
+    title = f"{'attention rollout' if method == 'rollout' else 'last-layer attention'} on test images"
+    return result, figure_bytes(attention_figure(panels, title=title)), spec
+
+
+def write_report(run: str | Path, output: str | Path | None = None, *, num_images: int = 16,
+                 method: str = "rollout", checkpoint: str | None = None) -> Path:
+    """Write ``output`` (default ``RUN/report.html``): a self-contained HTML report of training run ``run``.
+
+    The checkpoint (``checkpoint="best"`` or ``"last"``; default ``best/``, else ``last/``) is evaluated
+    afresh on the run's test split; when that data cannot be loaded any more, the run's ``eval.json`` (its
+    last evaluated epoch) is used and the image grid is left out, with a note saying so.
+    """
+    from vitlab._files import atomic_write_text, read_json
+    from vitlab.config import load_yaml
+    from vitlab.train.metrics import read_metrics
+    from vitlab.train.plots import plot_confusion, plot_curves
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise CheckpointError(f"{run}: not a run folder (no config.yaml); `vitlab report` takes a folder written "
+                              "by `vitlab train`")
+    output = Path(output) if output is not None else run / "report.html"
+    config_text = (run / "config.yaml").read_text(encoding="utf-8")
+    run_config = load_yaml(run / "config.yaml")
+    if checkpoint is not None and checkpoint not in ("best", "last"):
+        raise ConfigError(f"checkpoint={checkpoint!r} must be 'best' or 'last' (a folder of the run)")
+    loaded = load_for_inference(run / checkpoint if checkpoint else run)
+    state_file = loaded.path / "state.json"
+    state = read_json(state_file) if state_file.is_file() else {}
+    history = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+
+    parts = [f"<h1>vitlab run report: {html.escape(run.name)}</h1>",
+             f'<p class="note">checkpoint <code>{html.escape(str(loaded.path))}</code>'
+             + (f" (saved after epoch {state['epoch']} of {state.get('planned_epochs', '?')})"
+                if "epoch" in state else "") + ", model "
+             f"{html.escape(str(run_config.get('model', '?')))}, {loaded.model.num_parameters():,} parameters; "
+             f"data <code>{html.escape(str(run_config.get('data', '?')))}</code>; written "
+             f"{time.strftime('%Y-%m-%d %H:%M')}</p>"]
+
+    parts.append("<h2>Loss and accuracy</h2>")
+    if history:
+        parts.append(_img(_png_via_file(plot_curves, history), "training curves"))
+        last = history[-1]
+        parts.append(f'<p class="note">{len(history)} epochs logged; last: train loss '
+                     f"{last.get('train_loss', float('nan')):.4f}"
+                     + (f", test loss {last['test_loss']:.4f}, top-1 {100 * last['top1']:.2f}%"
+                        if last.get("top1") is not None else "") + "</p>")
+    else:
+        parts.append('<p class="note">no metrics.jsonl in the run folder.</p>')
+
+    grid_png, note = None, ""
+    try:
+        result, grid_png, spec = _evaluate(loaded, run_config, num_images, method)
+        note = (f"The checkpoint above evaluated now on the test split of <code>{html.escape(spec)}</code> "
+                f"({result['count']:,} images).")
+    except VitlabError as e:
+        if not (run / "eval.json").is_file():
+            raise
+        log.warning("cannot evaluate on the run's data (%s); using %s", e, run / "eval.json")
+        result = read_json(run / "eval.json")
+        note = (f"The run's data could not be loaded ({html.escape(str(e))}); these numbers are the run's "
+                "<code>eval.json</code> (its last evaluated epoch) and the image grid is left out.")
+
+    classes = list(result["classes"])
+    confusion = result["confusion"]
+    parts.append("<h2>Test accuracy</h2>")
+    parts.append(f'<p>top-1 <b>{100 * result["top1"]:.2f}%</b>, top-5 {100 * result["top5"]:.2f}%, '
+                 f'test loss {result["test_loss"]:.4f}. <span class="note">{note}</span></p>')
+    parts.append("<h2>Confusion matrix</h2>")
+    parts.append(_img(_png_via_file(plot_confusion, confusion, classes), "confusion matrix"))
+    parts.append("<h2>Per-class accuracy</h2>")
+    totals = [sum(row) for row in confusion]
+    rows = [(name, totals[i], confusion[i][i], f"{100 * result['per_class'][name]:.1f}%")
+            for i, name in enumerate(classes)]
+    parts.append(_table(("class", "test images", "correct", "accuracy"), rows, (False, True, True, True)))
+    parts.append("<h2>Most confused pairs</h2>")
+    pairs = most_confused_pairs(confusion, classes)
+    if pairs:
+        parts.append(_table(("true class", "predicted as", "images", "of the true class"),
+                            [(t, p, c, f"{100 * f:.1f}%") for t, p, c, f in pairs], (False, False, True, True)))
+    else:
+        parts.append("<p>No test image was misclassified.</p>")
+    parts.append("<h2>Test images: predictions and attention</h2>")
+    if grid_png is not None:
+        parts.append('<p class="note">Each image with its attention map (red: most attended); caption: predicted '
+                     "class and probability, the true class below it (green: right, red: wrong).</p>")
+        parts.append(_img(grid_png, "test images with attention maps"))
+    else:
+        parts.append('<p class="note">left out: the run\'s data could not be loaded.</p>')
+    parts.append("<h2>Configuration</h2>")
+    parts.append(f"<pre>{html.escape(config_text)}</pre>")
+    parts.append("<h3>Model</h3>")
+    parts.append(f"<pre>{html.escape((loaded.path / 'config.json').read_text(encoding='utf-8'))}</pre>")
+
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>vitlab report: {html.escape(run.name)}</title><style>{_CSS}</style></head><body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+    atomic_write_text(output, page)
+    return output
+
+
+__all__ = ["write_report", "most_confused_pairs"]

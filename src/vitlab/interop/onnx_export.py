@@ -1,0 +1,58 @@
+"""ONNX export with a dynamic batch dimension."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitlab.errors import ConfigError
+from vitlab.models import VisionTransformer
+
+
+class _LogitsOnly(nn.Module):
+    """``forward(pixel_values) -> logits``: the traced exporter passes inputs positionally, while
+    ``VisionTransformer.forward`` takes its switches as keywords."""
+
+    def __init__(self, model: VisionTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values)
+
+
+def export_onnx(model: VisionTransformer, path: str | Path, *, opset: int = 17) -> Path:
+    """Write ``model`` as an ONNX graph ``pixel_values (B, C, H, W) float32 -> logits (B, K)``, B dynamic.
+
+    Uses PyTorch's TorchScript-based exporter (``dynamo=False``), which needs only the ``onnx`` package; the
+    file is written atomically. The model is exported in eval mode on the CPU in float32; the image size is
+    fixed to ``model.config.image_size``.
+    """
+    from vitlab._files import atomic_write_bytes
+
+    try:
+        import onnx  # noqa: F401  (the exporter needs it; say so plainly instead of a deep ImportError)
+    except ImportError:
+        raise ConfigError("ONNX export needs the onnx package: pip install onnx onnxruntime") from None
+    c = model.config
+    was_training = model.training
+    wrapped = _LogitsOnly(model).eval().float().cpu()
+    example = torch.zeros(2, c.in_channels, *c.image_size)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            # The legacy exporter warns that it is legacy and that a shape comparison is traced as a constant
+            # (it is: the image size is fixed in the graph).
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, (example,), buffer, dynamo=False, opset_version=opset,
+                              input_names=["pixel_values"], output_names=["logits"],
+                              dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+    finally:
+        model.train(was_training)
+    path = Path(path)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

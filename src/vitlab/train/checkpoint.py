@@ -1,0 +1,220 @@
+"""The run folder and its checkpoints: atomic save, exact resume, and loading a trained model back.
+
+A run folder holds ``config.yaml``, ``metrics.jsonl`` and two checkpoint folders, ``last/`` and ``best/``.
+A checkpoint folder is a ``save_pretrained`` folder (``config.json`` + ``model.safetensors``) plus
+``preprocess.json`` (the normalisation the model was trained with) and the training state:
+``optimizer.safetensors``, ``rng.safetensors``, ``ema.safetensors`` (when EMA is on) and ``state.json``
+(epoch, scheduler, scaler, best metric, metrics so far, and the structure of the optimiser state).
+Everything is safetensors or JSON; nothing is pickled.
+
+A checkpoint is written into a temporary sibling folder and swapped in by renames, so a process killed at any
+moment leaves either the previous checkpoint or the new one (:func:`recover_run` finishes an interrupted swap).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitlab._files import load_safetensors, read_json, save_safetensors, write_json
+from vitlab.errors import CheckpointError
+
+STATE_NAME = "state.json"
+PREPROCESS_NAME = "preprocess.json"
+
+
+# ---------------------------------------------------------------- nested state <-> tensors + JSON
+def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested dict/list structure into JSON (tensors replaced by ``{"__tensor__": key}``) and a flat
+    ``{key: tensor}`` dict, so an optimiser state can be stored as safetensors + JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors[path] = x
+            return {"__tensor__": path}
+        if isinstance(x, dict):
+            # JSON keys are strings; remember int keys (optimizer state is keyed by parameter index).
+            return {"__dict__": [[k, walk(v, f"{path}.{k}")] for k, v in x.items()]}
+        if isinstance(x, (list, tuple)):
+            return {"__list__": [walk(v, f"{path}.{i}") for i, v in enumerate(x)], "tuple": isinstance(x, tuple)}
+        if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+            return {"__float__": repr(x)}
+        return x
+
+    return walk(obj, prefix or "s"), tensors
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {k: unflatten_state(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            items = [unflatten_state(v, tensors) for v in obj["__list__"]]
+            return tuple(items) if obj.get("tuple") else items
+        if "__float__" in obj:
+            return float(obj["__float__"])
+    return obj
+
+
+# ---------------------------------------------------------------- RNG states
+def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
+    """Python, numpy, torch (and CUDA) RNG states as JSON + uint8/int64 tensors."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    meta = {"python": [py_version, list(py_state), py_gauss], "numpy": [np_name, int(np_pos), int(np_has_gauss),
+                                                                       float(np_gauss)]}
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_keys.astype(np.int64))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    return meta, tensors
+
+
+def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`capture_rng` (CUDA states restored for the devices that exist)."""
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, pos, has_gauss, np_gauss = meta["numpy"]
+    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, np_gauss))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+
+
+# ---------------------------------------------------------------- atomic folders
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` with two renames; a crash in between leaves ``.<name>.old`` for recovery."""
+    old = final.parent / f".{final.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover_run(run: str | Path) -> None:
+    """Finish a checkpoint swap that a crash interrupted and delete half-written temporary folders."""
+    run = Path(run)
+    for name in ("last", "best"):
+        old = run / f".{name}.old"
+        if old.exists():
+            if (run / name).exists():
+                shutil.rmtree(old)
+            else:
+                old.rename(run / name)
+    for tmp in run.glob(".*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, preprocess: dict, state: dict,
+                    optimizer: torch.optim.Optimizer | None = None, ema: torch.nn.Module | None = None) -> Path:
+    """Write a complete checkpoint folder atomically (temp folder, then rename swap). ``state`` is JSON-able
+    training state (epoch, scheduler, scaler, best, history, ...); RNG states are captured here."""
+    directory = Path(directory)
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        write_json(tmp / PREPROCESS_NAME, preprocess)
+        state = dict(state)
+        if optimizer is not None:
+            structure, tensors = flatten_state(optimizer.state_dict(), "optimizer")
+            save_safetensors(tmp / "optimizer.safetensors", tensors)
+            state["optimizer"] = structure
+        if ema is not None:
+            save_safetensors(tmp / "ema.safetensors", ema.state_dict())
+        rng_meta, rng_tensors = capture_rng()
+        save_safetensors(tmp / "rng.safetensors", rng_tensors)
+        state["rng"] = rng_meta
+        write_json(tmp / STATE_NAME, state)
+        _swap_in(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Copy a checkpoint folder to ``dst`` atomically (used to make ``best/`` from ``last/``)."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(src, tmp)
+        _swap_in(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def load_training_state(directory: str | Path, *, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer | None = None,
+                        ema: torch.nn.Module | None = None, map_location: str | torch.device = "cpu") -> dict:
+    """Load weights, optimiser, EMA and RNG states of a checkpoint folder in place; return ``state.json``."""
+    from vitlab.models import load_state_dict_strict
+    from vitlab.models.vit import WEIGHTS_NAME
+
+    directory = Path(directory)
+    state = read_json(directory / STATE_NAME)
+    load_state_dict_strict(model, load_safetensors(directory / WEIGHTS_NAME, device=str(map_location)),
+                           source=str(directory / WEIGHTS_NAME))
+    if optimizer is not None:
+        if "optimizer" not in state:
+            raise CheckpointError(f"{directory / STATE_NAME}: no optimizer state; this checkpoint cannot resume")
+        tensors = load_safetensors(directory / "optimizer.safetensors", device=str(map_location))
+        optimizer.load_state_dict(unflatten_state(state["optimizer"], tensors))
+    if ema is not None:
+        if not (directory / "ema.safetensors").is_file():
+            raise CheckpointError(f"{directory}: no ema.safetensors, but ema_decay is set; resume with the "
+                                  "run's own config")
+        ema.load_state_dict(load_safetensors(directory / "ema.safetensors", device=str(map_location)))
+    restore_rng(state["rng"], load_safetensors(directory / "rng.safetensors"))
+    return state
+
+
+# ---------------------------------------------------------------- using a trained model
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder -> its ``best/`` (else ``last/``) checkpoint; a ``save_pretrained`` folder -> itself."""
+    from vitlab.models.vit import CONFIG_NAME, WEIGHTS_NAME
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found; pass a run folder (with best/ or last/) or a checkpoint "
+                              "folder (with config.json and model.safetensors)")
+    if path.is_dir():
+        if (path / "config.yaml").is_file():
+            recover_run(path)
+        if (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
+            return path
+        for name in ("best", "last"):
+            if (path / name / WEIGHTS_NAME).is_file():
+                return path / name
+    raise CheckpointError(f"{path}: neither a run folder (best/ or last/ inside) nor a checkpoint folder "
+                          f"({CONFIG_NAME} + {WEIGHTS_NAME}); was the run stopped before its first epoch ended?")
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    """The trained :class:`~vitlab.models.VisionTransformer` of a run or checkpoint folder, in eval mode."""
+    from vitlab.models import VisionTransformer
+
+    model = VisionTransformer.from_pretrained(resolve_checkpoint(path), map_location=str(map_location))
+    return model.eval()
+
+
+def load_preprocess(path: str | Path) -> dict | None:
+    """The ``{"mean", "std", "image_size", "channels"}`` a checkpoint was trained with, or None if unknown."""
+    file = resolve_checkpoint(path) / PREPROCESS_NAME
+    return json.loads(file.read_text()) if file.is_file() else None

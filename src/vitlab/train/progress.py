@@ -1,0 +1,47 @@
+"""A one-line progress bar (loss, images/s, ETA) that stays quiet when its stream is not a terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ProgressBar:
+    """Callback the training engine calls with ``start(epoch, epochs, steps)``, ``update(step, loss,
+    images_per_s)`` and ``end()``. Writes to ``stream`` (default stdout) only if it is a terminal, unless
+    ``force``."""
+
+    def __init__(self, stream: TextIO | None = None, width: int = 24, force: bool = False):
+        self.stream = stream or sys.stdout
+        self.enabled = force or (hasattr(self.stream, "isatty") and self.stream.isatty())
+        self.width = width
+        self._t0 = 0.0
+        self._epoch = self._epochs = self._steps = 0
+
+    def start(self, epoch: int, epochs: int, steps: int) -> None:
+        self._epoch, self._epochs, self._steps, self._t0 = epoch, epochs, steps, time.perf_counter()
+
+    def update(self, step: int, loss: float, images_per_s: float) -> None:
+        if not self.enabled:
+            return
+        frac = step / max(self._steps, 1)
+        elapsed = time.perf_counter() - self._t0
+        eta = elapsed / frac - elapsed if frac > 0 else 0.0
+        filled = int(self.width * frac)
+        bar = "#" * filled + "-" * (self.width - filled)
+        self.stream.write(f"\repoch {self._epoch}/{self._epochs} [{bar}] {step}/{self._steps} loss {loss:.4f} "
+                          f"{images_per_s:,.0f} img/s ETA {_fmt_time(eta)}  ")
+        self.stream.flush()
+
+    def end(self) -> None:
+        if self.enabled:
+            self.stream.write("\r" + " " * 100 + "\r")
+            self.stream.flush()

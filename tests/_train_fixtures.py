@@ -1,0 +1,46 @@
+"""Tiny datasets and configs shared by the training tests (random images with a learnable signal)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitlab.config import TrainConfig
+
+TINY_MODEL = {"depth": 1, "hidden_dim": 16, "num_heads": 2, "mlp_dim": 32}
+
+
+def tiny_splits(n_train: int = 64, n_test: int = 24, classes: int = 4, channels: int = 1, size: int = 8, seed=0):
+    """DatasetSplits of uint8 images whose mean brightness depends on the class (so a model can learn)."""
+    from vitlab.data import ArrayDataset, DatasetSplits
+
+    g = torch.Generator().manual_seed(seed)
+    names = [f"c{i}" for i in range(classes)]
+
+    def make(n):
+        labels = torch.arange(n) % classes
+        base = (labels.float() * (200 / classes))[:, None, None, None]
+        noise = torch.randint(0, 50, (n, channels, size, size), generator=g).float()
+        return ArrayDataset(images=(base + noise).clamp(0, 255).to(torch.uint8), labels=labels.long(),
+                            classes=names, files=None)
+
+    return DatasetSplits(train=make(n_train), test=make(n_test), val=None, classes=names, mean=(0.5,) * channels,
+                         std=(0.25,) * channels, name="tiny", spec="tiny")
+
+
+def tiny_config(tmp_path, name: str = "run", **changes) -> TrainConfig:
+    base = dict(model="vit-digits-p2", data="tiny", model_overrides=dict(TINY_MODEL), epochs=2, batch_size=16,
+                lr=3e-3, warmup_epochs=1, eval_batch_size=16, device="cpu", plots=False,
+                out=str(tmp_path / name))
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+@pytest.fixture
+def one_thread():
+    """Run on one thread: tiny models gain nothing from two, and on a busy shared CPU two OpenMP threads
+    spin-wait each other (we measured 23 vs 1,700 images/s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

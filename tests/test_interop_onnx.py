@@ -1,0 +1,49 @@
+"""ONNX export: onnxruntime runs the file at several batch sizes and matches PyTorch to 1e-4."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from vitlab import ViTConfig, VisionTransformer  # noqa: E402
+from vitlab.interop import export_onnx  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+BASE = ViTConfig(image_size=32, patch_size=8, hidden_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=7)
+
+
+@pytest.mark.parametrize("change", [
+    dict(),
+    dict(pool="mean", class_token=False, pos_embed="sincos", patch_embed="linear", layer_scale=0.5,
+         representation_dim=12, in_channels=1, image_size=(24, 40)),
+    dict(pool="mean", norm_after_pool=True),
+], ids=["paper", "mean-sincos-linear-1ch", "fc_norm"])
+def test_onnx_matches_pytorch_with_a_dynamic_batch(tmp_path, change):
+    model = VisionTransformer(BASE.replace(**change)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    path = export_onnx(model, tmp_path / "vit.onnx")
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    c = model.config
+    for batch in (1, 5):
+        x = torch.randn(batch, c.in_channels, *c.image_size, generator=g)
+        (out,) = session.run(["logits"], {"pixel_values": x.numpy()})
+        with torch.no_grad():
+            ref = model(x).numpy()
+        assert out.shape == (batch, 7)
+        assert np.abs(out - ref).max() <= 1e-4
+
+
+def test_export_restores_training_mode(tmp_path):
+    model = VisionTransformer(BASE).train()
+    export_onnx(model, tmp_path / "vit.onnx")
+    assert model.training

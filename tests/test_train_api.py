@@ -1,0 +1,240 @@
+"""TrainConfig and recipes, AdamW groups and the schedule, metrics, and the train/eval/plot/recipes commands."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import torch
+from _train_fixtures import TINY_MODEL, one_thread, tiny_config, tiny_splits  # noqa: F401
+
+import vitlab
+import vitlab.data
+from vitlab.cli import main
+from vitlab.config import TrainConfig, load_train_config, to_dict
+from vitlab.errors import ConfigError
+from vitlab.train.metrics import ClassificationTally
+from vitlab.train.optim import lr_at, param_groups
+from vitlab.train.progress import ProgressBar
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---------------------------------------------------------------- config and recipes
+@pytest.mark.parametrize("changes, field", [
+    (dict(batch_size=100, accum_steps=3), "batch_size"), (dict(precision="fp8"), "precision"),
+    (dict(lr=0.0), "lr"), (dict(min_lr=1.0, lr=0.1), "min_lr"), (dict(ema_decay=1.5), "ema_decay"),
+    (dict(device="tpu"), "device"), (dict(random_resized_crop=[0.9, 0.1]), "random_resized_crop"),
+    (dict(label_smoothing=1.0), "label_smoothing"), (dict(epochs=0), "epochs")])
+def test_config_errors_name_the_field(changes, field):
+    with pytest.raises(ConfigError, match=rf"TrainConfig\.{field}="):
+        TrainConfig(**changes)
+
+
+def test_unknown_override_suggests_the_field():
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        load_train_config(None, ["batchsize=3"])
+
+
+def test_recipe_then_keywords_then_overrides():
+    c = load_train_config("mnist", ["lr=1e-4", "model_overrides.depth=2"], epochs=3, model=None)
+    assert (c.recipe, c.model, c.epochs, c.lr, c.model_overrides) == ("mnist", "vit-mnist-p4", 3, 1e-4, {"depth": 2})
+    assert c.crop_padding == 2  # from the recipe file
+
+
+def test_every_recipe_builds_and_its_model_exists():
+    rows = vitlab.list_recipes()
+    names = {r["name"] for r in rows}
+    assert {"digits", "mnist", "cifar10-cpu", "cifar10-gpu", "fruits", "seed-cifar10"} <= names
+    for row in rows:
+        config = load_train_config(row["name"])
+        vitlab.get_config(config.model, **config.model_overrides)
+
+
+def test_default_config_is_the_digits_recipe():
+    recipe = load_train_config("digits")
+    assert {k: v for k, v in to_dict(recipe).items() if k != "recipe"} == \
+        {k: v for k, v in to_dict(TrainConfig()).items() if k != "recipe"}
+
+
+def test_seed_recipe_is_a_constant_learning_rate():
+    c = load_train_config("seed-cifar10")
+    assert {lr_at(s, total_steps=1000, warmup_steps=0, lr=c.lr, min_lr=c.min_lr) for s in (0, 500, 999)} == {0.01}
+
+
+# ---------------------------------------------------------------- optimiser and schedule
+def test_no_weight_decay_on_norms_biases_positions_and_class_token():
+    model = vitlab.create_model("vit-digits-p2", layer_scale=0.1, **TINY_MODEL)
+    groups = param_groups(model, weight_decay=0.05)
+    decay = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+    assert {"pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "head.bias",
+            "blocks.0.ls1.gamma", "norm.weight", "patch_embed.proj.bias"} <= no_decay
+    assert decay == {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
+                     "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight", "head.weight"}
+
+
+def test_layer_decay_scales():
+    model = vitlab.create_model("vit-digits-p2", **{**TINY_MODEL, "depth": 2})
+    scales = {n: g["lr_scale"] for g in param_groups(model, weight_decay=0.05, layer_decay=0.5) for n in g["names"]}
+    assert scales["head.weight"] == 1.0 and scales["blocks.1.mlp.fc1.weight"] == 0.5
+    assert scales["blocks.0.mlp.fc1.weight"] == 0.25 and scales["pos_embed"] == 0.125
+
+
+def test_warmup_then_cosine():
+    kw = dict(total_steps=110, warmup_steps=10, lr=1.0, min_lr=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.1) and lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- metrics
+def test_tally_top1_top5_and_confusion():
+    logits = torch.tensor([[9.0, 1, 2, 3, 4, 5, 0], [0.0, 9, 1, 2, 3, 4, 5], [9.0, 0, 1, 2, 3, 4, 5],
+                           [1.0, 2, 3, 4, 5, 6, 0]])
+    labels = torch.tensor([0, 5, 1, 1])  # right; wrong, 3rd; wrong, last; wrong, 5th
+    tally = ClassificationTally(7, torch.device("cpu"))
+    tally.update(logits, labels)
+    r = tally.result()
+    assert (r["top1"], r["top5"], r["count"]) == (0.25, 0.75, 4)
+    assert r["test_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
+    assert r["confusion"][0][0] == 1 and r["confusion"][5][1] == 1 and r["confusion"][1][0] == 1
+    assert r["confusion"][1][5] == 1 and sum(map(sum, r["confusion"])) == 4
+    assert (r["per_class"]["0"], r["per_class"]["1"], r["per_class"]["5"]) == (1.0, 0.0, 0.0)
+
+
+def test_progress_bar_is_quiet_off_a_terminal():
+    quiet, loud = io.StringIO(), io.StringIO()
+    for stream, force in ((quiet, False), (loud, True)):
+        bar = ProgressBar(stream, force=force)
+        bar.start(1, 3, 10)
+        bar.update(5, 0.25, 1234.0)
+        bar.end()
+    assert quiet.getvalue() == ""
+    assert "5/10 loss 0.2500 1,234 img/s ETA" in loud.getvalue()
+
+
+# ---------------------------------------------------------------- training behaviours
+def test_fp16_on_cpu_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="precision='fp16' needs a CUDA GPU"):
+        vitlab.train(tiny_config(tmp_path, precision="fp16"), data=tiny_splits())
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    result = vitlab.train(tiny_config(tmp_path, precision="bf16", epochs=1), data=tiny_splits())
+    assert math.isfinite(result.history[0]["train_loss"]) and result.top1 is not None
+
+
+def test_time_limit_stops_cleanly_and_the_run_resumes(tmp_path):
+    result = vitlab.train(tiny_config(tmp_path, epochs=3, time_limit_minutes=1e-9), data=tiny_splits())
+    assert result.stopped == "time_limit" and len(result.history) == 1
+    assert json.loads((result.run_dir / "last/state.json").read_text())["epoch"] == 1
+
+
+def test_time_limit_lays_the_schedule_out_early_in_the_first_epoch(tmp_path):
+    # 20 steps per epoch: after 5 steps the run sees that no more than this epoch fits and ends the cosine there
+    result = vitlab.train(tiny_config(tmp_path, epochs=3, time_limit_minutes=1e-9, eval_every=2, min_lr=1e-5),
+                          data=tiny_splits(n_train=320))
+    assert result.stopped == "completed" and len(result.history) == 1
+    assert result.history[0]["lr"] == pytest.approx(1e-5) and result.history[0]["top1"] is not None
+    state = json.loads((result.run_dir / "last/state.json").read_text())
+    assert state["planned_epochs"] == 1 and state["scheduler"]["total_steps"] == 20
+
+
+def test_linear_probe_trains_the_head_only(tmp_path):
+    from vitlab._files import load_safetensors
+
+    data = tiny_splits()
+    start = vitlab.train(tiny_config(tmp_path, "start", epochs=1), data=data)
+    model = vitlab.train.load_model(start.run_dir / "last")
+    probe = vitlab.train.fit(tiny_config(tmp_path, "probe", linear_probe=True, epochs=1), data=data, model=model)
+    a = load_safetensors(start.run_dir / "last/model.safetensors")
+    b = load_safetensors(probe.run_dir / "last/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("head."))
+    assert not torch.equal(a["head.weight"], b["head.weight"])
+
+
+# ---------------------------------------------------------------- the commands
+@pytest.fixture
+def tiny_data(monkeypatch):
+    splits = tiny_splits()
+    monkeypatch.setattr(vitlab.data, "load_data", lambda spec, **kw: splits)
+    return splits
+
+
+def test_cli_train_eval_plot(tmp_path, tiny_data, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--data", "tiny", "--out", str(run), "--epochs", "2", "--device", "cpu", "--quiet",
+            "--set", "batch_size=16", "--set", "eval_batch_size=16"]
+    for key, value in TINY_MODEL.items():
+        args += ["--set", f"model_overrides.{key}={value}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert f"test accuracy: {100 * metrics[-1]['top1']:.2f}%" in out and f"run folder: {run}" in out
+    assert set(metrics[0]) >= {"epoch", "train_loss", "test_loss", "top1", "top5", "lr", "images_per_s",
+                               "wall_time"}
+    for name in ("config.yaml", "curves.png", "confusion_matrix.png", "eval.json", "last/model.safetensors",
+                 "last/config.json", "best/model.safetensors", "last/optimizer.safetensors", "last/rng.safetensors"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "last/config.json").read_text())["labels"] == ["c0", "c1", "c2", "c3"]
+
+    # the run's config.yaml repeats the run (into a new folder)
+    again = load_train_config(run / "config.yaml", out=str(tmp_path / "again"))
+    assert again.epochs == 2 and again.model_overrides == TINY_MODEL and again.batch_size == 16
+
+    # eval of the best checkpoint reproduces its epoch's test accuracy
+    assert main(["eval", str(run), "--data", "tiny", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    best_epoch = json.loads((run / "best/state.json").read_text())["best_epoch"]
+    assert result["top1"] == metrics[best_epoch - 1]["top1"]
+    assert result["test_loss"] == pytest.approx(metrics[best_epoch - 1]["test_loss"], rel=1e-6)
+    assert (run / "eval/eval.json").is_file() and (run / "eval/confusion_matrix.png").is_file()
+
+    (run / "curves.png").unlink()
+    assert main(["plot", str(run)]) == 0
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second `train --out` into the same folder is refused; --resume of a finished run changes nothing
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--recipe", "no-such-recipe"]) == 2
+    assert "unknown recipe 'no-such-recipe'" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing"), "--data", "digits"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_recipes_lists_them(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "cifar10-cpu:" in out and "seed-cifar10:" in out and "model vit-mnist-p4" in out
+
+
+def test_init_from_pretrained_resets_head_and_resizes_positions(tmp_path, monkeypatch):
+    import vitlab.interop
+
+    start = vitlab.train(tiny_config(tmp_path, "start", epochs=1), data=tiny_splits())
+    loaded = []
+
+    def fake_load_pretrained(path, **overrides):  # the interop branch provides the real one
+        loaded.append(path)
+        return vitlab.train.load_model(path)
+
+    monkeypatch.setattr(vitlab.interop, "load_pretrained", fake_load_pretrained, raising=False)
+    other = tiny_splits(classes=3, size=12)  # other classes, other image size
+    cfg = tiny_config(tmp_path, "finetune", epochs=1, init=str(start.run_dir / "last"), image_size=12, lr=1e-9,
+                      min_lr=0.0, weight_decay=0.0)
+    result = vitlab.train(cfg, data=other)
+    assert loaded == [str(start.run_dir / "last")]
+    model = vitlab.train.load_model(result.run_dir / "last")
+    assert model.config.num_classes == 3 and model.config.labels == ["c0", "c1", "c2"]
+    assert tuple(model.config.image_size) == (12, 12) and model.pos_embed.shape[1] == 1 + 6 * 6
+    before = vitlab.train.load_model(start.run_dir / "last")
+    # lr ~ 0: the body is the pretrained one
+    torch.testing.assert_close(model.blocks[0].mlp.fc1.weight, before.blocks[0].mlp.fc1.weight, atol=1e-6, rtol=0)

@@ -1,0 +1,127 @@
+"""Exact resume: 2 epochs straight == 1 epoch + resume 1 (bit-identical weights, optimiser and metrics);
+a crash while saving keeps the previous checkpoint; a NaN loss stops the run and keeps the last good one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _train_fixtures import one_thread, tiny_config, tiny_splits  # noqa: F401
+
+import vitlab
+from vitlab._files import load_safetensors
+from vitlab.train import checkpoint as ckpt
+from vitlab.train import engine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOLATILE = ("wall_time", "images_per_s")
+
+
+def _metrics(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in VOLATILE} for row in rows]
+
+
+def _assert_same_checkpoint(a, b):
+    for name in ("model.safetensors", "optimizer.safetensors", "ema.safetensors"):
+        ta, tb = load_safetensors(a / name), load_safetensors(b / name)
+        assert ta.keys() == tb.keys()
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), f"{name}:{key} differs"
+    sa, sb = (json.loads((x / "state.json").read_text()) for x in (a, b))
+    assert sa["scheduler"] == sb["scheduler"] and sa["epoch"] == sb["epoch"] == 2
+
+
+# Dropout, drop path, flips, label smoothing and EMA all draw on or carry state that resume must restore.
+RANDOM_BITS = dict(dropout=0.1, drop_path=0.1, hflip=True, label_smoothing=0.1, ema_decay=0.9, clip_grad=0.5)
+
+
+def test_resume_is_exact(tmp_path):
+    data = tiny_splits()
+    straight = vitlab.train(tiny_config(tmp_path, "straight", **RANDOM_BITS), data=data)
+    first = vitlab.train(tiny_config(tmp_path, "split", stop_after_epoch=1, **RANDOM_BITS), data=data)
+    assert first.stopped == "stop_after_epoch" and len(first.history) == 1
+    resumed = vitlab.train(tiny_config(tmp_path, "ignored", resume=str(tmp_path / "split"), **RANDOM_BITS), data=data)
+    assert resumed.run_dir == tmp_path / "split" and resumed.stopped == "completed"
+    _assert_same_checkpoint(straight.run_dir / "last", resumed.run_dir / "last")
+    assert _metrics(straight.run_dir) == _metrics(resumed.run_dir)
+    assert len(_metrics(resumed.run_dir)) == 2
+    # the training actually changed the weights (a resume of nothing would also be "identical")
+    before = vitlab.create_model(tiny_config(tmp_path).model, **tiny_config(tmp_path).model_overrides)
+    assert not torch.equal(before.head.weight[:4], load_safetensors(straight.run_dir / "last/model.safetensors")
+                           ["head.weight"])
+
+
+def test_crash_while_saving_keeps_previous_checkpoint_and_resumes(tmp_path, monkeypatch):
+    data = tiny_splits()
+    straight = vitlab.train(tiny_config(tmp_path, "straight", epochs=3), data=data)
+
+    real_save = ckpt.save_safetensors
+    calls = {"n": 0}
+
+    def failing_save(path, tensors, metadata=None):
+        if str(path).endswith("optimizer.safetensors"):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second epoch's checkpoint dies half-written
+                raise OSError("disk full (simulated)")
+        return real_save(path, tensors, metadata)
+
+    monkeypatch.setattr(ckpt, "save_safetensors", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        vitlab.train(tiny_config(tmp_path, "crashed", epochs=3), data=data)
+    monkeypatch.setattr(ckpt, "save_safetensors", real_save)
+    run = tmp_path / "crashed"
+    assert json.loads((run / "last/state.json").read_text())["epoch"] == 1
+    assert not list(run.glob(".*tmp-*")), "the half-written folder was left behind"
+    resumed = vitlab.train(tiny_config(tmp_path, "x", epochs=3, resume=str(run)), data=data)
+    assert _metrics(resumed.run_dir) == _metrics(straight.run_dir)
+    a = load_safetensors(straight.run_dir / "last/model.safetensors")
+    b = load_safetensors(run / "last/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_swap_is_recovered(tmp_path):
+    data = tiny_splits()
+    result = vitlab.train(tiny_config(tmp_path, "run", epochs=1), data=data)
+    run = result.run_dir
+    (run / "last").rename(run / ".last.old")  # killed between the two renames of a swap
+    assert ckpt.resolve_checkpoint(run) == run / "best"
+    ckpt.recover_run(run)
+    assert (run / "last/model.safetensors").is_file() and not (run / ".last.old").exists()
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    data = tiny_splits()
+    real = engine.soft_cross_entropy
+    steps_per_epoch = 64 // 16
+    calls = {"n": 0}
+
+    def exploding(logits, targets):
+        calls["n"] += 1
+        loss = real(logits, targets)
+        return loss * float("nan") if calls["n"] > steps_per_epoch else loss
+
+    monkeypatch.setattr(engine, "soft_cross_entropy", exploding)
+    with pytest.raises(engine.DivergedError, match=r"became nan in epoch 2.*last good checkpoint is .*last"):
+        vitlab.train(tiny_config(tmp_path, "nan", epochs=3), data=data)
+    state = json.loads((tmp_path / "nan/last/state.json").read_text())
+    assert state["epoch"] == 1
+    weights = load_safetensors(tmp_path / "nan/last/model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_optimizer_state_roundtrips_through_safetensors_and_json():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    structure, tensors = ckpt.flatten_state(opt.state_dict(), "optimizer")
+    back = ckpt.unflatten_state(json.loads(json.dumps(structure)), tensors)
+    fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.5)
+    fresh.load_state_dict(back)
+    assert fresh.param_groups[0]["lr"] == 0.1
+    for k in (0, 1):
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(fresh.state_dict()["state"][k][name], opt.state_dict()["state"][k][name])
