@@ -18,6 +18,7 @@ Face) at the same batch.
     PYTHONPATH=src python benchmarks/compare_peers.py            # the full table (~5 min on a quiet 2-core CPU)
     PYTHONPATH=src python benchmarks/compare_peers.py --quick    # CIFAR tiny model only, 3 repeats
     PYTHONPATH=src python benchmarks/compare_peers.py --json     # one JSON document
+    PYTHONPATH=src python benchmarks/compare_peers.py --memory-only --memory-batch 32   # ViT-B/16 memory only
 """
 
 from __future__ import annotations
@@ -191,12 +192,13 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-model", default="vit-b16")
     parser.add_argument("--memory-batch", type=int, default=8)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory comparison")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.add_argument("--save", default=None, help="also write the JSON document to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    cases = CASES[:1] if args.quick else CASES
+    cases = [] if args.memory_only else CASES[:1] if args.quick else CASES
     if args.models:
         wanted = args.models.split(",")
         batches = dict(CASES)
