@@ -244,8 +244,9 @@ def main(argv=None) -> int:
     timm = any("timm_images_per_s" in r for r in rows)
     head = (f"{'model':<19}{'batch':>6} {'mode':<6}{'setting':<15}{'vitlab':>8}{'img/s':>9}{'HF img/s':>10}"
             f"{'x HF':>7}{'util':>7}{'HF util':>8}" + (f"{'timm':>9}{'x timm':>8}" if timm else ""))
-    print(head)
-    print("-" * len(head))
+    if rows:
+        print(head)
+        print("-" * len(head))
     for r in rows:
         line = (f"{r['model']:<19}{r['batch']:>6} {r['mode']:<6}{r['setting']:<15}{r['vitlab_precision']:>8}"
                 f"{r['vitlab_images_per_s']:>9.1f}{r['hf_images_per_s']:>10.1f}{r['ratio_vs_hf']:>7.2f}"

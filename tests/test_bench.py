@@ -184,3 +184,9 @@ def test_forward_compiles_as_one_graph(autocast):
         explained = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16))
     torch._dynamo.reset()
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_benchmark_with_on_device_augmentation():
+    r = benchmark(ViTConfig(**TINY), batch=4, precision="fp32", repeats=1, warmup=1, steps_per_repeat=1,
+                  measure_peak=False, measure_memory=False, augment=True)
+    assert r["augment"] is True and r["images_per_s"] > 0
