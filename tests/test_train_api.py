@@ -238,3 +238,8 @@ def test_init_from_pretrained_resets_head_and_resizes_positions(tmp_path, monkey
     before = vitlab.train.load_model(start.run_dir / "last")
     # lr ~ 0: the body is the pretrained one
     torch.testing.assert_close(model.blocks[0].mlp.fc1.weight, before.blocks[0].mlp.fc1.weight, atol=1e-6, rtol=0)
+
+
+def test_python_api_takes_a_data_spec_string(tmp_path, tiny_data):
+    result = vitlab.train(tiny_config(tmp_path, "run", epochs=1, data="digits"), data="folder:photos")
+    assert "data: folder:photos" in (result.run_dir / "config.yaml").read_text()

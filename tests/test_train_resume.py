@@ -87,8 +87,13 @@ def test_interrupted_swap_is_recovered(tmp_path):
     result = vitlab.train(tiny_config(tmp_path, "run", epochs=1), data=data)
     run = result.run_dir
     (run / "last").rename(run / ".last.old")  # killed between the two renames of a swap
-    assert ckpt.resolve_checkpoint(run) == run / "best"
+    (run / "best").rename(run / ".best.old")
+    # Readers find the complete checkpoint without touching the run (it may still be training) ...
+    assert ckpt.resolve_checkpoint(run) == run / ".best.old"
+    assert (run / ".last.old").exists()
+    # ... and resuming finishes the swap.
     ckpt.recover_run(run)
+    assert (run / "best/model.safetensors").is_file() and not (run / ".best.old").exists()
     assert (run / "last/model.safetensors").is_file() and not (run / ".last.old").exists()
 
 

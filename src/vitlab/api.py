@@ -34,10 +34,13 @@ def train(config: TrainConfig | None = None, *, data=None, progress=None, **chan
 
     With ``config.resume`` set, the run's own ``config.yaml`` is the base and only the fields of ``config``
     that differ from the defaults change it. ``config.init`` names pretrained weights (any format
-    ``vitlab.interop.load_pretrained`` reads). ``data`` may be a ready ``DatasetSplits``.
+    ``vitlab.interop.load_pretrained`` reads). ``data`` is a data spec (``"folder:photos"``) or a ready
+    ``DatasetSplits``.
     """
     from vitlab.train.engine import fit
 
+    if isinstance(data, (str, Path)):  # vitlab.train(data="folder:photos") means the config field
+        changes["data"], data = str(data), None
     config = config or TrainConfig()
     if changes:
         config = config.replace(**changes)

@@ -10,7 +10,7 @@ import torch
 
 from vitlab.config import ViTConfig, config_from_dict
 from vitlab.errors import CheckpointError
-from vitlab.models import VisionTransformer, load_state_dict_strict
+from vitlab.models import VisionTransformer
 
 # Heads are not stored in a timm or torchvision state dict (the qkv weight has the same shape for any head
 # count), so they come from the standard sizes: ViT-Ti, S, B, L and H.
@@ -111,17 +111,5 @@ def make_config(fields: dict[str, Any], overrides: dict[str, Any], source: str) 
 
 
 def build_and_load(config: ViTConfig, state: dict[str, torch.Tensor], source: str) -> VisionTransformer:
-    """Build a model of ``config`` and load the (already renamed) ``state`` strictly into it, in eval mode.
-
-    The random initialisation is skipped (it took 30 of 38 seconds converting ViT-B/16 on a 2-core machine):
-    the model is laid out on the meta device and given uninitialised memory, which strict loading then fills.
-    A model with non-persistent buffers (fixed sin-cos positions, not in any file) is built normally.
-    """
-    with torch.device("meta"):
-        model = VisionTransformer(config)
-    if any(m._non_persistent_buffers_set for m in model.modules()):
-        model = VisionTransformer(config)
-    else:
-        model = model.to_empty(device="cpu")
-    load_state_dict_strict(model, state, source=source)
-    return model.eval()
+    """Build a model of ``config`` holding the (already renamed) ``state``, strictly, in eval mode."""
+    return VisionTransformer.from_state_dict(config, state, source=source).eval()

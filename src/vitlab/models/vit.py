@@ -50,9 +50,7 @@ class VisionTransformer(nn.Module):
         if c.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, c.hidden_dim))
         elif c.pos_embed == "sincos":
-            # Fixed, so a buffer; the class token's position is zero (as in MAE / MoCo v3).
-            pe = torch.cat((torch.zeros(c.num_prefix_tokens, c.hidden_dim), sincos_2d(c.grid_size, c.hidden_dim)))
-            self.register_buffer("pos_embed", pe[None], persistent=False)
+            self._set_sincos_pos_embed()
         else:
             self.pos_embed = None
         self.pos_drop = nn.Dropout(c.dropout)
@@ -72,6 +70,12 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(head_in, c.num_classes) if c.num_classes > 0 else nn.Identity()
         self.gradient_checkpointing = False
         self.reset_parameters()
+
+    def _set_sincos_pos_embed(self, device: torch.device | str | None = None) -> None:
+        # Fixed, so a non-persistent buffer (in no file); the class token's position is zero (MAE / MoCo v3).
+        c = self.config
+        pe = torch.cat((torch.zeros(c.num_prefix_tokens, c.hidden_dim), sincos_2d(c.grid_size, c.hidden_dim)))
+        self.register_buffer("pos_embed", pe[None].to(device), persistent=False)
 
     # ---------------------------------------------------------------- init
     def reset_parameters(self) -> None:
@@ -236,10 +240,24 @@ class VisionTransformer(nn.Module):
         data = read_json(directory / CONFIG_NAME)
         data.pop("architecture", None)
         config = config_from_dict(ViTConfig, data, source=str(directory / CONFIG_NAME))
-        model = cls(config)
         state = load_safetensors(directory / WEIGHTS_NAME, device=map_location)
-        load_state_dict_strict(model, state, source=str(directory / WEIGHTS_NAME))
-        return model.to(map_location)
+        return cls.from_state_dict(config, state, source=str(directory / WEIGHTS_NAME), device=map_location)
+
+    @classmethod
+    def from_state_dict(cls, config: ViTConfig, state: dict[str, torch.Tensor], source: str,
+                        device: torch.device | str = "cpu") -> "VisionTransformer":
+        """Build a model of ``config`` holding exactly ``state`` (loaded strictly, errors name ``source``).
+
+        The random initialisation is skipped: the model is laid out on the meta device and given uninitialised
+        memory that strict loading fills (initialising ViT-B/16 takes most of a load on a 2-core CPU).
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device)
+        if config.pos_embed == "sincos":
+            model._set_sincos_pos_embed(device)
+        load_state_dict_strict(model, state, source=source)
+        return model
 
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

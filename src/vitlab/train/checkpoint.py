@@ -195,11 +195,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: not found; pass a run folder (with best/ or last/) or a checkpoint "
                               "folder (with config.json and model.safetensors)")
     if path.is_dir():
-        if (path / "config.yaml").is_file():
-            recover_run(path)
         if (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
             return path
-        for name in ("best", "last"):
+        # Read-only: a reader must not tidy a run that may still be training. A swap cut between its two
+        # renames leaves only ``.best.old``; it is a complete checkpoint.
+        for name in ("best", ".best.old", "last", ".last.old"):
             if (path / name / WEIGHTS_NAME).is_file():
                 return path / name
     raise CheckpointError(f"{path}: neither a run folder (best/ or last/ inside) nor a checkpoint folder "
