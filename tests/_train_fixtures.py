@@ -30,7 +30,7 @@ def tiny_splits(n_train: int = 64, n_test: int = 24, classes: int = 4, channels:
 
 def tiny_config(tmp_path, name: str = "run", **changes) -> TrainConfig:
     base = dict(model="vit-digits-p2", data="tiny", model_overrides=dict(TINY_MODEL), epochs=2, batch_size=16,
-                lr=3e-3, warmup_epochs=1, eval_batch_size=16, device="cpu", plots=False,
+                lr=3e-3, warmup_epochs=1, eval_batch_size=16, device="cpu", plots=False, precision="fp32",
                 out=str(tmp_path / name))
     base.update(changes)
     return TrainConfig(**base)

@@ -60,17 +60,19 @@ def train(config: TrainConfig | None = None, *, data=None, progress=None, **chan
 
 
 def evaluate(checkpoint: str | Path, data: str, *, batch_size: int = 512, device: str = "auto",
-             precision: str = "fp32", out: str | Path | None = None, cache_dir: str | None = None,
+             precision: str = "auto", out: str | Path | None = None, cache_dir: str | None = None,
              workers: int | None = None) -> dict:
     """Evaluate a run (its ``best/``, else ``last/``) or a checkpoint folder on the test split of ``data``:
     test loss, top-1, top-5, per-class accuracy and the confusion matrix. With ``out``, writes
     ``eval.json`` and ``confusion_matrix.png`` (class names on the axes) there."""
     from vitlab.data import load_data
     from vitlab.train.checkpoint import load_model, load_preprocess, resolve_checkpoint
-    from vitlab.train.engine import evaluate as evaluate_model, resolve_device
+    from vitlab._device import default_precision, resolve_device
+    from vitlab.train.engine import evaluate as evaluate_model
 
     path = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
+    precision = default_precision(dev) if precision == "auto" else precision  # as training evaluated
     model = load_model(path, map_location=dev)
     cfg = model.config
     splits = load_data(data, image_size=tuple(cfg.image_size), channels=cfg.in_channels, cache_dir=cache_dir,

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab._device import cpu_has_fast_bf16, default_precision, resolve_device
 from vitlab.config import ViTConfig
 from vitlab.errors import ConfigError
 
@@ -36,35 +37,6 @@ MODES = ("train", "infer")
 # Training costs forward + backward; the backward of a matmul is two matmuls of the same size, so a training
 # step is counted as 3x the forward FLOPs (the usual convention, e.g. in the PaLM/MFU accounting).
 TRAIN_FLOPS_FACTOR = 3
-
-
-# ---------------------------------------------------------------------------------------------- devices
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto" -> cuda when available else cpu; a CUDA request without a GPU is a :class:`ConfigError`."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r}: no CUDA GPU is visible to PyTorch; use --device cpu")
-    return dev
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU has native bf16 matmul instructions (AVX512-BF16 or AMX), where bf16 autocast pays."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
-
-
-def default_precision(device: str | torch.device) -> str:
-    """The fast default: bf16 on a GPU that supports it and on CPUs with native bf16 matmul, else fp32."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
 def _sync(device: torch.device) -> None:

@@ -248,7 +248,7 @@ def dump_yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -301,7 +301,7 @@ class TrainConfig:
     cache_dir: str | None = None
     skip_bad_files: bool = False
     # machinery
-    precision: str = "fp32"  # fp32, bf16 (autocast, CPU or GPU), fp16 (autocast + grad scaler, GPU)
+    precision: str = "auto"  # auto (bf16 where the device has fast bf16 matmul, else fp32), fp32, bf16, fp16 (GPU)
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vitlab._device import default_precision, resolve_device
 from vitlab.config import TrainConfig, dump_yaml, to_dict
 from vitlab.errors import CheckpointError, ConfigError, VitlabError
 from vitlab.train import checkpoint as ckpt
@@ -80,23 +81,6 @@ def _setup_distributed(device_name: str) -> _Dist:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         owns = True
     return _Dist(rank=rank, world_size=world, local_rank=local_rank, owns_group=owns)
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` -> cuda (this process's local GPU), else mps, else cpu; otherwise the named device, checked."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"TrainConfig.device={name!r} but CUDA is not available here: use device=auto or cpu")
-        return torch.device(name) if ":" in name else torch.device("cuda", local_rank)
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("TrainConfig.device='mps' but MPS is not available here: use device=auto or cpu")
-    return torch.device(name)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -251,7 +235,9 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
     device = resolve_device(config.device, d.local_rank)
     if config.threads is not None:
         torch.set_num_threads(config.threads)  # process-wide: on a busy CPU one thread can be much faster
-    if config.precision == "fp16" and device.type != "cuda":
+    # "auto": bf16 autocast where the device has fast bf16 matmul (recent x86 CPUs, GPUs), else fp32
+    precision = default_precision(device) if config.precision == "auto" else config.precision
+    if precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"TrainConfig.precision='fp16' needs a CUDA GPU (device is {device.type}): use bf16 "
                           "or fp32")
     image_size, channels = _input_spec(config, model)
@@ -296,7 +282,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
     if scheduler.warmup_steps >= scheduler.total_steps and d.is_main:
         log.warning("warmup_epochs=%g >= epochs=%d: the learning rate never reaches lr=%g", config.warmup_epochs,
                     config.epochs, config.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     preprocess = {"mean": list(data.mean), "std": list(data.std), "image_size": list(image_size),
                   "channels": channels}
 
@@ -348,9 +334,9 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
     writer = _tensorboard(run) if d.is_main else None
     if d.is_main:
         log.info("training %s (%s parameters) on %s: %d train / %d test images, %d classes, %d steps/epoch, "
-                 "device %s x %d, run folder %s", config.model if config.init is None else config.init,
+                 "device %s x %d, %s, run folder %s", config.model if config.init is None else config.init,
                  f"{model.num_parameters():,}", getattr(data, "name", config.data), len(data.train),
-                 len(data.test), len(classes), steps_per_epoch, device, d.world_size, run)
+                 len(data.test), len(classes), steps_per_epoch, device, d.world_size, precision, run)
 
     t_loop = time.perf_counter()
     stopped, final_eval, epoch = "completed", None, start_epoch
@@ -376,7 +362,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
             inputs, targets = transform(images, labels, generator)
             sync = contextlib.nullcontext() if (ddp is None or boundary) else ddp.no_sync()
             with sync:
-                with _autocast(device, config.precision):
+                with _autocast(device, precision):
                     logits = train_model(inputs)
                 loss = soft_cross_entropy(logits, targets)
                 scaler.scale(loss / config.accum_steps).backward()
@@ -429,7 +415,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
                or config.time_limit_minutes is not None)
         if due:
             kwargs = dict(mean=data.mean, std=data.std, image_size=image_size, batch_size=config.eval_batch_size,
-                          device=device, precision=config.precision, classes=classes)
+                          device=device, precision=precision, classes=classes)
             result = evaluate(model, data.test, **kwargs)
             row.update(test_loss=result["test_loss"], top1=result["top1"], top5=result["top5"])
             final_eval = result

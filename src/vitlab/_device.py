@@ -1,0 +1,43 @@
+"""Devices and precisions: which device ``auto`` means, and whether bf16 pays on it (bottom layer)."""
+
+from __future__ import annotations
+
+import torch
+
+from vitlab.errors import ConfigError
+
+
+def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` -> cuda (this process's local GPU), else mps, else cpu; otherwise the named device, checked."""
+    if name is None or name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    name = str(name)
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"TrainConfig.device={name!r} but CUDA is not available here: use device=auto or cpu")
+        return torch.device(name) if ":" in name else torch.device("cuda", local_rank)
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("TrainConfig.device='mps' but MPS is not available here: use device=auto or cpu")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has native bf16 matmul instructions (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+def default_precision(device: str | torch.device) -> str:
+    """The fast default: bf16 on a GPU that supports it and on CPUs with native bf16 matmul, else fp32."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if dev.type == "cpu" and cpu_has_fast_bf16() else "fp32"
