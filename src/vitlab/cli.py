@@ -293,34 +293,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list the model presets")
+    p = sub.add_parser("train", help="train a ViT (no arguments: the small default model on the built-in digits)")
+    p.add_argument("--model", help="model preset (`vitlab models`); default vit-digits-p2")
+    p.add_argument("--data", help="data spec: digits, mnist:DIR, cifar10:DIR, folder:DIR, ...; default digits")
+    p.add_argument("--recipe", help="a recipe name (`vitlab recipes`) or a YAML file, e.g. RUN/config.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any TrainConfig field, e.g. --set lr=1e-3 --set epochs=50 (repeatable)")
+    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--out", help="run folder (default runs/<recipe-or-model>-<data>-<time>)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN exactly where it stopped")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from pretrained weights (a vitlab or run folder, a "
+                   "Hugging Face folder, timm/torchvision .pth/.safetensors, JAX .npz): `vitlab finetune`")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run or checkpoint: loss, top-1/top-5, per class, confusion")
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--data", required=True, help="data spec whose test split to evaluate on")
+    p.add_argument("--out", help="folder for eval.json and confusion_matrix.png (default RUN_OR_CHECKPOINT/eval)")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 where the device has fast bf16 matmul, else fp32, as training does")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="draw a run's loss and accuracy curves (and confusion matrix) as PNG")
+    p.add_argument("run", metavar="RUN")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("recipes", help="list the training recipes and the accuracy each reached")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(func=cmd_models)
-
-    p = sub.add_parser("convert", help="convert a pretrained checkpoint (HF folder, timm, torchvision, JAX .npz) "
-                       "to a vitlab folder")
-    p.add_argument("checkpoint", help="file or folder: HF save_pretrained folder, timm/torchvision .pth or "
-                   ".safetensors, google-research .npz")
-    p.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
-    p.add_argument("--format", choices=["vitlab", "hf", "timm", "torchvision", "jax"], default=None,
-                   help="skip format detection")
-    p.add_argument("--num-heads", type=int, default=None,
-                   help="attention heads (timm/torchvision files do not store them; default: standard for the size)")
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a ViTConfig field (repeatable)")
-    p.set_defaults(func=cmd_convert)
-
-    p = sub.add_parser("export", help="export a model to ONNX (dynamic batch) or a Hugging Face folder")
-    p.add_argument("checkpoint", help="run folder, vitlab folder, or any file `vitlab convert` reads")
-    p.add_argument("--format", choices=["onnx", "hf"], default="onnx")
-    p.add_argument("--out", required=True, help="the .onnx file, or the folder for --format hf")
-    p.add_argument("--input-format", choices=["vitlab", "hf", "timm", "torchvision", "jax"], default=None)
-    p.add_argument("--num-heads", type=int, default=None)
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint: `vitlab train --init CHECKPOINT ...`")
-    p.add_argument("checkpoint", help="any file or folder `vitlab convert` reads")
-    p.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments of `vitlab train` (--data SPEC ...)")
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("predict", help="name what is in photos: top-k classes with probabilities")
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder (uses best/, else last/) or a "
@@ -357,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which checkpoint of the run to report on (default best/, else last/)")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("models", help="list the model presets")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_models)
+
     p = sub.add_parser("data", help="inspect and download datasets")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     q = data_sub.add_parser("info", help="images per split, classes, image size and channels of a data spec")
@@ -377,39 +386,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--base-url", default=None, help="a mirror to use instead of the official address")
     q.set_defaults(func=cmd_data_download)
 
-    p = sub.add_parser("train", help="train a ViT (no arguments: the small default model on the built-in digits)")
-    p.add_argument("--model", help="model preset (`vitlab models`); default vit-digits-p2")
-    p.add_argument("--data", help="data spec: digits, mnist:DIR, cifar10:DIR, folder:DIR, ...; default digits")
-    p.add_argument("--recipe", help="a recipe name (`vitlab recipes`) or a YAML file, e.g. RUN/config.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="set any TrainConfig field, e.g. --set lr=1e-3 --set epochs=50 (repeatable)")
-    p.add_argument("--epochs", type=int, help="number of epochs")
-    p.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--out", help="run folder (default runs/<recipe-or-model>-<data>-<time>)")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN exactly where it stopped")
-    p.add_argument("--init", metavar="CHECKPOINT", help="start from pretrained weights (a vitlab or run folder, a "
-                   "Hugging Face folder, timm/torchvision .pth/.safetensors, JAX .npz): `vitlab finetune`")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
-    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint: `vitlab train --init CHECKPOINT ...`")
+    p.add_argument("checkpoint", help="any file or folder `vitlab convert` reads")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments of `vitlab train` (--data SPEC ...)")
+    p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("eval", help="evaluate a run or checkpoint: loss, top-1/top-5, per class, confusion")
-    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
-    p.add_argument("--data", required=True, help="data spec whose test split to evaluate on")
-    p.add_argument("--out", help="folder for eval.json and confusion_matrix.png (default RUN_OR_CHECKPOINT/eval)")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto (default): bf16 where the device has fast bf16 matmul, else fp32, as training does")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("convert", help="convert a pretrained checkpoint (HF folder, timm, torchvision, JAX .npz) "
+                       "to a vitlab folder")
+    p.add_argument("checkpoint", help="file or folder: HF save_pretrained folder, timm/torchvision .pth or "
+                   ".safetensors, google-research .npz")
+    p.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
+    p.add_argument("--format", choices=["vitlab", "hf", "timm", "torchvision", "jax"], default=None,
+                   help="skip format detection")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads (timm/torchvision files do not store them; default: standard for the size)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a ViTConfig field (repeatable)")
+    p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("plot", help="draw a run's loss and accuracy curves (and confusion matrix) as PNG")
-    p.add_argument("run", metavar="RUN")
-    p.set_defaults(func=cmd_plot)
-
-    p = sub.add_parser("recipes", help="list the training recipes and the accuracy each reached")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(func=cmd_recipes)
+    p = sub.add_parser("export", help="export a model to ONNX (dynamic batch) or a Hugging Face folder")
+    p.add_argument("checkpoint", help="run folder, vitlab folder, or any file `vitlab convert` reads")
+    p.add_argument("--format", choices=["onnx", "hf"], default="onnx")
+    p.add_argument("--out", required=True, help="the .onnx file, or the folder for --format hf")
+    p.add_argument("--input-format", choices=["vitlab", "hf", "timm", "torchvision", "jax"], default=None)
+    p.add_argument("--num-heads", type=int, default=None)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="time training steps or inference of a model: images/s, FLOP/s, utilisation")
     p.add_argument("--model", required=True, help="preset name (see `vitlab models`)")
