@@ -13,12 +13,12 @@ import http.client
 import logging
 import os
 import socket
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitlab._files import atomic_writer
 from vitlab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -68,37 +68,25 @@ def file_md5(path: str | os.PathLike) -> str:
 
 def _fetch(url: str, dest: Path, md5: str, timeout: float) -> None:
     """Stream ``url`` into a temporary file beside ``dest``, check the md5, then rename it to ``dest``."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        h = hashlib.md5()
-        received = 0
-        with os.fdopen(fd, "wb") as out:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                length = resp.headers.get("Content-Length")
-                expected_len = int(length) if length and length.isdigit() else None
-                while True:
-                    block = resp.read(_CHUNK)
-                    if not block:
-                        break
-                    out.write(block)
-                    h.update(block)
-                    received += len(block)
-            if expected_len is not None and received != expected_len:
-                raise DataError(f"{dest.name}: download from {url} stopped after {received} of {expected_len} "
-                                f"bytes; run the command again")
-            out.flush()
-            os.fsync(out.fileno())
+    h = hashlib.md5()
+    received = 0
+    with atomic_writer(dest, suffix=".part") as out:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            expected_len = int(length) if length and length.isdigit() else None
+            while True:
+                block = resp.read(_CHUNK)
+                if not block:
+                    break
+                out.write(block)
+                h.update(block)
+                received += len(block)
+        if expected_len is not None and received != expected_len:
+            raise DataError(f"{dest.name}: download from {url} stopped after {received} of {expected_len} "
+                            f"bytes; run the command again")
         if h.hexdigest() != md5:
             raise DataError(f"{dest.name}: wrong checksum after download from {url} (md5 {h.hexdigest()}, "
                             f"expected {md5}); nothing was saved, try again or use another mirror (--base-url)")
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def download_dataset(name: str, root: str | os.PathLike, *, base_url: str | None = None,

@@ -11,7 +11,6 @@ import json
 import logging
 import multiprocessing
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from vitlab.data.images import IMAGE_EXTENSIONS, decode_image, is_image_file, native_channels
 from vitlab.data.loader import ArrayDataset
+from vitlab._files import atomic_writer
 from vitlab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -199,20 +199,10 @@ def _read_cache(path: Path, n: int, image_size: tuple[int, int], channels: int):
 
 
 def _write_cache(path: Path, images: np.ndarray, ok: np.ndarray, errors: list[str]) -> None:
-    """Write the cache atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # uncompressed: loading is a read at disk speed; the images compress poorly anyway
-            np.savez(f, images=images, ok=ok, errors=np.array(errors, dtype=np.str_))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write the cache atomically."""
+    with atomic_writer(path) as f:
+        # uncompressed: loading is a read at disk speed; the images compress poorly anyway
+        np.savez(f, images=images, ok=ok, errors=np.array(errors, dtype=np.str_))
 
 
 def load_listing(listing: FolderListing, classes: list[str], image_size: tuple[int, int], channels: int, *,
