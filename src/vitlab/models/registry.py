@@ -55,10 +55,10 @@ _PRESETS = [
            "128 hidden, 4 heads)",
            dict(image_size=8, patch_size=2, in_channels=1, num_classes=10, hidden_dim=128, depth=6, num_heads=4,
                 mlp_dim=256)),
-    Preset("vit-mnist-p4", "vitlab's MNIST model: 28 px, 1 channel, patch 4 (7x7 grid), 6 layers, 96 hidden, "
-           "4 heads, MLP 192 (recipe mnist)",
-           dict(image_size=28, patch_size=4, in_channels=1, num_classes=10, hidden_dim=96, depth=6, num_heads=4,
-                mlp_dim=192)),
+    Preset("vit-mnist-p7", "vitlab's MNIST model: 28 px, 1 channel, patch 7 (4x4 grid), 6 layers, 128 hidden, "
+           "4 heads, MLP 256 (recipe mnist)",
+           dict(image_size=28, patch_size=7, in_channels=1, num_classes=10, hidden_dim=128, depth=6, num_heads=4,
+                mlp_dim=256)),
     Preset("vit-cifar-p4", "vitlab's CPU CIFAR-10 model: 32 px, patch 4, 6 layers, 128 hidden, 4 heads, MLP 256 "
            "(recipe cifar10-cpu)",
            dict(image_size=32, patch_size=4, num_classes=10, hidden_dim=128, depth=6, num_heads=4, mlp_dim=256)),
