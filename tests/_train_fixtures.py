@@ -34,13 +34,3 @@ def tiny_config(tmp_path, name: str = "run", **changes) -> TrainConfig:
                 out=str(tmp_path / name))
     base.update(changes)
     return TrainConfig(**base)
-
-
-@pytest.fixture
-def one_thread():
-    """Run on one thread: tiny models gain nothing from two, and on a busy shared CPU two OpenMP threads
-    spin-wait each other (we measured 23 vs 1,700 images/s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -10,7 +10,7 @@ from vitlab import ViTConfig, VisionTransformer
 from vitlab.cli import main
 from vitlab.interop.jax_npz import to_jax_arrays
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

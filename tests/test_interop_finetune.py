@@ -15,7 +15,7 @@ from vitlab.interop.jax_npz import to_jax_arrays
 from vitlab.interop.timm import to_timm_state_dict
 from vitlab.train.optim import param_groups
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PRETRAINED = ViTConfig(image_size=32, patch_size=8, hidden_dim=24, depth=2, num_heads=3, mlp_dim=48,
                        num_classes=10)

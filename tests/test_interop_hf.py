@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
+from conftest import randomise
 
 transformers = pytest.importorskip("transformers")
 
 from vitlab import CheckpointError, ConfigError, ViTConfig, VisionTransformer  # noqa: E402
 from vitlab.interop import detect_format, export_hf, load_pretrained  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -27,14 +28,6 @@ def _hf_config(**kw):
     return transformers.ViTConfig(**{**base, **kw})
 
 
-def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
-    # Random values everywhere, norms included, so a swapped or transposed tensor changes the logits.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 def _images(n=3, size=32, seed=1):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
@@ -43,7 +36,7 @@ def _images(n=3, size=32, seed=1):
 def test_classification_folder_loads_with_equal_logits(tmp_path, weights):
     hf = transformers.ViTForImageClassification(_hf_config(id2label={0: "apple", 1: "banana", 2: "cherry"},
                                                            label2id={"apple": 0, "banana": 1, "cherry": 2}))
-    _randomise(hf)
+    randomise(hf)
     hf.eval().save_pretrained(tmp_path)
     if weights != "safetensors":
         # transformers 5 writes safetensors only; older versions wrote the pickled state dict under this name,
@@ -65,7 +58,7 @@ def test_classification_folder_loads_with_equal_logits(tmp_path, weights):
 
 def test_vitmodel_without_head_loads_features(tmp_path):
     hf = transformers.ViTModel(_hf_config(), add_pooling_layer=True)  # the pooler is not part of vitlab's model
-    _randomise(hf, seed=3)
+    randomise(hf, seed=3)
     hf.eval().save_pretrained(tmp_path)
     model = load_pretrained(tmp_path)
     assert model.config.num_classes == 0 and model.config.labels is None
@@ -111,7 +104,7 @@ def test_export_round_trip_through_transformers(tmp_path):
     cfg = ViTConfig(image_size=(32, 48), patch_size=8, hidden_dim=32, depth=2, num_heads=4, mlp_dim=64,
                     num_classes=3, labels=["cat", "dog", "eel"], patch_embed="linear")
     model = VisionTransformer(cfg).eval()
-    _randomise(model, seed=5)
+    randomise(model, seed=5)
     export_hf(model, tmp_path / "hf")
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert written["id2label"] == {"0": "cat", "1": "dog", "2": "eel"}

@@ -14,7 +14,7 @@ from vitlab import CheckpointError, ViTConfig, VisionTransformer
 from vitlab.interop import detect_format, load_pretrained
 from vitlab.interop.jax_npz import to_jax_arrays
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 _erf = np.vectorize(math.erf)
 

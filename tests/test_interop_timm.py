@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomise
 from safetensors.torch import save_file
 from torch import nn
 
@@ -13,7 +14,7 @@ from vitlab import CheckpointError, VisionTransformer
 from vitlab.interop import detect_format, load_pretrained
 from vitlab.interop.timm import to_timm_state_dict
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TimmAttention(nn.Module):
@@ -97,14 +98,6 @@ class TimmViT(nn.Module):
         return self.head(self.fc_norm(x))
 
 
-def _randomised(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module.eval()
-
-
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 VARIANTS = {
@@ -120,7 +113,7 @@ VARIANTS = {
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_timm_state_dict_gives_the_logits_of_its_model(tmp_path, name, suffix):
-    peer = _randomised(TimmViT(**VARIANTS[name]))
+    peer = randomise(TimmViT(**VARIANTS[name]))
     path = tmp_path / f"vit{suffix}"
     state = {k: v.contiguous() for k, v in peer.state_dict().items()}
     save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
@@ -139,7 +132,7 @@ def test_timm_state_dict_gives_the_logits_of_its_model(tmp_path, name, suffix):
 
 
 def test_wrapped_and_ddp_prefixed_checkpoint(tmp_path):
-    peer = _randomised(TimmViT(dim=192, heads=3), seed=4)  # ViT-Ti width: heads from the standard table
+    peer = randomise(TimmViT(dim=192, heads=3), seed=4)  # ViT-Ti width: heads from the standard table
     torch.save({"model": {f"module.{k}": v for k, v in peer.state_dict().items()}, "epoch": 3}, tmp_path / "c.pth")
     model = load_pretrained(tmp_path / "c.pth")
     assert model.config.num_heads == 3
@@ -150,7 +143,7 @@ def test_wrapped_and_ddp_prefixed_checkpoint(tmp_path):
 def test_in21k_pre_logits_layer(tmp_path):
     from vitlab import ViTConfig
 
-    model = _randomised(VisionTransformer(ViTConfig(image_size=32, patch_size=8, hidden_dim=24, depth=1,
+    model = randomise(VisionTransformer(ViTConfig(image_size=32, patch_size=8, hidden_dim=24, depth=1,
                                                     num_heads=3, mlp_dim=48, num_classes=7, representation_dim=10)))
     state = to_timm_state_dict(model)
     assert state["pre_logits.fc.weight"].shape == (10, 24)
@@ -162,7 +155,7 @@ def test_in21k_pre_logits_layer(tmp_path):
 
 
 def test_unexpected_missing_and_mis_shaped_keys_are_named(tmp_path):
-    state = _randomised(TimmViT()).state_dict()
+    state = randomise(TimmViT()).state_dict()
     path = tmp_path / "bad.safetensors"
     save_file({**state, "dist_token": torch.zeros(1, 1, 24)}, path)
     with pytest.raises(CheckpointError, match=r"bad.safetensors: unexpected key 'dist_token' of shape \(1, 1, 24\)"):
@@ -176,7 +169,7 @@ def test_unexpected_missing_and_mis_shaped_keys_are_named(tmp_path):
 
 
 def test_heads_of_a_non_standard_width_must_be_given(tmp_path):
-    save_file(_randomised(TimmViT()).state_dict(), tmp_path / "w24.safetensors")
+    save_file(randomise(TimmViT()).state_dict(), tmp_path / "w24.safetensors")
     with pytest.raises(CheckpointError, match=r"hidden size 24 .* pass num_heads=N"):
         load_pretrained(tmp_path / "w24.safetensors")
 

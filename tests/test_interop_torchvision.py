@@ -9,13 +9,14 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from conftest import randomise
 from torch import nn
 
 from vitlab import CheckpointError
 from vitlab.interop import detect_format, load_pretrained
 from vitlab.interop.torchvision import to_torchvision_state_dict
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class EncoderBlock(nn.Module):
@@ -66,20 +67,12 @@ class TorchvisionViT(nn.Module):
         return self.heads(self.encoder(x)[:, 0])
 
 
-def _randomised(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module.eval()
-
-
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("representation", [None, 12])
 def test_torchvision_state_dict_gives_the_logits_of_its_model(tmp_path, representation):
-    peer = _randomised(TorchvisionViT(representation=representation))
+    peer = randomise(TorchvisionViT(representation=representation))
     torch.save(peer.state_dict(), tmp_path / "vit_b_16.pth")
     assert detect_format(tmp_path / "vit_b_16.pth") == "torchvision"
     model = load_pretrained(tmp_path / "vit_b_16.pth", num_heads=4)
@@ -93,7 +86,7 @@ def test_torchvision_state_dict_gives_the_logits_of_its_model(tmp_path, represen
 
 
 def test_pre_0_13_mlp_names_and_wrong_head_count(tmp_path):
-    peer = _randomised(TorchvisionViT(), seed=2)
+    peer = randomise(TorchvisionViT(), seed=2)
     state = {k.replace("mlp.0.", "mlp.linear_1.").replace("mlp.3.", "mlp.linear_2."): v
              for k, v in peer.state_dict().items()}
     torch.save(state, tmp_path / "old.pth")
@@ -104,7 +97,7 @@ def test_pre_0_13_mlp_names_and_wrong_head_count(tmp_path):
 
 
 def test_shape_mismatch_is_named(tmp_path):
-    state = _randomised(TorchvisionViT()).state_dict()
+    state = randomise(TorchvisionViT()).state_dict()
     state["encoder.layers.encoder_layer_1.self_attention.out_proj.weight"] = torch.zeros(32, 31)
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=r"bad.pth: key 'blocks.1.attn.proj.weight' has shape \(32, 31\)"):

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from _train_fixtures import TINY_MODEL, one_thread, tiny_config, tiny_splits  # noqa: F401
+from _train_fixtures import TINY_MODEL, tiny_config, tiny_splits
 
 import vitlab
 import vitlab.data

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_fixtures import one_thread, tiny_config, tiny_splits  # noqa: F401
+from _train_fixtures import tiny_config, tiny_splits
 
 import vitlab
 from vitlab._files import load_safetensors
@@ -60,7 +60,7 @@ def test_two_processes_match_one_process(tmp_path):
         import sys
         sys.path.insert(0, {str(TESTS)!r})
         from pathlib import Path
-        from _train_fixtures import one_thread, tiny_config, tiny_splits  # noqa: F401
+        from _train_fixtures import tiny_config, tiny_splits
         import vitlab
         vitlab.train(tiny_config(Path({str(tmp_path)!r}), "ddp", **{SETTINGS!r}), data=tiny_splits())
     """))

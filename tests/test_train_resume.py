@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from _train_fixtures import one_thread, tiny_config, tiny_splits  # noqa: F401
+from _train_fixtures import tiny_config, tiny_splits
 
 import vitlab
 from vitlab._files import load_safetensors
