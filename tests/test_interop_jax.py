@@ -147,3 +147,12 @@ def test_missing_and_mis_shaped_arrays_are_named(tmp_path):
     np.savez(path, something=np.zeros(3))
     with pytest.raises(CheckpointError, match=r"bad.npz: an .npz without 'embedding/kernel'"):
         load_pretrained(path)
+
+
+def test_export_refuses_a_conv_stem():
+    from vitlab import ConfigError
+
+    cfg = ViTConfig(image_size=16, patch_size=4, hidden_dim=16, depth=1, num_heads=2, mlp_dim=32, num_classes=3,
+                    patch_embed="conv_stem")
+    with pytest.raises(ConfigError, match="no layer scale, fc_norm, sin-cos positions or conv stem"):
+        to_jax_arrays(VisionTransformer(cfg))

@@ -23,7 +23,8 @@ BASE = ViTConfig(image_size=32, patch_size=8, hidden_dim=32, depth=2, num_heads=
     dict(pool="mean", class_token=False, pos_embed="sincos", patch_embed="linear", layer_scale=0.5,
          representation_dim=12, in_channels=1, image_size=(24, 40)),
     dict(pool="mean", norm_after_pool=True),
-], ids=["paper", "mean-sincos-linear-1ch", "fc_norm"])
+    dict(patch_embed="conv_stem"),
+], ids=["paper", "mean-sincos-linear-1ch", "fc_norm", "conv-stem"])
 def test_onnx_matches_pytorch_with_a_dynamic_batch(tmp_path, change):
     model = randomise(VisionTransformer(BASE.replace(**change)))
     path = export_onnx(model, tmp_path / "vit.onnx")

@@ -194,3 +194,12 @@ def test_unreadable_files_name_the_file(tmp_path):
         load_pretrained(tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match=r"nothing.pth: no such file"):
         load_pretrained(tmp_path / "nothing.pth")
+
+
+def test_export_refuses_a_conv_stem():
+    from vitlab import ConfigError, ViTConfig
+
+    cfg = ViTConfig(image_size=16, patch_size=4, hidden_dim=16, depth=1, num_heads=2, mlp_dim=32, num_classes=3,
+                    patch_embed="conv_stem")
+    with pytest.raises(ConfigError, match="patch_embed='conv_stem' has no timm vision_transformer equivalent"):
+        to_timm_state_dict(VisionTransformer(cfg))

@@ -78,6 +78,55 @@ def test_conv_and_unfold_linear_patchify_are_equal():
     torch.testing.assert_close(lin(x), conv(x), rtol=1e-5, atol=1e-6)
 
 
+def reference_conv_stem(state: dict, x: torch.Tensor, layers: int, training: bool) -> torch.Tensor:
+    """Xiao et al.'s stem written out with torch.nn.functional: (3x3 stride-2 conv, BatchNorm, ReLU) x layers,
+    then a 1x1 conv; tokens in row-major order."""
+    import torch.nn.functional as F
+
+    for i in range(layers):
+        x = F.conv2d(x, state[f"patch_embed.stem.{3 * i}.weight"], stride=2, padding=1)
+        bn = f"patch_embed.stem.{3 * i + 1}."
+        if training:  # the batch's statistics, biased variance
+            mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+        else:
+            mean, var = state[bn + "running_mean"], state[bn + "running_var"]
+        x = (x - mean[:, None, None]) / torch.sqrt(var[:, None, None] + 1e-5)
+        x = torch.relu(x * state[bn + "weight"][:, None, None] + state[bn + "bias"][:, None, None])
+    x = F.conv2d(x, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"])
+    return x.flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("size,patch,channels", [(16, 4, [24, 24]), ((28, 20), 4, [24, 24]), (32, 8, [24] * 3)])
+def test_conv_stem_matches_a_functional_reference(size, patch, channels):
+    torch.manual_seed(0)
+    m = VisionTransformer(tiny(patch_embed="conv_stem", image_size=size, patch_size=patch))
+    with torch.no_grad():  # non-trivial BatchNorm affine and running statistics
+        for mod in m.patch_embed.stem:
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5), mod.bias.uniform_(-0.5, 0.5)
+                mod.running_mean.uniform_(-0.1, 0.1), mod.running_var.uniform_(0.5, 2.0)
+    convs = [mod for mod in m.patch_embed.stem if isinstance(mod, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == channels  # 64, 128, ... capped at hidden_dim=24
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(3, 3, *m.config.image_size)
+    m.eval()
+    out = m.patch_embed(x)
+    assert out.shape == (3, m.config.num_patches, 24)
+    torch.testing.assert_close(out, reference_conv_stem(state, x, len(convs), training=False), rtol=1e-5, atol=1e-5)
+    m.train()
+    torch.testing.assert_close(m.patch_embed(x), reference_conv_stem(state, x, len(convs), training=True),
+                               rtol=1e-4, atol=1e-4)
+    assert not torch.equal(m.patch_embed.stem[1].running_mean, state["patch_embed.stem.1.running_mean"])
+    assert m(x).shape == (3, 5)
+
+
+def test_conv_stem_parameter_count_and_channels():
+    m = create_model("vit-cifar-c4")
+    assert [c.out_channels for c in m.patch_embed.stem if isinstance(c, torch.nn.Conv2d)] == [64, 128]
+    stem = 3 * 9 * 64 + 2 * 64 + 64 * 9 * 128 + 2 * 128 + 128 * 128 + 128  # convs, BatchNorm affine, 1x1 + bias
+    assert m.num_parameters() - stem == create_model("vit-cifar-p4").num_parameters() - (3 * 16 * 128 + 128)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(class_token=False, pool="mean"), dict(pos_embed="sincos"),
                                 dict(layer_scale=0.1, qkv_bias=False)])
 def test_fused_and_explicit_attention_agree(kw):
@@ -204,6 +253,8 @@ def test_reset_classifier():
     (dict(pool="cls", class_token=False), r"pool='cls' needs class_token=True"),
     (dict(pool="max"), r"pool='max' is not one of cls, mean"),
     (dict(patch_embed="mlp"), r"patch_embed='mlp'"),
+    (dict(patch_embed="conv_stem", patch_size=3, image_size=18), r"patch_embed='conv_stem' needs a square power-of-2"),
+    (dict(patch_embed="conv_stem", patch_size=(4, 2)), r"needs a square power-of-2 patch .*got patch_size=\(4, 2\)"),
     (dict(drop_path=1.5), r"drop_path=1.5 must be a probability"),
     (dict(depth=0), r"depth=0 must be a positive integer"),
     (dict(labels=["a", "b"]), r"labels has 2 names but num_classes=5"),
@@ -222,6 +273,17 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = VisionTransformer.from_pretrained(tmp_path / "ckpt").eval()
     assert loaded.config == m.config
     x = torch.randn(2, 3, 16, 20)
+    assert torch.equal(loaded(x), m(x))
+
+
+def test_save_and_load_keeps_the_conv_stem_batchnorm_statistics(tmp_path):
+    torch.manual_seed(0)
+    m = VisionTransformer(tiny(patch_embed="conv_stem"))
+    m(torch.randn(8, 3, 16, 16))  # training mode: updates the running statistics
+    m.eval().save_pretrained(tmp_path / "ckpt")
+    loaded = VisionTransformer.from_pretrained(tmp_path / "ckpt").eval()
+    assert torch.equal(loaded.patch_embed.stem[1].running_var, m.patch_embed.stem[1].running_var)
+    x = torch.randn(2, 3, 16, 16)
     assert torch.equal(loaded(x), m(x))
 
 

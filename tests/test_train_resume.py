@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from _train_fixtures import tiny_config, tiny_splits
+from _train_fixtures import TINY_MODEL, tiny_config, tiny_splits
 
 import vitlab
 from vitlab._files import load_safetensors
@@ -38,16 +38,25 @@ def _assert_same_checkpoint(a, b):
 RANDOM_BITS = dict(dropout=0.1, drop_path=0.1, hflip=True, label_smoothing=0.1, ema_decay=0.9, clip_grad=0.5)
 
 
-def test_resume_is_exact(tmp_path):
+# A conv stem adds BatchNorm running statistics (buffers) to the model and to its EMA.
+@pytest.mark.parametrize("model", [{}, dict(model_overrides=dict(TINY_MODEL, patch_embed="conv_stem"))],
+                         ids=["patchify", "conv-stem"])
+def test_resume_is_exact(tmp_path, model):
     data = tiny_splits()
-    straight = vitlab.train(tiny_config(tmp_path, "straight", **RANDOM_BITS), data=data)
-    first = vitlab.train(tiny_config(tmp_path, "split", stop_after_epoch=1, **RANDOM_BITS), data=data)
+    bits = dict(RANDOM_BITS, **model)
+    straight = vitlab.train(tiny_config(tmp_path, "straight", **bits), data=data)
+    first = vitlab.train(tiny_config(tmp_path, "split", stop_after_epoch=1, **bits), data=data)
     assert first.stopped == "stop_after_epoch" and len(first.history) == 1
-    resumed = vitlab.train(tiny_config(tmp_path, "ignored", resume=str(tmp_path / "split"), **RANDOM_BITS), data=data)
+    resumed = vitlab.train(tiny_config(tmp_path, "ignored", resume=str(tmp_path / "split"), **bits), data=data)
     assert resumed.run_dir == tmp_path / "split" and resumed.stopped == "completed"
     _assert_same_checkpoint(straight.run_dir / "last", resumed.run_dir / "last")
     assert _metrics(straight.run_dir) == _metrics(resumed.run_dir)
     assert len(_metrics(resumed.run_dir)) == 2
+    if model:  # the EMA model carries the trained model's BatchNorm statistics, not its initial ones
+        weights = load_safetensors(straight.run_dir / "last/model.safetensors")
+        ema = load_safetensors(straight.run_dir / "last/ema.safetensors")
+        assert torch.equal(ema["patch_embed.stem.1.running_mean"], weights["patch_embed.stem.1.running_mean"])
+        assert ema["patch_embed.stem.1.num_batches_tracked"] == 8  # 2 epochs of 64 images in batches of 16
     # the training actually changed the weights (a resume of nothing would also be "identical")
     before = vitlab.create_model(tiny_config(tmp_path).model, **tiny_config(tmp_path).model_overrides)
     assert not torch.equal(before.head.weight[:4], load_safetensors(straight.run_dir / "last/model.safetensors")

@@ -14,9 +14,16 @@ from vitlab.errors import ConfigError
 
 T = TypeVar("T")
 
-PATCH_EMBEDS = ("conv", "linear")
+PATCH_EMBEDS = ("conv", "linear", "conv_stem")
 POS_EMBEDS = ("learned", "sincos", "none")
 POOLS = ("cls", "mean")
+
+
+def conv_stem_channels(hidden_dim: int, patch_size: int) -> list[int]:
+    """Output channels of the stride-2 3x3 convolutions of a ``conv_stem`` patch embedding for a patch of
+    ``2**k`` pixels: 64, 128, 256, ... as in the ViT-B stem of Xiao et al. (2021), capped at ``hidden_dim``."""
+    k = patch_size.bit_length() - 1
+    return [min(64 * 2 ** i, hidden_dim) for i in range(k)]
 
 
 def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -49,7 +56,8 @@ class ViTConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_dim: int = 3072
-    patch_embed: str = "conv"  # "conv" (strided convolution) or "linear" (unfold + linear)
+    patch_embed: str = "conv"  # "conv" (strided convolution), "linear" (unfold + linear), or "conv_stem"
+    # (3x3 stride-2 convolutions + BatchNorm + ReLU, then 1x1: Xiao et al. 2021; square power-of-2 patches)
     class_token: bool = True
     pos_embed: str = "learned"  # "learned", "sincos" (fixed 2-D) or "none"
     pool: str = "cls"  # "cls" (class token) or "mean" (mean of the patch tokens)
@@ -113,6 +121,12 @@ class ViTConfig:
                 raise ConfigError(f"ViTConfig.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.norm_after_pool and not self.final_norm:
             raise ConfigError("ViTConfig.norm_after_pool=True needs final_norm=True (it moves that norm)")
+        if self.patch_embed == "conv_stem":
+            ph, pw = self.patch_size
+            if ph != pw or ph < 2 or ph & (ph - 1):
+                raise ConfigError(f"ViTConfig.patch_embed='conv_stem' needs a square power-of-2 patch (2, 4, 8, 16, "
+                                  f"...), got patch_size={self.patch_size}: change patch_size or use "
+                                  "patch_embed='conv'")
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("ViTConfig.pool='cls' needs class_token=True: set pool='mean' or class_token=True")
         for name in ("dropout", "attention_dropout", "drop_path"):
@@ -139,12 +153,21 @@ class ViTConfig:
     def flops_per_image(self) -> int:
         """Forward multiply-adds x 2 for one image, counted from the architecture.
 
-        Counts the patch projection, qkv, attention scores and weighted sum, output projection, MLP,
-        pre-logits and head; ignores norms, activations, softmax and additions (a few percent).
+        Counts the patch projection (or the convolutions of a conv stem), qkv, attention scores and weighted
+        sum, output projection, MLP, pre-logits and head; ignores norms, activations, softmax and additions
+        (a few percent).
         """
         d, n = self.hidden_dim, self.num_patches + self.num_prefix_tokens
-        patch_in = self.in_channels * self.patch_size[0] * self.patch_size[1]
-        macs = self.num_patches * patch_in * d
+        if self.patch_embed == "conv_stem":
+            (h, w), c_in, macs = self.image_size, self.in_channels, 0
+            for c_out in conv_stem_channels(d, self.patch_size[0]):
+                h, w = (h + 1) // 2, (w + 1) // 2  # 3x3, stride 2, padding 1
+                macs += h * w * 9 * c_in * c_out
+                c_in = c_out
+            macs += self.num_patches * c_in * d  # the 1x1 projection
+        else:
+            patch_in = self.in_channels * self.patch_size[0] * self.patch_size[1]
+            macs = self.num_patches * patch_in * d
         per_block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * self.mlp_dim
         macs += self.depth * per_block
         head_in = d

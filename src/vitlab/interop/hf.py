@@ -228,6 +228,8 @@ def to_hf_state_dict_keys(config: ViTConfig) -> list[str]:
 def hf_unsupported(config: ViTConfig) -> str | None:
     """Why Hugging Face's ``ViTForImageClassification`` cannot express ``config``, or None when it can."""
     reasons = [
+        (config.patch_embed == "conv_stem", "patch_embed='conv_stem' (Hugging Face's ViT has a patchify "
+                                            "convolution only)"),
         (config.pool != "cls", f"pool={config.pool!r} (Hugging Face's ViT classifies the class token only)"),
         (not config.class_token, "class_token=False (Hugging Face's ViT always has a class token)"),
         (config.pos_embed != "learned", f"pos_embed={config.pos_embed!r} (Hugging Face's ViT has learned "

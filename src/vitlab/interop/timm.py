@@ -76,6 +76,9 @@ def to_timm_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
     c = model.config
     if c.pos_embed == "sincos":
         raise ConfigError("pos_embed='sincos' has no timm vision_transformer equivalent; export to ONNX instead")
+    if c.patch_embed == "conv_stem":
+        raise ConfigError("patch_embed='conv_stem' has no timm vision_transformer equivalent; export to ONNX "
+                          "instead")
     out = {}
     for key, value in model.state_dict().items():
         if key.startswith("norm.") and c.norm_after_pool:

@@ -343,6 +343,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
     epoch_times: list[float] = []
     probe_step = max(5, steps_per_epoch // 10) if config.time_limit_minutes is not None and not resuming \
         and steps_per_epoch >= 20 else -1
+    probe_from, t_probe = max(1, probe_step // 4), 0.0
     while epoch < planned_epochs:
         t_epoch = time.perf_counter()
         loader.set_epoch(epoch)
@@ -381,10 +382,14 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
                 _ema_update(ema, model, config.ema_decay)
             step_in_epoch += 1
             now = time.perf_counter()
+            if step_in_epoch == probe_from and epoch == start_epoch:
+                t_probe = now  # the first steps are slow (kernel selection, allocator): not timed
             if step_in_epoch == probe_step and epoch == start_epoch:
                 # Time-limited run: estimate the epoch time early in the first epoch and lay the schedule out
-                # for the epochs that fit, rather than finding out after a long first epoch.
-                est = (now - t_epoch) / step_in_epoch * steps_per_epoch * 1.15  # + evaluation, roughly
+                # for the epochs that fit, rather than finding out after a long first epoch. Steps after the
+                # first few only: a pessimistic estimate would waste the budget (the plan never grows).
+                step_time = (now - t_probe) / (probe_step - probe_from)
+                est = (step_time * steps_per_epoch + (t_probe - t_epoch) - probe_from * step_time) * 1.08  # + eval
                 left = config.time_limit_minutes * 60 - (wall_before + t_epoch - t_loop)
                 fits = _agree(max(epoch + int(left // est), epoch + 1), d, device)
                 planned_epochs = _replan(scheduler, config, planned_epochs, fits, steps_per_epoch, d)
@@ -510,6 +515,8 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
     ema_params = [p for p in ema.parameters()]
     params = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):  # BatchNorm statistics of a conv stem
+        ema_buffer.copy_(buffer)
 
 
 def _diverged(run: Path, epoch: int, step: int, value: float, config: TrainConfig):
