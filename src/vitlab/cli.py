@@ -23,7 +23,8 @@ def _fmt_count(n: int) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """Print the presets: name, image size, patch, layers, hidden, heads, parameters, GFLOPs per image."""
+    """Print the presets: name, image size, patch (+ "stem": a convolutional stem), layers, hidden, heads,
+    parameters, GFLOPs per image."""
     from vitlab.models import PRESETS, create_model, get_config
 
     rows = []
@@ -31,22 +32,23 @@ def cmd_models(args: argparse.Namespace) -> int:
         cfg = get_config(name)
         with _meta_device():
             params = create_model(cfg).num_parameters()
-        rows.append(dict(name=name, image_size=list(cfg.image_size), patch=list(cfg.patch_size), layers=cfg.depth,
+        rows.append(dict(name=name, image_size=list(cfg.image_size), patch=list(cfg.patch_size),
+                         patch_embed=cfg.patch_embed, layers=cfg.depth,
                          hidden=cfg.hidden_dim, heads=cfg.num_heads, params=params,
                          gflops=cfg.flops_per_image() / 1e9, description=preset.description))
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return 0
-    header = f"{'name':<24}{'image':>9}{'patch':>7}{'layers':>8}{'hidden':>8}{'heads':>7}{'params':>14}{'GFLOPs':>10}"
+    header = f"{'name':<24}{'image':>9}{'patch':>10}{'layers':>8}{'hidden':>8}{'heads':>7}{'params':>14}{'GFLOPs':>10}"
     print(header)
     print("-" * len(header))
     for r in rows:
         h, w = r["image_size"]
         ph, pw = r["patch"]
         image = f"{h}" if h == w else f"{h}x{w}"
-        patch = f"{ph}" if ph == pw else f"{ph}x{pw}"
-        print(f"{r['name']:<24}{image:>9}{patch:>7}{r['layers']:>8}{r['hidden']:>8}{r['heads']:>7}"
+        patch = (f"{ph}" if ph == pw else f"{ph}x{pw}") + (" stem" if r["patch_embed"] == "conv_stem" else "")
+        print(f"{r['name']:<24}{image:>9}{patch:>10}{r['layers']:>8}{r['hidden']:>8}{r['heads']:>7}"
               f"{r['params']:>14,}{r['gflops']:>10.3f}")
     return 0
 

@@ -60,8 +60,8 @@ _PRESETS = [
            dict(image_size=28, patch_size=7, in_channels=1, num_classes=10, hidden_dim=128, depth=6, num_heads=4,
                 mlp_dim=256)),
     Preset("vit-mnist-c4", "vitlab's MNIST model: 28 px, 1 channel, convolutional stem (3x3 stride-2 convs 64, 96 "
-           "+ BatchNorm + ReLU, then 1x1; 7x7 grid), 6 layers, 96 hidden, 4 heads, MLP 192 (recipe mnist)",
-           dict(image_size=28, patch_size=4, in_channels=1, num_classes=10, hidden_dim=96, depth=6, num_heads=4,
+           "+ BatchNorm + ReLU, then 1x1; 7x7 grid), 4 layers, 96 hidden, 4 heads, MLP 192 (recipe mnist)",
+           dict(image_size=28, patch_size=4, in_channels=1, num_classes=10, hidden_dim=96, depth=4, num_heads=4,
                 mlp_dim=192, patch_embed="conv_stem")),
     Preset("vit-cifar-p4", "a pure-ViT CPU CIFAR-10 model: 32 px, patch 4, 6 layers, 128 hidden, 4 heads, MLP 256",
            dict(image_size=32, patch_size=4, num_classes=10, hidden_dim=128, depth=6, num_heads=4, mlp_dim=256)),

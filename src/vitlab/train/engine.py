@@ -469,12 +469,17 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
         if config.time_limit_minutes is not None and epoch < planned_epochs:
             # Fit the remaining epochs to the time left, at the slowest epoch so far (to stay inside the limit).
             elapsed = wall_before + time.perf_counter() - t_loop  # training time: data loading not counted
-            fits = epoch + int(max(config.time_limit_minutes * 60 - elapsed, 0.0) // max(epoch_times))
+            left = max(config.time_limit_minutes * 60 - elapsed, 0.0)
+            # The first whole epoch (evaluation included) measures what the probe estimated: the plan may grow
+            # then (up to `epochs`); afterwards it only shrinks.
+            first = probe_step > 0 and epoch == start_epoch + 1
+            fits = min(epoch + int(left // epoch_times[-1]), config.epochs) if first \
+                else epoch + int(left // max(epoch_times))
             fits = _agree(fits, d, device)
             if fits <= epoch:
                 stopped = "time_limit"
                 break
-            planned_epochs = _replan(scheduler, config, planned_epochs, fits, steps_per_epoch, d)
+            planned_epochs = _replan(scheduler, config, planned_epochs, fits, steps_per_epoch, d, grow=first)
     if writer is not None:
         writer.close()
     if d.is_main and history:
@@ -496,13 +501,13 @@ def _agree(value: int, d: _Dist, device: torch.device) -> int:
 
 
 def _replan(scheduler: WarmupCosine, config: TrainConfig, planned: int, fits: int, steps_per_epoch: int,
-            d: _Dist) -> int:
-    """Shorten the schedule to end after epoch ``fits`` (if that is sooner): the cosine is recomputed for the
-    new total and the warmup keeps its share of the run."""
-    if fits >= planned:
+            d: _Dist, grow: bool = False) -> int:
+    """Make the schedule end after epoch ``fits`` if that is sooner (or, with ``grow``, later): the cosine is
+    recomputed for the new total and the warmup keeps its share of the run."""
+    if fits == planned or (fits > planned and not grow):
         return planned
     scheduler.total_steps = fits * steps_per_epoch
-    scheduler.warmup_steps = min(scheduler.warmup_steps,
+    scheduler.warmup_steps = min(round(config.warmup_epochs * steps_per_epoch),
                                  round(config.warmup_epochs / config.epochs * fits * steps_per_epoch))
     scheduler.load_state_dict(scheduler.state_dict())
     if d.is_main:
