@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,6 +215,7 @@ def test_cli_recipes_lists_them(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert "cifar10-cpu:" in out and "seed-cifar10:" in out and "model vit-mnist-c4" in out
+    assert "note:     goal 80% not reached" in out  # a goal not met is said where the number is
 
 
 def test_init_from_pretrained_resets_head_and_resizes_positions(tmp_path, monkeypatch):
@@ -243,3 +245,20 @@ def test_init_from_pretrained_resets_head_and_resizes_positions(tmp_path, monkey
 def test_python_api_takes_a_data_spec_string(tmp_path, tiny_data):
     result = vitlab.train(tiny_config(tmp_path, "run", epochs=1, data="digits"), data="folder:photos")
     assert "data: folder:photos" in (result.run_dir / "config.yaml").read_text()
+
+
+def test_time_limit_replan_grows_only_when_asked():
+    # The first whole epoch may lengthen the plan the probe laid out; later epochs only shorten it.
+    from vitlab.train.engine import _Dist, _replan
+    from vitlab.train.optim import WarmupCosine
+
+    config = tiny_config(Path("unused"), epochs=40, warmup_epochs=2, lr=1e-3, min_lr=0.0)
+    sched = WarmupCosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lr=1e-3, min_lr=0.0,
+                         total_steps=10 * 100, warmup_steps=round(2 / 40 * 10 * 100))  # the probe's plan: 10 epochs
+    assert _replan(sched, config, 10, 12, 100, _Dist()) == 10 and sched.total_steps == 1000  # no growth
+    assert _replan(sched, config, 10, 12, 100, _Dist(), grow=True) == 12
+    assert (sched.total_steps, sched.warmup_steps) == (1200, 60)  # warmup keeps its share: 2/40 of the run
+    assert _replan(sched, config, 12, 9, 100, _Dist()) == 9 and (sched.total_steps, sched.warmup_steps) == (900, 45)
+    for _ in range(900):
+        sched.step()
+    assert sched.current_lr() == pytest.approx(0.0)  # still ends at min_lr

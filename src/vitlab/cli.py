@@ -285,6 +285,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
             print(f"    measured: {measured['top1']}% test accuracy in {measured.get('wall_time', '?')} on "
                   f"{measured.get('machine', '?')}")
             print(f"    command:  {measured.get('command', '?')}")
+            if measured.get("note"):
+                print(f"    note:     {measured['note']}")
         else:
             print("    measured: not yet")
     return 0

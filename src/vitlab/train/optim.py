@@ -69,9 +69,9 @@ def lr_at(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr: 
 
 class WarmupCosine:
     """The schedule as a small object whose whole state is ``{step, total_steps, warmup_steps}`` (JSON), so a
-    resumed run continues at exactly the same learning rate. ``total_steps`` may be shortened once mid-run (a
-    time limit, after the first epoch is timed); the cosine is then recomputed over the new total, so the
-    learning rate steps down a little at that point and still ends at ``min_lr``."""
+    resumed run continues at exactly the same learning rate. A time limit may change ``total_steps`` mid-run
+    (longer or shorter after the first epoch, shorter after later ones); the cosine is then recomputed over
+    the new total, so the learning rate steps a little at that point and still ends at ``min_lr``."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, lr: float, min_lr: float, total_steps: int,
                  warmup_steps: int):
