@@ -387,7 +387,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
             if step_in_epoch == probe_step and epoch == start_epoch:
                 # Time-limited run: estimate the epoch time early in the first epoch and lay the schedule out
                 # for the epochs that fit, rather than finding out after a long first epoch. Steps after the
-                # first few only: a pessimistic estimate would waste the budget (the plan never grows).
+                # first few only: those are slow, and a pessimistic plan wastes the budget.
                 step_time = (now - t_probe) / (probe_step - probe_from)
                 est = (step_time * steps_per_epoch + (t_probe - t_epoch) - probe_from * step_time) * 1.08  # + eval
                 left = config.time_limit_minutes * 60 - (wall_before + t_epoch - t_loop)
@@ -467,11 +467,11 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
             stopped = "stop_after_epoch"
             break
         if config.time_limit_minutes is not None and epoch < planned_epochs:
-            # Fit the remaining epochs to the time left, at the slowest epoch so far (to stay inside the limit).
+            # Fit the remaining epochs to the time left, at the slowest epoch so far (to stay inside the limit),
             elapsed = wall_before + time.perf_counter() - t_loop  # training time: data loading not counted
             left = max(config.time_limit_minutes * 60 - elapsed, 0.0)
-            # The first whole epoch (evaluation included) measures what the probe estimated: the plan may grow
-            # then (up to `epochs`); afterwards it only shrinks.
+            # except after the first whole epoch (evaluation included), which measures what the probe
+            # estimated: the plan may grow then (up to `epochs`); afterwards it only shrinks.
             first = probe_step > 0 and epoch == start_epoch + 1
             fits = min(epoch + int(left // epoch_times[-1]), config.epochs) if first \
                 else epoch + int(left // max(epoch_times))
