@@ -56,20 +56,26 @@ def _assert_close_runs(a: Path, b: Path):
 def test_two_processes_match_one_process(tmp_path):
     single = vitlab.train(tiny_config(tmp_path, "single", **SETTINGS), data=tiny_splits())
     script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(TESTS)!r})
-        from pathlib import Path
-        from _train_fixtures import tiny_config, tiny_splits
-        import vitlab
-        vitlab.train(tiny_config(Path({str(tmp_path)!r}), "ddp", **{SETTINGS!r}), data=tiny_splits())
-    """))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    for attempt in ("ddp", "ddp-again"):
+        script.write_text(textwrap.dedent(f"""
+            import sys
+            sys.path.insert(0, {str(TESTS)!r})
+            from pathlib import Path
+            from _train_fixtures import tiny_config, tiny_splits
+            import vitlab
+            vitlab.train(tiny_config(Path({str(tmp_path)!r}), {attempt!r}, **{SETTINGS!r}), data=tiny_splits())
+        """))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), str(script)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        # Once in about ten runs here a rank aborted at exit ("terminate called without an active exception",
+        # gloo's threads at interpreter shutdown, cf. pytorch/pytorch#179291) after training had finished:
+        # that one failure mode gets one more launch; anything else fails at once.
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = tmp_path / "ddp"
+    ddp = tmp_path / attempt
     _assert_close_runs(single.run_dir, ddp)
     # rank 0 alone wrote the run folder, and the weights moved away from their initial values
     assert not list(tmp_path.glob("runs"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -226,6 +227,7 @@ def fit(config: TrainConfig, *, data=None, model: torch.nn.Module | None = None,
         return _fit(config, data, model, progress, d)
     finally:
         if d.owns_group:
+            gc.collect()  # free the DDP reducer's pending work while the process group still exists
             dist.destroy_process_group()
 
 
