@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vitlab.config import RECIPE_META_KEYS, RECIPES_DIR, TrainConfig, config_from_dict, load_yaml, to_dict
-from vitlab.errors import ConfigError, DataError
+from vitlab.errors import DataError
 
 log = logging.getLogger("vitlab.train")
 
@@ -50,11 +50,8 @@ def train(config: TrainConfig | None = None, *, data=None, progress=None, **chan
         config = resume_config(config.resume, changed)
     model = None
     if config.init:
-        try:
-            from vitlab.interop import load_pretrained
-        except ImportError:
-            raise ConfigError("TrainConfig.init needs vitlab.interop.load_pretrained, which this install lacks; "
-                              "start from a vitlab run with init=RUN/best") from None
+        from vitlab.interop import load_pretrained
+
         model = load_pretrained(config.init)
     return fit(config, data=data, model=model, progress=progress)
 
@@ -103,18 +100,14 @@ def plot_run(run: str | Path) -> list[Path]:
     has ``eval.json``, ``confusion_matrix.png``; return the files written."""
     from vitlab._files import read_json
     from vitlab.train.metrics import read_metrics
-    from vitlab.train.plots import plot_confusion, plot_curves
+    from vitlab.train.plots import plot_run_files
 
     run = Path(run)
     history = read_metrics(run / "metrics.jsonl")
     if not history:
         raise DataError(f"{run / 'metrics.jsonl'} is empty: the run has not finished an epoch yet")
-    paths = [plot_curves(history, run / "curves.png", title=run.name)]
-    if (run / "eval.json").is_file():
-        ev = read_json(run / "eval.json")
-        paths.append(plot_confusion(ev["confusion"], ev["classes"], run / "confusion_matrix.png",
-                                    title=f"{run.name}: top-1 {100 * ev['top1']:.2f}%"))
-    return paths
+    final_eval = read_json(run / "eval.json") if (run / "eval.json").is_file() else None
+    return plot_run_files(run, history, final_eval)
 
 
 def list_recipes() -> list[dict[str, Any]]:

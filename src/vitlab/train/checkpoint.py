@@ -13,7 +13,6 @@ moment leaves either the previous checkpoint or the new one (:func:`recover_run`
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import uuid
@@ -217,4 +216,4 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
 def load_preprocess(path: str | Path) -> dict | None:
     """The ``{"mean", "std", "image_size", "channels"}`` a checkpoint was trained with, or None if unknown."""
     file = resolve_checkpoint(path) / PREPROCESS_NAME
-    return json.loads(file.read_text()) if file.is_file() else None
+    return read_json(file) if file.is_file() else None

@@ -180,18 +180,24 @@ def _barrier(d: _Dist) -> None:
 
 
 # ---------------------------------------------------------------- model
+def _preset_config(config: TrainConfig):
+    """The ViTConfig that ``config.model`` names, with the run's overrides (fields, dropouts, image size)."""
+    from vitlab.models import get_config
+
+    overrides = dict(config.model_overrides)
+    for name in ("drop_path", "dropout"):
+        if getattr(config, name) is not None:
+            overrides[name] = getattr(config, name)
+    if config.image_size is not None:
+        overrides["image_size"] = tuple(config.image_size)
+    return get_config(config.model, **overrides)
+
+
 def _build_model(config: TrainConfig, classes: list[str], model: torch.nn.Module | None):
-    from vitlab.models import create_model, get_config
+    from vitlab.models import create_model
 
     if model is None:
-        overrides = dict(config.model_overrides)
-        for name in ("drop_path", "dropout"):
-            if getattr(config, name) is not None:
-                overrides[name] = getattr(config, name)
-        if config.image_size is not None:
-            overrides["image_size"] = tuple(config.image_size)
-        return create_model(get_config(config.model, **overrides).replace(num_classes=len(classes),
-                                                                          labels=list(classes)))
+        return create_model(_preset_config(config).replace(num_classes=len(classes), labels=list(classes)))
     # A ready (pretrained) model: fit its head and input size to this dataset. A new head replaces the whole
     # old one, an ImageNet-21k pre-logits layer included, as the paper fine-tunes.
     from vitlab.interop.finetune import prepare_finetune
@@ -201,15 +207,10 @@ def _build_model(config: TrainConfig, classes: list[str], model: torch.nn.Module
 
 def _input_spec(config: TrainConfig, model: torch.nn.Module | None) -> tuple[tuple[int, int], int]:
     """(image size, channels) the data must be loaded at."""
-    from vitlab.models import get_config
-
     if model is not None:
         size = tuple(config.image_size) if config.image_size else tuple(model.config.image_size)
         return size, model.config.in_channels
-    overrides = dict(config.model_overrides)
-    if config.image_size is not None:
-        overrides["image_size"] = tuple(config.image_size)
-    cfg = get_config(config.model, **overrides)
+    cfg = _preset_config(config)
     return tuple(cfg.image_size), cfg.in_channels
 
 
@@ -443,7 +444,8 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
         if d.is_main:
             state = {"epoch": epoch, "planned_epochs": planned_epochs, "config_epochs": config.epochs,
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "best_top1": best_top1,
-                     "best_epoch": best_epoch, "best_loss": None if math.isinf(best_loss) else best_loss, "wall_time": wall, "history": history,
+                     "best_epoch": best_epoch, "best_loss": None if math.isinf(best_loss) else best_loss,
+                     "wall_time": wall, "history": history,
                      "best_source": "ema" if (ema is not None and improved and row.get("ema_top1", 0) > row["top1"])
                      else "model"}
             ckpt.save_checkpoint(run / "last", model=model, preprocess=preprocess, state=state,
@@ -544,13 +546,9 @@ def _tensorboard(run: Path):
 def _write_reports(run: Path, history: list[dict], final_eval: dict | None, plots: bool = True) -> None:
     """eval.json of the last evaluated epoch; with ``plots``, curves.png and confusion_matrix.png."""
     from vitlab._files import write_json
-    from vitlab.train.plots import plot_confusion, plot_curves
+    from vitlab.train.plots import plot_run_files
 
     if final_eval is not None:
         write_json(run / "eval.json", final_eval)
-    if not plots:
-        return
-    plot_curves(history, run / "curves.png", title=run.name)
-    if final_eval is not None:
-        plot_confusion(final_eval["confusion"], final_eval["classes"], run / "confusion_matrix.png",
-                       title=f"{run.name}: top-1 {100 * final_eval['top1']:.2f}%")
+    if plots:
+        plot_run_files(run, history, final_eval)

@@ -72,6 +72,16 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | P
     return _save(fig, path)
 
 
+def plot_run_files(run: str | Path, history: list[dict], final_eval: dict | None) -> list[Path]:
+    """The run folder's plots: ``curves.png`` and, given the last evaluation, ``confusion_matrix.png``."""
+    run = Path(run)
+    paths = [plot_curves(history, run / "curves.png", title=run.name)]
+    if final_eval is not None:
+        paths.append(plot_confusion(final_eval["confusion"], final_eval["classes"], run / "confusion_matrix.png",
+                                    title=f"{run.name}: top-1 {100 * final_eval['top1']:.2f}%"))
+    return paths
+
+
 def _save(fig, path: str | Path) -> Path:
     from io import BytesIO
 
