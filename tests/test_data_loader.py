@@ -41,8 +41,8 @@ def test_order_is_a_function_of_seed_and_epoch():
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(ea, eb))
     a.set_epoch(3)
     assert not torch.equal(_epoch(a)[0][0], ea[0][0])
-    order = torch.cat([y for _, y in ea])
-    assert len(order) == 50
+    order = torch.cat([x[:, 0, 0, 0] for x, _ in ea]).long()  # image i holds the value i
+    assert sorted(order.tolist()) == list(range(50)) and order.tolist() != list(range(50))
 
 
 @pytest.mark.parametrize("n,world", [(10, 3), (12, 4), (7, 2)])

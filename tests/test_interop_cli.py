@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import randomise
 
 from vitlab import ViTConfig, VisionTransformer
 from vitlab.cli import main
@@ -19,7 +20,7 @@ CFG = ViTConfig(image_size=32, patch_size=8, hidden_dim=24, depth=2, num_heads=3
 
 def test_convert_then_export_onnx(tmp_path, capsys):
     ort = pytest.importorskip("onnxruntime")
-    model = VisionTransformer(CFG).eval()
+    model = randomise(VisionTransformer(CFG))
     np.savez(tmp_path / "ViT-S.npz", **to_jax_arrays(model, prefix="opt/target/"))
     assert main(["convert", str(tmp_path / "ViT-S.npz"), "--out", str(tmp_path / "conv")]) == 0
     out = capsys.readouterr().out

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import randomise
 
 from vitlab import CheckpointError, ViTConfig, VisionTransformer
 from vitlab.interop import detect_format, load_pretrained
@@ -121,7 +122,7 @@ def test_npz_gives_the_logits_of_the_jax_model(tmp_path, case):
 def test_vitlab_to_npz_and_back(tmp_path):
     cfg = ViTConfig(image_size=32, patch_size=8, hidden_dim=24, depth=2, num_heads=4, mlp_dim=40, num_classes=3,
                     representation_dim=6)
-    model = VisionTransformer(cfg).eval()
+    model = randomise(VisionTransformer(cfg))  # biases and norms too, so a bias bug shows
     arrays = to_jax_arrays(model)
     assert arrays["Transformer/encoderblock_1/MultiHeadDotProductAttention_1/out/kernel"].shape == (4, 6, 24)
     x = torch.from_numpy(IMAGES)

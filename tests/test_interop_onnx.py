@@ -42,7 +42,7 @@ def test_onnx_matches_pytorch_with_a_dynamic_batch(tmp_path, change):
         assert np.abs(out - ref).max() <= 1e-4
 
 
-def test_export_restores_training_mode(tmp_path):
-    model = VisionTransformer(BASE).train()
+def test_export_restores_training_mode_and_dtype(tmp_path):
+    model = VisionTransformer(BASE).train().to(torch.bfloat16)
     export_onnx(model, tmp_path / "vit.onnx")
-    assert model.training
+    assert model.training and next(model.parameters()).dtype == torch.bfloat16

@@ -262,3 +262,26 @@ def test_time_limit_replan_grows_only_when_asked():
     for _ in range(900):
         sched.step()
     assert sched.current_lr() == pytest.approx(0.0)  # still ends at min_lr
+
+
+def test_evaluate_holds_out_what_the_run_held_out(tmp_path):
+    # A folder without a test split is split by the run's val_fraction and seed, in training and in evaluate.
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(20):
+            pixels = np.clip(60 + 120 * c + rng.integers(-20, 20, (8, 8)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.png")
+    run = vitlab.train(tiny_config(tmp_path, data=f"folder:{root}", epochs=1, batch_size=8, val_fraction=0.5,
+                                   seed=3))
+    trained = json.loads((run.run_dir / "eval.json").read_text())
+    result = vitlab.evaluate(run.run_dir, f"folder:{root}", device="cpu", precision="fp32")
+    assert result["count"] == trained["count"] == 20  # half of 40, not the default tenth
+    assert result["confusion"] == trained["confusion"]
+    with pytest.raises(vitlab.DataError, match="differ from the model's"):
+        (root / "c1").rename(root / "renamed")
+        vitlab.evaluate(run.run_dir, f"folder:{root}", device="cpu")

@@ -52,7 +52,10 @@ def train(config: TrainConfig | None = None, *, data=None, progress=None, **chan
     if config.init:
         from vitlab.interop import load_pretrained
 
-        model = load_pretrained(config.init)
+        # The run's model fields apply to the pretrained architecture too (image size: prepare_finetune).
+        overrides = dict(config.model_overrides)
+        overrides.update({k: getattr(config, k) for k in ("drop_path", "dropout") if getattr(config, k) is not None})
+        model = load_pretrained(config.init, **overrides)
     return fit(config, data=data, model=model, progress=progress)
 
 
@@ -65,6 +68,7 @@ def evaluate(checkpoint: str | Path, data: str, *, batch_size: int = 512, device
     from vitlab.data import load_data
     from vitlab.train.checkpoint import load_model, load_preprocess, resolve_checkpoint
     from vitlab._device import default_precision, resolve_device
+    from vitlab.train.engine import check_classes
     from vitlab.train.engine import evaluate as evaluate_model
 
     path = resolve_checkpoint(checkpoint)
@@ -72,14 +76,15 @@ def evaluate(checkpoint: str | Path, data: str, *, batch_size: int = 512, device
     precision = default_precision(dev) if precision == "auto" else precision  # as training evaluated
     model = load_model(path, map_location=dev)
     cfg = model.config
+    # A folder without a test split is split by the run's own val_fraction and seed, so the test images here
+    # are the ones the run held out (not, with the defaults, partly its training images).
+    run_file = path.parent / "config.yaml"
+    run_config = load_yaml(run_file) if run_file.is_file() else {}
     splits = load_data(data, image_size=tuple(cfg.image_size), channels=cfg.in_channels, cache_dir=cache_dir,
-                       workers=workers)
+                       workers=workers, val_fraction=run_config.get("val_fraction", 0.1),
+                       seed=run_config.get("seed", 0))
     classes = list(splits.classes)
-    if cfg.labels is not None and list(cfg.labels) != classes:
-        raise DataError(f"{data}: its classes {classes[:10]} differ from the model's {list(cfg.labels)[:10]} "
-                        f"({path}/config.json); evaluate on a dataset with the classes the model was trained on")
-    if cfg.num_classes != len(classes):
-        raise DataError(f"{data}: {len(classes)} classes, but the model in {path} has {cfg.num_classes} outputs")
+    check_classes(cfg, classes, data, path)
     pre = load_preprocess(path) or {"mean": list(splits.mean), "std": list(splits.std)}
     result = evaluate_model(model, splits.test, mean=pre["mean"], std=pre["std"], image_size=tuple(cfg.image_size),
                             batch_size=batch_size, device=dev, precision=precision, classes=classes)

@@ -395,10 +395,8 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
 
 def _augmentation(size: tuple[int, int], channels: int, classes: int) -> Callable:
     """DeiT-style training augmentation on the device (vitlab.data); pad-crop for small images."""
-    try:
-        from vitlab.data import TrainTransform
-    except ImportError:
-        raise ConfigError("augment=True needs vitlab.data.TrainTransform (the data package) to be installed") from None
+    from vitlab.data import TrainTransform
+
     small = max(size) <= 64
     return TrainTransform(mean=(0.5,) * channels, std=(0.5,) * channels, image_size=size, num_classes=classes,
                           crop_padding=4 if small else 0, hflip=True,

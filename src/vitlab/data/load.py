@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from vitlab.config import pair
 from vitlab.data.loader import ArrayDataset, DatasetSplits, channel_mean_std, stratified_split
 from vitlab.data.transforms import resize_uint8
 from vitlab.errors import DataError
@@ -82,10 +83,10 @@ def _adapt(ds: ArrayDataset, image_size: tuple[int, int] | None, channels: int |
 def _size_pair(image_size) -> tuple[int, int] | None:
     if image_size is None:
         return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    h, w = image_size
-    return (int(h), int(w))
+    h, w = pair(image_size, "image_size")
+    if h < 1 or w < 1:
+        raise DataError(f"image_size={image_size!r} must be positive")
+    return (h, w)
 
 
 def load_data(spec: str, *, image_size: tuple[int, int] | int | None = None, channels: int | None = None,

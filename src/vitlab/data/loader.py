@@ -168,10 +168,13 @@ class BatchLoader:
         self.epoch = 0
         self._images = dataset.images
         self._labels = dataset.labels
+        # Whether the tensors live where the batches go (compared by flag: cuda != cuda:0 as devices).
+        self._resident = dataset.images.device.type == self.device.type == "cpu"
         if self.device.type != "cpu":
             if dataset.images.numel() <= self.DEVICE_RESIDENT_BYTES:
                 self._images = dataset.images.to(self.device)
                 self._labels = dataset.labels.to(self.device)
+                self._resident = True
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration yields."""
@@ -202,9 +205,9 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self.indices()
-        on_device = self._images.device == self.device
+        on_device = self._resident
         if on_device and self.device.type != "cpu":
-            idx = idx.to(self.device)
+            idx = idx.to(self._images.device)
         for b in range(len(self)):
             batch = idx[b * self.batch_size:(b + 1) * self.batch_size]
             images = self._images.index_select(0, batch)

@@ -80,6 +80,7 @@ def _evaluate(loaded: LoadedModel, run_config: dict, num_images: int, method: st
     from vitlab.explain.attention import attention_panels
     from vitlab.explain.plots import attention_figure, figure_bytes
     from vitlab.train import evaluate
+    from vitlab.train.engine import check_classes
 
     spec = run_config.get("data")
     if not spec:
@@ -89,6 +90,7 @@ def _evaluate(loaded: LoadedModel, run_config: dict, num_images: int, method: st
                      val_fraction=run_config.get("val_fraction", 0.1), seed=run_config.get("seed", 0),
                      cache_dir=run_config.get("cache_dir"), skip_bad_files=bool(run_config.get("skip_bad_files")))
     split = data.test
+    check_classes(loaded.model.config, list(data.classes), spec, loaded.path)
     result = evaluate(loaded.model, split, mean=p.mean, std=p.std, image_size=p.image_size, classes=loaded.labels)
     n = min(num_images, len(split))
     index = torch.linspace(0, len(split) - 1, n).round().long().unique()

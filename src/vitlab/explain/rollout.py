@@ -101,7 +101,8 @@ def rollout_matrix(attentions: Sequence[torch.Tensor], head_fusion: str = "mean"
         a = fused + eye
         a = a / a.sum(dim=-1, keepdim=True)
         result = a if result is None else a @ result
-    assert result is not None
+    if result is None:
+        raise ConfigError("rollout_matrix needs the attention probabilities of at least one block, got none")
     return result
 
 

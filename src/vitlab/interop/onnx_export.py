@@ -40,6 +40,8 @@ def export_onnx(model: VisionTransformer, path: str | Path, *, opset: int = 17) 
         raise ConfigError("ONNX export needs the onnx package: pip install onnx onnxruntime") from None
     c = model.config
     was_training = model.training
+    ref = next(model.parameters())
+    device, dtype = ref.device, ref.dtype
     wrapped = _LogitsOnly(model).eval().float().cpu()
     example = torch.zeros(2, c.in_channels, *c.image_size)
     buffer = io.BytesIO()
@@ -52,7 +54,7 @@ def export_onnx(model: VisionTransformer, path: str | Path, *, opset: int = 17) 
                               input_names=["pixel_values"], output_names=["logits"],
                               dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
     finally:
-        model.train(was_training)
+        model.to(device=device, dtype=dtype).train(was_training)  # as the caller had it
     path = Path(path)
     atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import gc
 import logging
 import math
@@ -29,7 +28,7 @@ import torch.distributed as dist
 
 from vitlab._device import default_precision, resolve_device
 from vitlab.config import TrainConfig, dump_yaml, to_dict
-from vitlab.errors import CheckpointError, ConfigError, VitlabError
+from vitlab.errors import CheckpointError, ConfigError, DataError, VitlabError
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.metrics import ClassificationTally, soft_cross_entropy, sum_dtype, write_metrics
 from vitlab.train.optim import WarmupCosine, build_optimizer
@@ -95,15 +94,6 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2 ** 63)
 
 
-def _subset(dataset, index: torch.Tensor):
-    """The images ``index`` of an ArrayDataset (same class, other fields kept)."""
-    files = getattr(dataset, "files", None)
-    changes: dict[str, Any] = {"images": dataset.images[index], "labels": dataset.labels[index]}
-    if files is not None:
-        changes["files"] = [files[i] for i in index.tolist()]
-    return dataclasses.replace(dataset, **changes)
-
-
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, *, mean, std, image_size=None, batch_size: int = 512,
@@ -119,7 +109,7 @@ def evaluate(model: torch.nn.Module, dataset, *, mean, std, image_size=None, bat
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
         else (0, 1)
     if world > 1:
-        dataset = _subset(dataset, torch.arange(rank, len(dataset), world))
+        dataset = dataset.subset(torch.arange(rank, len(dataset), world))
     size = tuple(image_size) if image_size is not None else tuple(dataset.images.shape[-2:])
     transform = EvalTransform(mean=tuple(mean), std=tuple(std), image_size=size)
     num_classes = len(classes) if classes else int(getattr(model, "config").num_classes)
@@ -135,6 +125,17 @@ def evaluate(model: torch.nn.Module, dataset, *, mean, std, image_size=None, bat
     model.train(was_training)
     tally.reduce()
     return tally.result(classes)
+
+
+def check_classes(model_config, classes: list[str], data: str, source) -> None:
+    """A :class:`DataError` unless dataset ``data`` has the classes (names and number) the model was trained on."""
+    if model_config.labels is not None and list(model_config.labels) != list(classes):
+        raise DataError(f"{data}: its classes {list(classes)[:10]} differ from the model's "
+                        f"{list(model_config.labels)[:10]} ({source}/config.json); evaluate on a dataset with the "
+                        "classes the model was trained on")
+    if model_config.num_classes != len(classes):
+        raise DataError(f"{data}: {len(classes)} classes, but the model in {source} has "
+                        f"{model_config.num_classes} outputs")
 
 
 # ---------------------------------------------------------------- the run folder

@@ -16,12 +16,12 @@ from vitlab.errors import DataError
 DIGITS_FILE = Path(__file__).resolve().parent.parent / "builtin" / "digits.npz"
 DIGITS_CLASSES = [str(i) for i in range(10)]
 DIGITS_TEST_FRACTION = 0.2
-# The split is fixed (not the run's seed) so every run reports accuracy on the same 360 test images.
+# The split is fixed (not the run's seed) so every run reports accuracy on the same 359 test images.
 DIGITS_SPLIT_SEED = 0
 
 
 def load_digits() -> dict[str, ArrayDataset]:
-    """The built-in digits as ``{"train": 1437 images, "test": 360 images}``, uint8 (N, 1, 8, 8).
+    """The built-in digits as ``{"train": 1438 images, "test": 359 images}``, uint8 (N, 1, 8, 8).
 
     The split is stratified and fixed (seed 0), about 80/20 in every class.
     """
