@@ -77,28 +77,28 @@ class _FolderReader:
 class _TarReader:
     def __init__(self, archive: Path, inner: str):
         self.archive, self.inner = archive, inner
+        # One sequential pass: reading members out of order makes a gzip stream decompress again from the
+        # start for every backward seek (the whole archive, several times). The files are all needed anyway.
+        self.files: dict[str, bytes] = {}
         try:
-            self.tar = tarfile.open(archive, "r:*")
-            self.members = {m.name: m for m in self.tar.getmembers() if m.isfile()}
+            with tarfile.open(archive, "r:*") as tar:
+                for member in tar:
+                    f = tar.extractfile(member) if member.isfile() else None
+                    if f is not None:
+                        self.files[member.name] = f.read()
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise DataError(f"{archive}: not a readable tar.gz archive ({e}); it is truncated or corrupt: "
                             f"download it again") from None
 
     def read(self, name: str) -> tuple[bytes, str]:
         source = f"{self.archive}:{self.inner}/{name}"
-        member = self.members.get(f"{self.inner}/{name}")
-        if member is None:
+        data = self.files.get(f"{self.inner}/{name}")
+        if data is None:
             raise DataError(f"{source}: not in the archive; is it the official CIFAR python version?")
-        try:
-            f = self.tar.extractfile(member)
-            data = f.read() if f is not None else b""
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            raise DataError(f"{source}: cannot read it from the archive ({e}); the archive is truncated or "
-                            f"corrupt: download it again") from None
         return data, source
 
     def close(self):
-        self.tar.close()
+        self.files.clear()
 
 
 def _open(path: Path, kind: str):
