@@ -109,6 +109,9 @@ def main() -> int:
             print(f"by {minutes:g} min: {100 * done[-1]['top1']:.2f}% (epoch {done[-1]['epoch']}, mid-schedule)")
     print(f"final test accuracy: {100 * result.top1:.2f}%  best: {100 * result.best_top1:.2f}% (epoch "
           f"{result.best_epoch})  epochs: {len(result.history)}  stopped: {result.stopped}")
+    if config.tta_hflip:  # the same final model scored on the images alone
+        plain = vitlab.evaluate(result.run_dir / "last", spec, hflip=False, cache_dir=config.cache_dir)
+        print(f"final test accuracy without the flip test-time augmentation: {100 * plain['top1']:.2f}%")
     print(f"training wall time: {result.wall_time / 60:.2f} min (with data loading: {total / 60:.2f} min)")
     print(f"machine: {machine()}")
     print(f"command: PYTHONPATH=src python benchmarks/accuracy.py {' '.join(sys.argv[1:])}")

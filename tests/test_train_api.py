@@ -285,3 +285,83 @@ def test_evaluate_holds_out_what_the_run_held_out(tmp_path):
     with pytest.raises(vitlab.DataError, match="differ from the model's"):
         (root / "c1").rename(root / "renamed")
         vitlab.evaluate(run.run_dir, f"folder:{root}", device="cpu")
+
+
+def test_evaluate_hflip_averages_the_probabilities_of_image_and_mirror():
+    import torch.nn.functional as F
+
+    from vitlab.models import VisionTransformer
+    from vitlab.train.engine import evaluate
+
+    torch.manual_seed(0)
+    model = VisionTransformer(vitlab.ViTConfig(**{**TINY_MODEL, "image_size": 8, "patch_size": 2,
+                                                  "num_classes": 4, "in_channels": 1})).eval()
+    for p in model.parameters():  # larger weights and position embeddings: a model that tells left from right
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.3)
+    data = tiny_splits(n_test=24)
+    kwargs = dict(mean=data.mean, std=data.std, batch_size=10, classes=data.classes)
+    x = (data.test.images.float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        probs = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2  # the reference, written apart
+    got = evaluate(model, data.test, hflip=True, **kwargs)
+    assert got["top1"] == (probs.argmax(-1) == data.test.labels).float().mean().item()
+    assert got["test_loss"] == pytest.approx(F.nll_loss(probs.log(), data.test.labels).item(), rel=1e-5)
+    with torch.no_grad():  # the mirror image is scored differently, so the test can tell the two apart
+        assert (model(x).softmax(-1) - model(x.flip(-1)).softmax(-1)).abs().max() > 0.05
+    assert evaluate(model, data.test, **kwargs)["test_loss"] != pytest.approx(got["test_loss"], rel=1e-5)
+    # the mirrored test set scores the same as the test set
+    mirrored = data.test.subset(torch.arange(len(data.test)))
+    mirrored.images = mirrored.images.flip(-1)
+    again = evaluate(model, mirrored, hflip=True, **kwargs)
+    assert again["confusion"] == got["confusion"] and again["test_loss"] == pytest.approx(got["test_loss"])
+
+
+def test_time_limit_plan_costs_epochs_at_the_median_and_keeps_the_final_evaluation():
+    from vitlab.train.engine import _Dist, _plan_to_time_limit
+    from vitlab.train.optim import WarmupCosine
+
+    config = tiny_config(Path("unused"), epochs=40, warmup_epochs=0, lr=1e-3, min_lr=0.0, eval_every=4)
+
+    def plan(epoch, planned, left, times, evaluating_now=False):
+        sched = WarmupCosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lr=1e-3, min_lr=0.0,
+                             total_steps=planned * 100, warmup_steps=0)
+        got = _plan_to_time_limit(sched, config, _Dist(), torch.device("cpu"), epoch=epoch, planned=planned,
+                                  steps_per_epoch=100, seconds_left=left, train_times=times, eval_time=10.0,
+                                  evaluating_now=evaluating_now)
+        assert sched.total_steps == got[0] * 100
+        return got
+
+    # 100 s epochs (one slow 300 s epoch does not count), an evaluation every 4th: 107.5 s each; 10 s kept for
+    # the final evaluation: (1000 - 10) // 107.5 = 9 more epochs
+    assert plan(10, 20, 1000.0, [100.0, 100.0, 300.0, 100.0, 100.0]) == (19, False)
+    assert plan(10, 20, 1000.0, [100.0, 100.0, 300.0, 100.0, 100.0], evaluating_now=True) == (19, False)
+    assert plan(10, 20, 1000.0, [300.0] * 5) == (13, False)  # a lasting slowdown shrinks the plan
+    assert plan(10, 30, 110.0, [100.0] * 5) == (30, True)  # nothing more fits: stop after this epoch
+    assert plan(3, 10, 3000.0, [100.0] * 5) == (30, False)  # first half of the run: the plan may grow
+    assert plan(6, 10, 3000.0, [100.0] * 5) == (10, False)  # second half: it does not
+    assert plan(3, 10, 1e9, [100.0] * 5) == (40, False)  # never past `epochs`
+
+
+def test_time_limited_run_evaluates_every_nth_epoch_its_first_and_its_last(tmp_path):
+    result = vitlab.train(tiny_config(tmp_path, epochs=4, eval_every=3, time_limit_minutes=1000), data=tiny_splits())
+    assert [r["top1"] is not None for r in result.history] == [True, False, True, True]
+    assert result.stopped == "completed" and result.history[-1]["lr"] == pytest.approx(1e-5)
+
+
+def test_eval_scores_as_the_run_did_with_tta_hflip(tmp_path, tiny_data, capsys):
+    from vitlab.train.engine import evaluate
+
+    result = vitlab.train(tiny_config(tmp_path, epochs=1, tta_hflip=True), data="tiny")
+    assert main(["eval", str(result.run_dir / "last"), "--data", "tiny", "--device", "cpu", "--precision", "fp32",
+                 "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["test_loss"] == pytest.approx(result.history[0]["test_loss"], rel=1e-6)
+    assert main(["eval", str(result.run_dir / "last"), "--data", "tiny", "--device", "cpu", "--precision", "fp32",
+                 "--json", "--no-tta-hflip"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    model = vitlab.train.load_model(result.run_dir / "last")
+    alone = evaluate(model, tiny_data.test, mean=tiny_data.mean, std=tiny_data.std, batch_size=512,
+                     classes=tiny_data.classes)
+    assert plain["test_loss"] == pytest.approx(alone["test_loss"], rel=1e-6)
+    assert plain["test_loss"] != pytest.approx(scored["test_loss"], rel=1e-6)

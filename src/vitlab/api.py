@@ -61,10 +61,11 @@ def train(config: TrainConfig | None = None, *, data=None, progress=None, **chan
 
 def evaluate(checkpoint: str | Path, data: str, *, batch_size: int = 512, device: str = "auto",
              precision: str = "auto", out: str | Path | None = None, cache_dir: str | None = None,
-             workers: int | None = None) -> dict:
+             workers: int | None = None, hflip: bool | None = None) -> dict:
     """Evaluate a run (its ``best/``, else ``last/``) or a checkpoint folder on the test split of ``data``:
     test loss, top-1, top-5, per-class accuracy and the confusion matrix. With ``out``, writes
-    ``eval.json`` and ``confusion_matrix.png`` (class names on the axes) there."""
+    ``eval.json`` and ``confusion_matrix.png`` (class names on the axes) there. ``hflip``: average each
+    image's probabilities with its mirror image's (None: as the run evaluated, its ``tta_hflip``)."""
     from vitlab.data import load_data
     from vitlab.train.checkpoint import load_model, load_preprocess, resolve_checkpoint
     from vitlab._device import default_precision, resolve_device
@@ -87,7 +88,8 @@ def evaluate(checkpoint: str | Path, data: str, *, batch_size: int = 512, device
     check_classes(cfg, classes, data, path)
     pre = load_preprocess(path) or {"mean": list(splits.mean), "std": list(splits.std)}
     result = evaluate_model(model, splits.test, mean=pre["mean"], std=pre["std"], image_size=tuple(cfg.image_size),
-                            batch_size=batch_size, device=dev, precision=precision, classes=classes)
+                            batch_size=batch_size, device=dev, precision=precision, classes=classes,
+                            hflip=bool(run_config.get("tta_hflip", False)) if hflip is None else hflip)
     result = {"checkpoint": str(path), "data": data, **result}
     if out is not None:
         from vitlab._files import write_json

@@ -182,7 +182,7 @@ def make_step(model: nn.Module, *, mode: str, precision: str, device: torch.devi
     ``vitlab.data.TrainTransform``) turns uint8 images and labels into float images and soft targets on the
     device inside the step, with ``generator``.
     """
-    fwd = forward or model
+    fwd = model if forward is None else forward  # (a compiled module has no truth value: it asks len())
     if mode == "infer":
         def infer(images, labels):
             with torch.inference_mode(), _autocast(device, precision):

@@ -245,7 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     out = args.out or str(Path(args.checkpoint) / "eval")
     result = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device,
-                      precision=args.precision, out=out)
+                      precision=args.precision, out=out, hflip=args.tta_hflip)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "confusion"}))
         return 0
@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (default): bf16 where the device has fast bf16 matmul, else fp32, as training does")
+    p.add_argument("--tta-hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help="also score each image's mirror image and average the probabilities (default: as the run "
+                        "evaluated, its tta_hflip)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_eval)
 

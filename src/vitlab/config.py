@@ -332,6 +332,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1  # evaluate on the test split every N epochs (and after the last)
     eval_batch_size: int = 512
+    tta_hflip: bool = False  # evaluate each test image with its mirror image too (mean of the probabilities)
     plots: bool = True  # write curves.png and confusion_matrix.png at the end
     out: str | None = None  # run folder; None = runs/<model>-<data>-<time>
     resume: str | None = None  # a run folder to continue exactly

@@ -91,7 +91,8 @@ def _evaluate(loaded: LoadedModel, run_config: dict, num_images: int, method: st
                      cache_dir=run_config.get("cache_dir"), skip_bad_files=bool(run_config.get("skip_bad_files")))
     split = data.test
     check_classes(loaded.model.config, list(data.classes), spec, loaded.path)
-    result = evaluate(loaded.model, split, mean=p.mean, std=p.std, image_size=p.image_size, classes=loaded.labels)
+    result = evaluate(loaded.model, split, mean=p.mean, std=p.std, image_size=p.image_size, classes=loaded.labels,
+                      hflip=bool(run_config.get("tta_hflip", False)))
     n = min(num_images, len(split))
     index = torch.linspace(0, len(split) - 1, n).round().long().unique()
     panels, _ = attention_panels(loaded, split.images[index], method=method,

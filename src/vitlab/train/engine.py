@@ -18,6 +18,7 @@ import gc
 import logging
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,8 +98,12 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, *, mean, std, image_size=None, batch_size: int = 512,
-             device: str | torch.device = "cpu", precision: str = "fp32", classes: list[str] | None = None) -> dict:
+             device: str | torch.device = "cpu", precision: str = "fp32", classes: list[str] | None = None,
+             hflip: bool = False) -> dict:
     """Test loss, top-1, top-5, per-class accuracy and confusion matrix of ``model`` on ``dataset``.
+
+    With ``hflip`` (test-time augmentation) each image is scored with its mirror image as well and the two
+    class probabilities are averaged; the loss is the cross-entropy of that average.
 
     Under torch.distributed each rank takes every world_size-th image (no padding, so no image counts
     twice) and the sums are reduced, so every rank returns the same result.
@@ -119,8 +124,14 @@ def evaluate(model: torch.nn.Module, dataset, *, mean, std, image_size=None, bat
     if len(dataset):
         loader = BatchLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, device=device)
         for images, labels in loader:
+            inputs = transform(images)
             with _autocast(device, precision):
-                logits = model(transform(images))
+                logits = model(inputs)
+                if hflip:
+                    mirrored = model(inputs.flip(-1))
+            if hflip:  # log of the mean probability: its log-softmax is itself
+                logits = torch.logsumexp(torch.stack([logits.float().log_softmax(-1),
+                                                      mirrored.float().log_softmax(-1)]), 0) - math.log(2)
             tally.update(logits, labels)
     model.train(was_training)
     tally.reduce()
@@ -344,7 +355,8 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
 
     t_loop = time.perf_counter()
     stopped, final_eval, epoch = "completed", None, start_epoch
-    epoch_times: list[float] = []
+    train_times: list[float] = []  # the training part of each epoch (seconds)
+    eval_times: list[float] = []  # each evaluation on the test split (seconds)
     probe_step = max(5, steps_per_epoch // 10) if config.time_limit_minutes is not None and not resuming \
         and steps_per_epoch >= 20 else -1
     probe_from, t_probe = max(1, probe_step // 4), 0.0
@@ -419,12 +431,24 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
         row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "test_loss": None, "top1": None,
                                "top5": None, "lr": scheduler.current_lr(),
                                "images_per_s": steps_per_epoch * config.batch_size / train_time}
-        # A time-limited run may stop after any epoch, so it evaluates every epoch.
+        train_times.append(train_time)
+        time_limited = config.time_limit_minutes is not None
+        # A time-limited run plans before evaluating (once it knows what an evaluation costs), so that the epoch
+        # the time limit makes the last one is evaluated; its first evaluation measures that cost.
+        plan_first = time_limited and not eval_times and epoch < planned_epochs
+        out_of_time = False
+        if time_limited and eval_times and epoch < planned_epochs:
+            planned_epochs, out_of_time = _plan_to_time_limit(
+                scheduler, config, d, device, epoch=epoch, planned=planned_epochs, steps_per_epoch=steps_per_epoch,
+                seconds_left=config.time_limit_minutes * 60 - (wall_before + time.perf_counter() - t_loop),
+                train_times=train_times, eval_time=eval_times[-1],
+                evaluating_now=epoch % config.eval_every == 0)
         due = (epoch % config.eval_every == 0 or epoch == planned_epochs or epoch == config.stop_after_epoch
-               or config.time_limit_minutes is not None)
+               or out_of_time or (time_limited and not eval_times))
         if due:
             kwargs = dict(mean=data.mean, std=data.std, image_size=image_size, batch_size=config.eval_batch_size,
-                          device=device, precision=precision, classes=classes)
+                          device=device, precision=precision, classes=classes, hflip=config.tta_hflip)
+            t_eval = time.perf_counter()
             result = evaluate(model, data.test, **kwargs)
             row.update(test_loss=result["test_loss"], top1=result["top1"], top5=result["top5"])
             final_eval = result
@@ -432,6 +456,13 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
                 ema_result = evaluate(ema, data.test, **kwargs)
                 row.update(ema_test_loss=ema_result["test_loss"], ema_top1=ema_result["top1"],
                            ema_top5=ema_result["top5"])
+            eval_times.append(time.perf_counter() - t_eval)
+        if plan_first:  # the first whole epoch and its evaluation measure what the probe estimated
+            planned_epochs, out_of_time = _plan_to_time_limit(
+                scheduler, config, d, device, epoch=epoch, planned=planned_epochs, steps_per_epoch=steps_per_epoch,
+                seconds_left=config.time_limit_minutes * 60 - (wall_before + time.perf_counter() - t_loop),
+                train_times=train_times, eval_time=eval_times[-1],
+                evaluating_now=False)
         wall = wall_before + time.perf_counter() - t_loop
         row["wall_time"] = wall
         history.append(row)
@@ -467,24 +498,12 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
                      f"{100 * row['top5']:.2f}%" if due else "", row["lr"], row["images_per_s"],
                      time.strftime("%H:%M:%S", time.gmtime(wall)))
 
-        epoch_times.append(time.perf_counter() - t_epoch)
         if config.stop_after_epoch is not None and epoch >= config.stop_after_epoch and epoch < planned_epochs:
             stopped = "stop_after_epoch"
             break
-        if config.time_limit_minutes is not None and epoch < planned_epochs:
-            # Fit the remaining epochs to the time left, at the slowest epoch so far (to stay inside the limit),
-            elapsed = wall_before + time.perf_counter() - t_loop  # training time: data loading not counted
-            left = max(config.time_limit_minutes * 60 - elapsed, 0.0)
-            # except after the first whole epoch (evaluation included), which measures what the probe
-            # estimated: the plan may grow then (up to `epochs`); afterwards it only shrinks.
-            first = probe_step > 0 and epoch == start_epoch + 1
-            fits = min(epoch + int(left // epoch_times[-1]), config.epochs) if first \
-                else epoch + int(left // max(epoch_times))
-            fits = _agree(fits, d, device)
-            if fits <= epoch:
-                stopped = "time_limit"
-                break
-            planned_epochs = _replan(scheduler, config, planned_epochs, fits, steps_per_epoch, d, grow=first)
+        if out_of_time:
+            stopped = "time_limit"
+            break
     if writer is not None:
         writer.close()
     if d.is_main and history:
@@ -503,6 +522,25 @@ def _agree(value: int, d: _Dist, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def _plan_to_time_limit(scheduler: WarmupCosine, config: TrainConfig, d: _Dist, device: torch.device, *,
+                        epoch: int, planned: int, steps_per_epoch: int, seconds_left: float,
+                        train_times: list[float], eval_time: float, evaluating_now: bool) -> tuple[int, bool]:
+    """Fit the schedule of a time-limited run to the time left after ``epoch``: (planned epochs, out of time).
+
+    Epochs are costed at the median training time of the last five (+5%: a noisy machine's slow epochs do not
+    shrink the plan, a lasting slowdown does) plus an evaluation every ``eval_every`` epochs, and the time of
+    the final evaluation (and of this epoch's, when ``evaluating_now``) is kept aside. The plan shrinks when
+    fewer epochs fit; it grows (up to ``epochs``) only while the run is in its first half, where a longer
+    cosine barely moves the learning rate, so the probe's early estimate does not waste the budget.
+    """
+    per_epoch = statistics.median(train_times[-5:]) * 1.05 + eval_time / config.eval_every
+    usable = seconds_left - eval_time * (1 + evaluating_now)
+    fits = _agree(min(epoch + max(int(usable // per_epoch), 0), config.epochs), d, device)
+    if fits <= epoch:
+        return planned, True
+    return _replan(scheduler, config, planned, fits, steps_per_epoch, d, grow=2 * epoch <= planned), False
 
 
 def _replan(scheduler: WarmupCosine, config: TrainConfig, planned: int, fits: int, steps_per_epoch: int,
