@@ -365,3 +365,14 @@ def test_eval_scores_as_the_run_did_with_tta_hflip(tmp_path, tiny_data, capsys):
                      classes=tiny_data.classes)
     assert plain["test_loss"] == pytest.approx(alone["test_loss"], rel=1e-6)
     assert plain["test_loss"] != pytest.approx(scored["test_loss"], rel=1e-6)
+
+
+def test_tensorboard_events_hold_the_metrics(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    result = vitlab.train(tiny_config(tmp_path, epochs=2), data=tiny_splits())
+    events = event_accumulator.EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    for key in ("train_loss", "test_loss", "top1", "top5", "lr", "images_per_s", "wall_time"):
+        scalars = events.Scalars(key)
+        assert [s.step for s in scalars] == [1, 2], key
+        assert [s.value for s in scalars] == pytest.approx([row[key] for row in result.history], rel=1e-6), key
