@@ -107,3 +107,18 @@ def test_shape_mismatch_is_named(tmp_path):
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=r"bad.pth: missing key 'blocks.1.norm2.weight'"):
         load_pretrained(tmp_path / "bad.pth", num_heads=4)
+
+
+def test_linear_patch_embedding_loads_with_the_conv_models_logits(tmp_path):
+    peer = randomise(TorchvisionViT(), seed=3)
+    torch.save(peer.state_dict(), tmp_path / "vit.pth")
+    conv = load_pretrained(tmp_path / "vit.pth", num_heads=4)
+    linear = load_pretrained(tmp_path / "vit.pth", num_heads=4, patch_embed="linear")
+    assert linear.config.patch_embed == "linear" and linear.patch_embed.proj.weight.shape == (32, 3 * 8 * 8)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(X), conv(X), atol=1e-5, rtol=0)
+        torch.testing.assert_close(linear(X), peer(X), atol=1e-5, rtol=0)
+    back = TorchvisionViT().eval()  # and back: a linear patch embedding is written as the equal convolution
+    back.load_state_dict(to_torchvision_state_dict(linear), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(back(X), peer(X), atol=1e-5, rtol=0)

@@ -17,12 +17,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vitlab.errors import CheckpointError
 from vitlab.interop.hf import export_hf, load_hf_folder
 from vitlab.interop.jax_npz import load_jax_npz
 from vitlab.interop.onnx_export import export_onnx
-from vitlab.interop.timm import load_timm
-from vitlab.interop.torchvision import load_torchvision
+from vitlab.interop.timm import load_timm, timm_model
+from vitlab.interop.torchvision import load_torchvision, torchvision_model
 from vitlab.models import VisionTransformer
 
 FORMATS = ("vitlab", "hf", "timm", "torchvision", "jax")
@@ -30,73 +32,74 @@ _STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
 def _vitlab_folder(path: Path) -> Path | None:
-    """The save_pretrained folder ``path`` names: itself, or a run folder's ``best/`` then ``last/``."""
-    for candidate in (path, path / "best", path / "last"):
-        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
-            try:
-                data = json.loads((candidate / "config.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(data, dict) and "hidden_dim" in data:
-                return candidate
-    return None
+    """The save_pretrained folder ``path`` names, found as ``vitlab.train`` finds it (itself, or a run folder's
+    ``best/``, ``.best.old``, ``last/``, ``.last.old``), or None when that is not a vitlab checkpoint."""
+    from vitlab.train.checkpoint import resolve_checkpoint
+
+    try:
+        folder = resolve_checkpoint(path)
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (CheckpointError, OSError, ValueError):
+        return None
+    # A Hugging Face folder also holds config.json + model.safetensors; vitlab's config names hidden_dim.
+    return folder if isinstance(data, dict) and "hidden_dim" in data else None
 
 
-def _key_names(path: Path) -> set[str]:
-    """The tensor names in a weights file, reading no tensor data where the format allows it."""
+def _detect(path: Path) -> tuple[str, dict[str, torch.Tensor] | None]:
+    """:func:`detect_format`, plus the state dict when telling the format meant reading the whole file (a
+    pickled ``.pth/.pt/.bin/.ckpt``), so that the loader need not read it again; else None."""
     from vitlab.interop._common import read_state_dict
-    from vitlab.interop.jax_npz import read_npz_keys
-
-    if path.suffix == ".npz":
-        return read_npz_keys(path)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return set(f.keys())
-        except (SafetensorError, OSError, ValueError):
-            pass  # read_state_dict names the file in its error
-    return set(read_state_dict(path))
-
-
-def detect_format(path: str | Path) -> str:
-    """Which of :data:`FORMATS` the file or folder at ``path`` holds, from its layout and key names."""
     from vitlab.interop.hf import is_hf_folder
-    from vitlab.interop.jax_npz import is_jax_npz
+    from vitlab.interop.jax_npz import is_jax_npz, read_npz_keys
     from vitlab.interop.timm import is_timm_state_dict
     from vitlab.interop.torchvision import is_torchvision_state_dict
 
-    path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
         if _vitlab_folder(path):
-            return "vitlab"
+            return "vitlab", None
         if is_hf_folder(path):
-            return "hf"
+            return "hf", None
         raise CheckpointError(f"{path}: a folder, but neither a vitlab save_pretrained/run folder nor a Hugging "
                               "Face ViT folder (config.json with model_type 'vit'); pass the weights file itself")
     if path.suffix == ".npz":
-        if is_jax_npz(_key_names(path)):
-            return "jax"
+        if is_jax_npz(read_npz_keys(path)):
+            return "jax", None
         raise CheckpointError(f"{path}: an .npz without 'embedding/kernel' and 'Transformer/encoderblock_0/...' "
                               "keys, so not a google-research ViT checkpoint")
     if path.suffix not in _STATE_DICT_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; vitlab reads folders, .npz, "
                               f"and state dicts ({', '.join(_STATE_DICT_SUFFIXES)})")
-    state = _key_names(path)
-    if is_timm_state_dict(state):
-        return "timm"
-    if is_torchvision_state_dict(state):
-        return "torchvision"
-    if "vit.embeddings.cls_token" in state or "embeddings.cls_token" in state:
+    state: dict[str, torch.Tensor] | None = None
+    keys: set[str] | None = None
+    if path.suffix == ".safetensors":  # the header names the tensors: no tensor data is read
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = set(f.keys())
+        except (SafetensorError, OSError, ValueError):
+            pass  # read_state_dict names the file in its error
+    if keys is None:
+        state = read_state_dict(path)
+        keys = set(state)
+    if is_timm_state_dict(keys):
+        return "timm", state
+    if is_torchvision_state_dict(keys):
+        return "torchvision", state
+    if "vit.embeddings.cls_token" in keys or "embeddings.cls_token" in keys:
         raise CheckpointError(f"{path}: a Hugging Face ViT state dict; pass the folder that holds it and its "
                               "config.json instead")
-    first = sorted(state)[0]
+    first = sorted(keys)[0]
     raise CheckpointError(f"{path}: not a known ViT layout (first key {first!r}); vitlab reads timm "
                           "('patch_embed.proj.weight', 'blocks.N.attn.qkv'), torchvision ('conv_proj', "
                           "'encoder.layers.encoder_layer_N') and Hugging Face folders")
+
+
+def detect_format(path: str | Path) -> str:
+    """Which of :data:`FORMATS` the file or folder at ``path`` holds, from its layout and key names."""
+    return _detect(Path(path))[0]
 
 
 def load_pretrained(path: str | Path, *, format: str | None = None, num_heads: int | None = None,
@@ -105,17 +108,24 @@ def load_pretrained(path: str | Path, *, format: str | None = None, num_heads: i
 
     ``format`` skips detection (one of :data:`FORMATS`). The architecture is read from the file; where the
     format does not store the number of heads (timm, torchvision), ``num_heads`` gives it, else the standard
-    table by hidden size is used (192->3, 384->6, 768->12, 1024->16, 1280->16). ``overrides`` set other
+    table by hidden size is used (192->3, 384->6, 768->12, 1024->16, 1280->16); where it does (vitlab, Hugging
+    Face, JAX), a different ``num_heads`` raises :class:`~vitlab.errors.ConfigError`. ``overrides`` set other
     :class:`~vitlab.config.ViTConfig` fields (e.g. ``dropout=0.1``, ``drop_path=0.1``, ``pool="mean"``).
     A file whose keys or shapes do not fit raises :class:`CheckpointError` naming the file and the key.
     """
     path = Path(path)
-    fmt = format or detect_format(path)
+    fmt, state = (format, None) if format else _detect(path)
     if fmt not in FORMATS:
         raise CheckpointError(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
-    if fmt in ("timm", "torchvision"):
-        loader = load_timm if fmt == "timm" else load_torchvision
-        return loader(path, num_heads=num_heads, **overrides)
+    source = str(path)
+    if fmt == "timm":
+        if state is None:
+            return load_timm(path, num_heads=num_heads, **overrides)
+        return timm_model(state, source, num_heads=num_heads, **overrides)
+    if fmt == "torchvision":
+        if state is None:
+            return load_torchvision(path, num_heads=num_heads, **overrides)
+        return torchvision_model(state, source, num_heads=num_heads, **overrides)
     if num_heads is not None:
         overrides["num_heads"] = num_heads
     if fmt == "jax":
@@ -127,12 +137,17 @@ def load_pretrained(path: str | Path, *, format: str | None = None, num_heads: i
         raise CheckpointError(f"{path}: not a vitlab save_pretrained folder (config.json + model.safetensors)")
     # VisionTransformer.from_pretrained's reading, without its random initialisation (build_and_load skips it)
     from vitlab._files import load_safetensors, read_json
-    from vitlab.interop._common import build_and_load, make_config
+    from vitlab.interop._common import build_and_load, check_num_heads, make_config, patch_weight
 
     data = read_json(folder / "config.json")
     data.pop("architecture", None)
+    if "num_heads" in data:
+        check_num_heads(overrides, data["num_heads"], str(folder / "config.json"), "num_heads")
     config = make_config(data, overrides, str(folder / "config.json"))
-    return build_and_load(config, load_safetensors(folder / "model.safetensors"), str(folder / "model.safetensors"))
+    weights = load_safetensors(folder / "model.safetensors")
+    if "patch_embed.proj.weight" in weights:  # patch_embed='linear' on a conv model, or the reverse
+        weights["patch_embed.proj.weight"] = patch_weight(weights["patch_embed.proj.weight"], config)
+    return build_and_load(config, weights, str(folder / "model.safetensors"))
 
 
 def convert(src: str | Path, dst: str | Path, *, format: str | None = None, num_heads: int | None = None,

@@ -15,6 +15,7 @@ import torch
 
 from vitlab.config import ViTConfig, to_dict
 from vitlab.errors import CheckpointError, ConfigError
+from vitlab.interop._common import check_num_heads, merge_qkv, patch_weight, split_qkv
 
 if TYPE_CHECKING:
     from vitlab.models import VisionTransformer
@@ -90,16 +91,15 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> 
         "norm.weight": take("layernorm.weight"),
         "norm.bias": take("layernorm.bias"),
     }
-    if config.patch_embed == "linear":
-        out["patch_embed.proj.weight"] = out["patch_embed.proj.weight"].reshape(config.hidden_dim, -1)
+    out["patch_embed.proj.weight"] = patch_weight(out["patch_embed.proj.weight"], config)
     for i in range(config.depth):
         p = f"encoder.layer.{i}."
         a = p + "attention.attention."
         out[f"blocks.{i}.norm1.weight"] = take(p + "layernorm_before.weight")
         out[f"blocks.{i}.norm1.bias"] = take(p + "layernorm_before.bias")
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([take(a + n + ".weight") for n in ("query", "key", "value")])
+        out[f"blocks.{i}.attn.qkv.weight"] = merge_qkv(*(take(a + n + ".weight") for n in ("query", "key", "value")))
         if config.qkv_bias:
-            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([take(a + n + ".bias") for n in ("query", "key", "value")])
+            out[f"blocks.{i}.attn.qkv.bias"] = merge_qkv(*(take(a + n + ".bias") for n in ("query", "key", "value")))
         out[f"blocks.{i}.attn.proj.weight"] = take(p + "attention.output.dense.weight")
         out[f"blocks.{i}.attn.proj.bias"] = take(p + "attention.output.dense.bias")
         out[f"blocks.{i}.norm2.weight"] = take(p + "layernorm_after.weight")
@@ -194,6 +194,7 @@ def load_hf_folder(directory: str | Path, **overrides: Any) -> "VisionTransforme
     if len(labels) != num_classes or all(name == f"LABEL_{i}" for i, name in enumerate(labels)):
         labels = None  # transformers writes LABEL_i when the classes had no names
     cfg = vit_config_from_hf({**hf, "id2label": None, "num_labels": num_classes})
+    check_num_heads(overrides, cfg.num_heads, str(directory / HF_CONFIG), "num_attention_heads")
     config = make_config({**to_dict(cfg), "labels": labels}, overrides, source)
     # Compare against the names this config has in Hugging Face's layout, so that an unexpected or missing
     # key is named as it appears in the user's file.
@@ -271,12 +272,10 @@ def to_hf_state_dict(model: "VisionTransformer") -> dict[str, torch.Tensor]:
         raise ConfigError(f"cannot export to a Hugging Face ViT folder: {why}; export to ONNX or save_pretrained "
                           "instead")
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    d = c.hidden_dim
     out = {
         "vit.embeddings.cls_token": sd["cls_token"],
         "vit.embeddings.position_embeddings": sd["pos_embed"],
-        "vit.embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"].reshape(
-            d, c.in_channels, *c.patch_size),  # a linear patch embedding has the conv's (C, ph, pw) order
+        "vit.embeddings.patch_embeddings.projection.weight": patch_weight(sd["patch_embed.proj.weight"], c, "conv"),
         "vit.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
         "vit.layernorm.weight": sd["norm.weight"], "vit.layernorm.bias": sd["norm.bias"],
         "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"],
@@ -284,10 +283,11 @@ def to_hf_state_dict(model: "VisionTransformer") -> dict[str, torch.Tensor]:
     for i in range(c.depth):
         p, b = f"vit.encoder.layer.{i}.", f"blocks.{i}."
         a = p + "attention.attention."
-        for j, n in enumerate(("query", "key", "value")):
-            out[a + n + ".weight"] = sd[b + "attn.qkv.weight"][j * d:(j + 1) * d]
-            if c.qkv_bias:
-                out[a + n + ".bias"] = sd[b + "attn.qkv.bias"][j * d:(j + 1) * d]
+        for n, w in zip(("query", "key", "value"), split_qkv(sd[b + "attn.qkv.weight"])):
+            out[a + n + ".weight"] = w
+        if c.qkv_bias:
+            for n, bias in zip(("query", "key", "value"), split_qkv(sd[b + "attn.qkv.bias"])):
+                out[a + n + ".bias"] = bias
         for dst, src in (("layernorm_before", "norm1"), ("attention.output.dense", "attn.proj"),
                          ("layernorm_after", "norm2"), ("intermediate.dense", "mlp.fc1"),
                          ("output.dense", "mlp.fc2")):

@@ -16,7 +16,8 @@ import torch
 
 from vitlab.config import ViTConfig
 from vitlab.errors import CheckpointError, ConfigError
-from vitlab.interop._common import build_and_load, count_blocks, image_size_from_tokens, make_config, need
+from vitlab.interop._common import (build_and_load, check_num_heads, count_blocks, image_size_from_tokens,
+                                    make_config, merge_qkv, need, patch_weight, split_qkv)
 from vitlab.models import VisionTransformer
 
 _BLOCK = "Transformer/encoderblock_"
@@ -107,8 +108,7 @@ def convert_jax_arrays(arrays: dict[str, np.ndarray], config: ViTConfig,
 
     d = config.hidden_dim
     out: dict[str, torch.Tensor] = {}
-    w = t("embedding/kernel").permute(3, 2, 0, 1)  # (ph, pw, C, D) HWIO -> (D, C, ph, pw)
-    out["patch_embed.proj.weight"] = w.reshape(d, -1) if config.patch_embed == "linear" else w
+    out["patch_embed.proj.weight"] = patch_weight(t("embedding/kernel").permute(3, 2, 0, 1), config)  # HWIO -> OIHW
     out["patch_embed.proj.bias"] = t("embedding/bias")
     if config.class_token:
         out["cls_token"] = t("cls")
@@ -119,9 +119,10 @@ def convert_jax_arrays(arrays: dict[str, np.ndarray], config: ViTConfig,
         a = b + _ATTN + "/"
         norm(p + "norm1", b + "LayerNorm_0", out)
         # (D, H, hd) -> (D, H*hd) -> (H*hd, D); q, k, v stacked on the output dim like vitlab's fused qkv
-        out[p + "attn.qkv.weight"] = torch.cat([t(a + n + "/kernel").reshape(d, -1).T for n in ("query", "key", "value")])
+        qkv = ("query", "key", "value")
+        out[p + "attn.qkv.weight"] = merge_qkv(*(t(a + n + "/kernel").reshape(d, -1).T for n in qkv))
         if config.qkv_bias:
-            out[p + "attn.qkv.bias"] = torch.cat([t(a + n + "/bias").reshape(-1) for n in ("query", "key", "value")])
+            out[p + "attn.qkv.bias"] = merge_qkv(*(t(a + n + "/bias").reshape(-1) for n in qkv))
         out[p + "attn.proj.weight"] = t(a + "out/kernel").reshape(-1, d).T  # (H, hd, D) -> (D, H*hd)
         out[p + "attn.proj.bias"] = t(a + "out/bias")
         norm(p + "norm2", b + "LayerNorm_2", out)
@@ -156,7 +157,7 @@ def to_jax_arrays(model: VisionTransformer, prefix: str = "") -> dict[str, np.nd
         out[dst + "/scale"] = sd[src + ".weight"]
         out[dst + "/bias"] = sd[src + ".bias"]
 
-    out["embedding/kernel"] = sd["patch_embed.proj.weight"].reshape(d, c.in_channels, *c.patch_size).permute(2, 3, 1, 0)
+    out["embedding/kernel"] = patch_weight(sd["patch_embed.proj.weight"], c, "conv").permute(2, 3, 1, 0)  # OIHW -> HWIO
     out["embedding/bias"] = sd["patch_embed.proj.bias"]
     if c.class_token:
         out["cls"] = sd["cls_token"]
@@ -166,10 +167,11 @@ def to_jax_arrays(model: VisionTransformer, prefix: str = "") -> dict[str, np.nd
         b, p = f"{_BLOCK}{i}/", f"blocks.{i}."
         a = b + _ATTN + "/"
         norm(b + "LayerNorm_0", p + "norm1")
-        for j, n in enumerate(("query", "key", "value")):
-            out[a + n + "/kernel"] = sd[p + "attn.qkv.weight"][j * d:(j + 1) * d].T.reshape(d, h, hd)
-            if c.qkv_bias:
-                out[a + n + "/bias"] = sd[p + "attn.qkv.bias"][j * d:(j + 1) * d].reshape(h, hd)
+        for n, w in zip(("query", "key", "value"), split_qkv(sd[p + "attn.qkv.weight"])):
+            out[a + n + "/kernel"] = w.T.reshape(d, h, hd)  # (H*hd, D) -> (D, H, hd)
+        if c.qkv_bias:
+            for n, bias in zip(("query", "key", "value"), split_qkv(sd[p + "attn.qkv.bias"])):
+                out[a + n + "/bias"] = bias.reshape(h, hd)
         out[a + "out/kernel"] = sd[p + "attn.proj.weight"].T.reshape(h, hd, d)
         out[a + "out/bias"] = sd[p + "attn.proj.bias"]
         norm(b + "LayerNorm_2", p + "norm2")
@@ -193,5 +195,8 @@ def load_jax_npz(path: str | Path, **overrides: Any) -> VisionTransformer:
     """
     source = str(path)
     arrays = read_npz(path)
-    config = make_config(jax_config_fields(arrays, source), overrides, source)
+    fields = jax_config_fields(arrays, source)
+    check_num_heads(overrides, fields["num_heads"], source,
+                    f"head count (H of '{_BLOCK}0/{_ATTN}/query/kernel', shape (D, H, hd))")
+    config = make_config(fields, overrides, source)
     return build_and_load(config, convert_jax_arrays(arrays, config, source), source)

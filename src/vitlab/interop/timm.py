@@ -15,7 +15,7 @@ import torch
 from vitlab.config import ViTConfig
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.interop._common import (build_and_load, count_blocks, image_size_from_tokens, make_config, need,
-                                    num_heads_for, read_state_dict)
+                                    num_heads_for, patch_weight, read_state_dict)
 from vitlab.models import VisionTransformer
 
 
@@ -65,8 +65,8 @@ def convert_timm_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -
             key = "norm." + key[len("fc_norm."):]
         elif key.startswith("pre_logits.fc."):
             key = "pre_logits.0." + key[len("pre_logits.fc."):]
-        elif key == "patch_embed.proj.weight" and config.patch_embed == "linear":
-            value = value.reshape(value.shape[0], -1)  # (D, C, ph, pw) -> (D, C*ph*pw), unfold's order
+        elif key == "patch_embed.proj.weight":
+            value = patch_weight(value, config)
         out[key] = value
     return out
 
@@ -85,8 +85,8 @@ def to_timm_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
             key = "fc_norm." + key[len("norm."):]
         elif key.startswith("pre_logits.0."):
             key = "pre_logits.fc." + key[len("pre_logits.0."):]
-        elif key == "patch_embed.proj.weight" and c.patch_embed == "linear":
-            value = value.reshape(c.hidden_dim, c.in_channels, *c.patch_size)
+        elif key == "patch_embed.proj.weight":
+            value = patch_weight(value, c, "conv")
         out[key] = value.detach().clone()
     return out
 
@@ -101,7 +101,11 @@ def load_timm(path: str | Path, *, num_heads: int | None = None, **overrides: An
     1024->16, 1280->16). ``overrides`` set any other :class:`ViTConfig` field (e.g. ``pool="mean"`` for a
     ``global_pool='avg'`` model without ``fc_norm``, whose weights cannot tell).
     """
-    source = str(path)
-    state = read_state_dict(path)
+    return timm_model(read_state_dict(path), str(path), num_heads=num_heads, **overrides)
+
+
+def timm_model(state: dict[str, torch.Tensor], source: str, *, num_heads: int | None = None,
+               **overrides: Any) -> VisionTransformer:
+    """:func:`load_timm` of a state dict already read (``source`` names its file in errors)."""
     config = make_config(timm_config_fields(state, source, num_heads), overrides, source)
     return build_and_load(config, convert_timm_state_dict(state, config), source)

@@ -15,7 +15,7 @@ import torch
 from vitlab.config import ViTConfig
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.interop._common import (build_and_load, count_blocks, image_size_from_tokens, make_config, need,
-                                    num_heads_for, read_state_dict)
+                                    num_heads_for, patch_weight, read_state_dict)
 from vitlab.models import VisionTransformer
 
 _LAYER = "encoder.layers.encoder_layer_"
@@ -79,6 +79,8 @@ def convert_torchvision_state_dict(state: dict[str, torch.Tensor], config: ViTCo
         for dst, srcs in _BLOCK.items():
             for suffix in (("",) if dst.endswith(("weight", "bias")) else (".weight", ".bias")):
                 any(put(f"blocks.{i}.{dst}{suffix}", f"{_LAYER}{i}.{src}{suffix}") for src in srcs)
+    if "patch_embed.proj.weight" in out:
+        out["patch_embed.proj.weight"] = patch_weight(out["patch_embed.proj.weight"], config)
     out.update({k: v for k, v in state.items() if k not in used})
     return out
 
@@ -87,9 +89,9 @@ def to_torchvision_state_dict(model: VisionTransformer) -> dict[str, torch.Tenso
     """The model's weights under torchvision's ``vit_b_16`` names and shapes (the reverse of loading)."""
     c = model.config
     if not (c.class_token and c.pool == "cls" and c.pos_embed == "learned" and c.final_norm and c.qkv_bias
-            and c.layer_scale is None and c.patch_embed == "conv" and not c.norm_after_pool):
+            and c.layer_scale is None and c.patch_embed != "conv_stem" and not c.norm_after_pool):
         raise ConfigError("torchvision's VisionTransformer only has class-token pooling, learned positions, "
-                          "a final norm, qkv bias, no layer scale and a conv patch embedding")
+                          "a final norm, qkv bias, no layer scale and a patchify (not conv_stem) embedding")
     sd = model.state_dict()
     out = {}
     for dst, src in _TOP.items():
@@ -100,6 +102,7 @@ def to_torchvision_state_dict(model: VisionTransformer) -> dict[str, torch.Tenso
         for dst, srcs in _BLOCK.items():
             for suffix in (("",) if dst.endswith(("weight", "bias")) else (".weight", ".bias")):
                 out[f"{_LAYER}{i}.{srcs[0]}{suffix}"] = sd[f"blocks.{i}.{dst}{suffix}"]
+    out["conv_proj.weight"] = patch_weight(out["conv_proj.weight"], c, "conv")  # a linear one is the same conv
     return {k: v.detach().clone() for k, v in out.items()}
 
 
@@ -111,7 +114,11 @@ def load_torchvision(path: str | Path, *, num_heads: int | None = None, **overri
     heads is not stored: ``num_heads`` gives it, else the standard table by hidden size (768->12, 1024->16,
     1280->16, 384->6, 192->3).
     """
-    source = str(path)
-    state = read_state_dict(path)
+    return torchvision_model(read_state_dict(path), str(path), num_heads=num_heads, **overrides)
+
+
+def torchvision_model(state: dict[str, torch.Tensor], source: str, *, num_heads: int | None = None,
+                      **overrides: Any) -> VisionTransformer:
+    """:func:`load_torchvision` of a state dict already read (``source`` names its file in errors)."""
     config = make_config(torchvision_config_fields(state, source, num_heads), overrides, source)
     return build_and_load(config, convert_torchvision_state_dict(state, config), source)
