@@ -354,3 +354,43 @@ def test_folder_structural_errors(tmp_path):
     write_image_folder(tmp_path / "onlytest" / "test", per_class=2)
     with pytest.raises(DataError, match="no train/ folder"):
         load_data(f"folder:{tmp_path / 'onlytest'}")
+
+
+def _symlink_dir(link, target):
+    try:
+        os.symlink(target, link, target_is_directory=True)
+    except (OSError, NotImplementedError) as e:  # Windows without the privilege
+        pytest.skip(f"cannot make symlinks here: {e}")
+
+
+def test_list_image_files_follows_symlinked_folders_skips_hidden_and_loops(tmp_path):
+    from vitlab.data import list_image_files
+
+    elsewhere = tmp_path / "elsewhere"
+    write_image_folder(elsewhere, classes=("extra",), per_class=2)
+    root = tmp_path / "cat"
+    write_image_folder(tmp_path, classes=("cat",), per_class=2)
+    _symlink_dir(root / "linked", elsewhere / "extra")
+    _symlink_dir(root / "linked_back", root)  # a loop: not followed
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "x.png").write_bytes(b"")
+    (root / ".y.png").write_bytes(b"")
+    (root / "notes.txt").write_text("no image")
+    images, ignored = list_image_files(root)
+    rel = [os.path.relpath(f, root).replace(os.sep, "/") for f in images]
+    assert rel == ["000.png", "001.png", "linked/000.png", "linked/001.png"]
+    assert [os.path.basename(f) for f in ignored] == ["notes.txt"]
+
+
+def test_folder_source_and_predict_listing_agree_on_symlinked_subfolder(tmp_path):
+    from vitlab.explain.inference import list_images
+
+    root = tmp_path / "ds"
+    write_image_folder(root, per_class=3)
+    write_image_folder(tmp_path / "more", classes=("dog",), per_class=2)
+    _symlink_dir(root / "dog" / "more", tmp_path / "more" / "dog")
+    d = load_data(f"folder:{root}", image_size=8, cache_dir=tmp_path / "cache", val_fraction=0.25)
+    dataset_files = sorted(d.train.files + d.val.files)
+    assert len(dataset_files) == 8 and sum("more" in f for f in dataset_files) == 2
+    listed = sorted(str(f) for f in list_images([root]))
+    assert listed == dataset_files

@@ -217,3 +217,29 @@ def test_colour_ops_match_pil():
     check(torch.where(x >= 128 / 255, 1 - x, x), ImageOps.solarize(img, 128))
     check(T._autocontrast(x), ImageOps.autocontrast(img))
     check(T._equalize(x), ImageOps.equalize(img))
+
+
+def test_image_size_is_checked_by_config_pair():
+    with pytest.raises(ConfigError, match="image_size='big'"):
+        EvalTransform(mean=MEAN, std=STD, image_size="big")
+    with pytest.raises(ConfigError, match="image_size"):
+        TrainTransform(mean=MEAN, std=STD, image_size=(8, 8, 8), num_classes=2)
+    assert EvalTransform(mean=MEAN, std=STD, image_size=[6, 4]).image_size == (6, 4)
+
+
+def test_normalisation_tensors_built_once_with_unchanged_results(monkeypatch):
+    x, y = _batch()
+    built = []
+    real = T._normalize_coefficients
+    monkeypatch.setattr(T, "_normalize_coefficients", lambda *a: built.append(a[2]) or real(*a))
+    ev = EvalTransform(mean=MEAN, std=STD, image_size=12)
+    tr = TrainTransform(mean=MEAN, std=STD, image_size=12, num_classes=10)
+    for _ in range(3):
+        assert torch.equal(ev(x), T.normalize(x.float(), MEAN, STD, scale=1 / 255))
+        assert torch.equal(tr(x, y, torch.Generator())[0], T.normalize(x.float(), MEAN, STD, scale=1 / 255))
+    # the 6 normalize() calls build each time; each transform built once
+    assert len(built) == 6 + 1 + 1
+    cached = T._Normalize(MEAN, STD)  # what both transforms use: tensors per dtype (and device, scale)
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        assert torch.equal(cached(x.to(dtype), scale=0.5), T.normalize(x.to(dtype), MEAN, STD, scale=0.5))
+    assert len(built) == 8 + 2 + 3

@@ -177,3 +177,14 @@ def test_maps_of_mean_pooled_model_without_class_token():
     torch.testing.assert_close(maps.maps, attention_rollout(out.attentions, pool="mean", num_prefix_tokens=0))
     torch.testing.assert_close(maps.probs, out.logits.softmax(-1))
     assert maps.head_maps.shape == (2, 2, 4, 4)
+
+
+def test_predict_with_worker_processes_equals_inline(checkpoint, images, monkeypatch):
+    from vitlab.data.sources import folder as folder_source
+
+    inline = predict(checkpoint, [images, images / "missing.png"], top_k=3)
+    monkeypatch.setattr(folder_source, "_INLINE_BELOW", 0)  # use the pool even for a few files
+    pooled = predict(checkpoint, [images, images / "missing.png"], top_k=3, workers=2)
+    assert [r.to_dict() for r in pooled] == [r.to_dict() for r in inline]
+    assert [Path(r.file).name for r in pooled if not r.ok] == ["e_corrupt.jpg", "missing.png"]
+    assert "e_corrupt.jpg" in pooled[4].error and "not found" in pooled[5].error

@@ -5,11 +5,11 @@ into uint8 :class:`ArrayDataset` splits; :class:`BatchLoader` cuts batches (shar
 to the device; :class:`TrainTransform` / :class:`EvalTransform` augment and normalise them there.
 """
 
-from vitlab.data.images import decode_image
+from vitlab.data.images import decode_image, list_image_files
 from vitlab.data.load import DATA_KINDS, dataset_info, load_data, parse_data_spec
 from vitlab.data.loader import ArrayDataset, BatchLoader, DatasetSplits, channel_mean_std, stratified_split
 from vitlab.data.transforms import EvalTransform, TrainTransform
 
 __all__ = ["ArrayDataset", "DatasetSplits", "BatchLoader", "TrainTransform", "EvalTransform", "load_data",
-           "decode_image", "dataset_info", "parse_data_spec", "DATA_KINDS", "channel_mean_std",
+           "decode_image", "list_image_files", "dataset_info", "parse_data_spec", "DATA_KINDS", "channel_mean_std",
            "stratified_split"]

@@ -5,6 +5,7 @@ Deliberately free of torch: folder datasets call :func:`decode_image` in worker 
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Sequence
@@ -13,6 +14,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vitlab.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                     ".jfif")
@@ -27,6 +30,40 @@ def is_image_file(path: str | os.PathLike) -> bool:
     """True when the file name has an image extension (case-insensitive) and is not hidden."""
     name = os.path.basename(os.fspath(path))
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_image_files(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """The image files under ``folder``, recursively: ``(images, ignored)``, where ``ignored`` are the
+    visible files without an image extension (callers decide whether to warn about them).
+
+    The one folder walk of vitlab (folder datasets, ``vitlab predict`` / ``attention``): symlinked folders
+    are followed (a link back to a folder being walked is skipped, so a loop ends), hidden files and folders
+    (``.name``) are skipped, a file is an image by its extension (:func:`is_image_file`). Order: each folder's
+    files sorted by name, then its sub-folders in name order. Paths are ``os.path.join(folder, ...)`` strings.
+    """
+    images: list[str] = []
+    ignored: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        keep = []
+        for name in sorted(n for n in dirnames if not n.startswith(".")):
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) and _links_to_ancestor(path, dirpath):
+                log.warning("%s: links to a folder that contains it; not followed", path)
+                continue
+            keep.append(name)
+        dirnames[:] = keep  # os.walk descends into what is left, in this order
+        for name in sorted(filenames):
+            if is_image_file(name):
+                images.append(os.path.join(dirpath, name))
+            elif not name.startswith("."):
+                ignored.append(os.path.join(dirpath, name))
+    return images, ignored
+
+
+def _links_to_ancestor(link: str, parent: str) -> bool:
+    """True when the folder ``link`` points to is ``parent`` or contains it (following it would loop)."""
+    target, here = os.path.realpath(link), os.path.realpath(parent)
+    return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
 
 
 def native_channels(path: str | os.PathLike) -> int:

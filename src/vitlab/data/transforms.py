@@ -16,19 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitlab.config import pair
 from vitlab.errors import ConfigError
-
-
-def _pair(size) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))
 
 
 def resize_float(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Resize float images (B, C, H, W) to ``size`` (bilinear; antialiased when shrinking)."""
-    size = _pair(size)
+    size = pair(size, "size")
     if tuple(x.shape[-2:]) == size:
         return x
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
@@ -37,7 +31,7 @@ def resize_float(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 def resize_uint8(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Resize uint8 images (B, C, H, W) to ``size``, returning uint8 (rounded, clamped)."""
-    if tuple(images.shape[-2:]) == _pair(size):
+    if tuple(images.shape[-2:]) == pair(size, "size"):
         return images
     return resize_float(images.float(), size).round_().clamp_(0, 255).to(torch.uint8)
 
@@ -62,11 +56,35 @@ def one_hot_targets(labels: torch.Tensor, num_classes: int, label_smoothing: flo
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], *, scale: float = 1.0) -> torch.Tensor:
     """``(x * scale - mean) / std`` per channel for float images (B, C, H, W); ``scale=1/255`` takes raw
     0..255 values. One fused multiply-add (no temporaries), which matters: it runs on every batch."""
+    mul, add = _normalize_coefficients(mean, std, scale, x)
+    return torch.addcmul(add, x, mul)
+
+
+def _normalize_coefficients(mean: Sequence[float], std: Sequence[float], scale: float,
+                            x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale / std, -mean / std)`` as (1, C, 1, 1) tensors in ``x``'s dtype and device."""
     if len(mean) != x.shape[1] or len(std) != x.shape[1]:
         raise ConfigError(f"mean/std have {len(mean)}/{len(std)} values for images with {x.shape[1]} channels")
     mul = torch.tensor([scale / s for s in std], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     add = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return torch.addcmul(add, x, mul)
+    return mul, add
+
+
+class _Normalize:
+    """:func:`normalize` with fixed ``mean``/``std``, its coefficient tensors built once per (scale, dtype,
+    device, channels) instead of on every batch (on a GPU each build is a host-to-device copy)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._coefficients: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+        key = (scale, x.dtype, x.device, x.shape[1])
+        coefficients = self._coefficients.get(key)
+        if coefficients is None:  # a channel mismatch raises here, every call, as normalize() does
+            coefficients = self._coefficients[key] = _normalize_coefficients(self.mean, self.std, scale, x)
+        mul, add = coefficients
+        return torch.addcmul(add, x, mul)
 
 
 # ----- geometric ops -----------------------------------------------------------------------------------------
@@ -105,7 +123,7 @@ def random_resized_crop(x: torch.Tensor, size: Sequence[int], scale: tuple[float
     theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
     theta[:, 0, 0], theta[:, 0, 2] = fw, 2 * cx - 1
     theta[:, 1, 1], theta[:, 1, 2] = fh, 2 * cy - 1
-    h, w = _pair(size)
+    h, w = pair(size, "size")
     return F.grid_sample(x, _grid(theta, h, w), mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -377,7 +395,8 @@ class TrainTransform:
                 raise ConfigError(f"random_resized_crop={random_resized_crop} must be a (min, max) area fraction "
                                   f"with 0 < min <= max <= 1")
         self.mean, self.std = tuple(mean), tuple(std)
-        self.image_size = _pair(image_size)
+        self._normalize = _Normalize(self.mean, self.std)
+        self.image_size = pair(image_size, "image_size")
         self.num_classes = num_classes
         self.crop_padding = crop_padding
         self.hflip = hflip
@@ -403,7 +422,7 @@ class TrainTransform:
         if self.auto_augment is not None:  # its colour ops work on [0, 1]
             x = self.auto_augment(x.div_(255), g)
             scale = 1.0
-        x = normalize(x, self.mean, self.std, scale=scale)
+        x = self._normalize(x, scale=scale)
         if self.random_erasing > 0:
             x = random_erasing(x, self.random_erasing, g)
         targets = one_hot_targets(labels, self.num_classes, self.label_smoothing)
@@ -417,10 +436,11 @@ class EvalTransform:
 
     def __init__(self, *, mean: Sequence[float], std: Sequence[float], image_size):
         self.mean, self.std = tuple(mean), tuple(std)
-        self.image_size = _pair(image_size)
+        self._normalize = _Normalize(self.mean, self.std)
+        self.image_size = pair(image_size, "image_size")
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()  # uint8 (B, C, H, W) -> float 0..255
         if tuple(x.shape[-2:]) != self.image_size:
             x = resize_float(x, self.image_size)
-        return normalize(x, self.mean, self.std, scale=1 / 255)
+        return self._normalize(x, scale=1 / 255)

@@ -33,7 +33,13 @@ class Preprocess:
         """uint8 ``(B, C, H, W)`` at the model's size -> float, normalised (same maths as training's eval path)."""
         from vitlab.data import EvalTransform
 
-        return EvalTransform(mean=self.mean, std=self.std, image_size=self.image_size)(images)
+        # One transform for all batches (it keeps its normalisation tensors), rebuilt if a field was changed.
+        key = (tuple(self.image_size), tuple(self.mean), tuple(self.std))
+        cached = self.__dict__.get("_transform")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_transform"] = (key, EvalTransform(mean=self.mean, std=self.std,
+                                                                        image_size=self.image_size))
+        return cached[1](images)
 
 
 @dataclass
@@ -88,16 +94,19 @@ def load_for_inference(run_or_checkpoint: str | Path, *, mean: Sequence[float] |
 
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
     """Expand ``paths``: a file is kept as given (whatever its type), a folder gives its image files
-    (by extension, recursively, sorted, hidden ones skipped). A missing path is kept: reading it fails with
-    a :class:`DataError` naming it, as for a corrupt file."""
-    from vitlab.data.images import is_image_file
+    (by extension, recursively, sorted, hidden ones skipped), found as a folder dataset finds them
+    (:func:`vitlab.data.list_image_files`, which follows symlinked folders). A missing path is kept: reading
+    it fails with a :class:`DataError` naming it, as for a corrupt file."""
+    from vitlab.data import list_image_files
 
     out: list[Path] = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f)
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            images, ignored = list_image_files(p)
+            found = sorted(Path(f) for f in images)
+            if ignored:
+                log.debug("%s: ignored %d files without an image extension", p, len(ignored))
             if not found:
                 log.warning("%s: no image files in this folder", p)
             out.extend(found)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitlab.data.images import IMAGE_EXTENSIONS, decode_image, is_image_file, native_channels
+from vitlab.data.images import IMAGE_EXTENSIONS, decode_image, is_image_file, list_image_files, native_channels
 from vitlab.data.loader import ArrayDataset
 from vitlab._files import atomic_writer
 from vitlab.errors import DataError
@@ -73,16 +73,9 @@ def list_class_folder(folder: Path) -> tuple[list[str], list[str]]:
         raise DataError(f"{folder}: empty image folder: {hint} (expected {folder}/<class>/*.jpg)")
     classes, per_class = [], []
     for d in class_dirs:
-        files, ignored = [], 0
-        for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
-            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-            for name in sorted(filenames):
-                if is_image_file(name):
-                    files.append(os.path.join(dirpath, name))
-                elif not name.startswith("."):
-                    ignored += 1
+        files, ignored = list_image_files(d)
         if ignored:
-            log.warning("%s: ignored %d files without an image extension", d, ignored)
+            log.warning("%s: ignored %d files without an image extension", d, len(ignored))
         if not files:
             raise DataError(f"{d}: class folder has no images (looked for {', '.join(IMAGE_EXTENSIONS[:6])}, ...); "
                             f"add images or remove the folder")
