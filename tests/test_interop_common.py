@@ -116,3 +116,32 @@ def test_a_pickled_state_dict_is_read_once(tmp_path, monkeypatch):
     assert detect_format(tmp_path / "vit.pth") == "timm" and len(calls) == 2  # the public API still reads it
     with torch.no_grad():
         torch.testing.assert_close(loaded(X), model(X), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt, expected", [
+    ("torchvision", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),  # torchvision's weights: ImageNet's
+    ("jax", ((0.5,) * 3, (0.5,) * 3)),  # google-research scales inputs to [-1, 1]
+    ("timm", None),  # a timm state dict does not say
+    ("vitlab", None),  # a bare save_pretrained folder has no preprocess.json
+    ("hf", None),  # no preprocessor_config.json
+])
+def test_pretrained_normalization_is_what_the_format_says(tmp_path, fmt, expected):
+    path = _write(randomise(VisionTransformer(CFG)), fmt, tmp_path)
+    assert load_pretrained(path, num_heads=3).pretrained_normalization == expected
+
+
+def test_pretrained_normalization_from_the_folder_files(tmp_path):
+    from vitlab.interop import convert
+
+    model = randomise(VisionTransformer(CFG))
+    hf = export_hf(model, tmp_path / "hf")
+    (hf / "preprocessor_config.json").write_text(json.dumps(
+        {"do_normalize": True, "image_mean": [0.1, 0.2, 0.3], "image_std": 0.25}))  # one number: every channel
+    assert load_pretrained(hf).pretrained_normalization == ((0.1, 0.2, 0.3), (0.25, 0.25, 0.25))
+    # `vitlab convert` carries it into the vitlab folder's preprocess.json, where fine-tuning finds it
+    folder = convert(hf, tmp_path / "converted")
+    assert json.loads((folder / "preprocess.json").read_text())["mean"] == [0.1, 0.2, 0.3]
+    assert load_pretrained(folder).pretrained_normalization == ((0.1, 0.2, 0.3), (0.25, 0.25, 0.25))
+    (hf / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False, "image_mean": [0.1] * 3,
+                                                             "image_std": [0.2] * 3}))
+    assert load_pretrained(hf).pretrained_normalization is None

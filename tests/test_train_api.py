@@ -376,3 +376,25 @@ def test_tensorboard_events_hold_the_metrics(tmp_path):
         scalars = events.Scalars(key)
         assert [s.step for s in scalars] == [1, 2], key
         assert [s.value for s in scalars] == pytest.approx([row[key] for row in result.history], rel=1e-6), key
+
+
+def test_finetuning_normalises_as_the_pretrained_weights_were(tmp_path):
+    import vitlab.interop
+
+    data = tiny_splits()
+    start = vitlab.train(tiny_config(tmp_path, "start", epochs=1), data=data)
+    pre = json.loads((start.run_dir / "last/preprocess.json").read_text())
+    pre.update(mean=[0.3], std=[0.2])  # as if pretrained on other data
+    (start.run_dir / "last/preprocess.json").write_text(json.dumps(pre))
+    model = vitlab.interop.load_pretrained(start.run_dir / "last")
+    tuned = vitlab.train.fit(tiny_config(tmp_path, "tuned", epochs=1, init=str(start.run_dir / "last")),
+                             data=data, model=model)
+    assert json.loads((tuned.run_dir / "last/preprocess.json").read_text())["mean"] == [0.3]
+    model = vitlab.interop.load_pretrained(start.run_dir / "last")
+    own = vitlab.train.fit(tiny_config(tmp_path, "own", epochs=1, init=str(start.run_dir / "last"),
+                                       normalize="data"), data=data, model=model)
+    assert json.loads((own.run_dir / "last/preprocess.json").read_text())["mean"] == [0.5]  # tiny_splits' own
+    with pytest.raises(ConfigError, match="normalize='imagenet' is for RGB images"):
+        vitlab.train(tiny_config(tmp_path, "rgb", epochs=1, normalize="imagenet"), data=data)
+    with pytest.raises(ConfigError, match="TrainConfig.normalize='mine' is not one of"):
+        tiny_config(tmp_path, normalize="mine")

@@ -272,6 +272,7 @@ def dump_yaml(data: dict[str, Any]) -> str:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NORMALIZATIONS = ("auto", "data", "imagenet", "inception")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -309,6 +310,10 @@ class TrainConfig:
     ema_decay: float | None = None  # EMA of the weights (e.g. 0.999), evaluated alongside
     time_limit_minutes: float | None = None  # stop after this much training; the cosine is fitted to it
     stop_after_epoch: int | None = None  # stop cleanly after this epoch (schedule still laid out for `epochs`)
+    # input normalisation: "auto" = with `init`, the pretrained weights' mean/std where the checkpoint says
+    # (vitlab.interop.load_pretrained), else the training split's per-channel mean/std ("data");
+    # "imagenet" = (0.485, 0.456, 0.406)/(0.229, 0.224, 0.225); "inception" = 0.5/0.5
+    normalize: str = "auto"
     # augmentation (the keyword arguments of vitlab.data.TrainTransform)
     crop_padding: int = 0
     hflip: bool = False
@@ -398,6 +403,8 @@ class TrainConfig:
             self.random_resized_crop = [float(x) for x in rrc]
         if not isinstance(self.crop_padding, int) or self.crop_padding < 0:
             raise bad("crop_padding", "must be an integer >= 0")
+        if self.normalize not in NORMALIZATIONS:
+            raise bad("normalize", f"is not one of {', '.join(NORMALIZATIONS)}")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"is not one of {', '.join(PRECISIONS)}")
         if not isinstance(self.device, str) or self.device.split(":")[0] not in DEVICES:

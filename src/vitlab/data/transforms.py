@@ -20,6 +20,12 @@ from vitlab.config import pair
 from vitlab.errors import ConfigError
 
 
+# The input normalisations pretrained ViTs were trained with (timm's IMAGENET_DEFAULT and IMAGENET_INCEPTION):
+# torchvision's weights use the first; google-research's JAX checkpoints scale inputs to [-1, 1], the second.
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+INCEPTION_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
 def resize_float(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Resize float images (B, C, H, W) to ``size`` (bilinear; antialiased when shrinking)."""
     size = pair(size, "size")

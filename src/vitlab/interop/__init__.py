@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from vitlab.data.transforms import IMAGENET_MEAN_STD, INCEPTION_MEAN_STD
 from vitlab.errors import CheckpointError
 from vitlab.interop.hf import export_hf, load_hf_folder
 from vitlab.interop.jax_npz import load_jax_npz
@@ -34,7 +35,7 @@ _STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 def _vitlab_folder(path: Path) -> Path | None:
     """The save_pretrained folder ``path`` names, found as ``vitlab.train`` finds it (itself, or a run folder's
     ``best/``, ``.best.old``, ``last/``, ``.last.old``), or None when that is not a vitlab checkpoint."""
-    from vitlab.train.checkpoint import resolve_checkpoint
+    from vitlab.models.folders import resolve_checkpoint
 
     try:
         folder = resolve_checkpoint(path)
@@ -106,6 +107,11 @@ def load_pretrained(path: str | Path, *, format: str | None = None, num_heads: i
                     **overrides: Any) -> VisionTransformer:
     """Load any supported checkpoint (see the module docstring) as a vitlab model in eval mode.
 
+    The model's ``pretrained_normalization`` attribute is the ``(mean, std)`` its inputs were normalised with
+    when the checkpoint says so (a vitlab folder's ``preprocess.json``, a Hugging Face folder's
+    ``preprocessor_config.json``; torchvision: ImageNet's mean/std; JAX: 0.5/0.5), else None (a timm state
+    dict does not say: timm's AugReg ViTs use 0.5/0.5, DeiT ImageNet's). Fine-tuning normalises with it.
+
     ``format`` skips detection (one of :data:`FORMATS`). The architecture is read from the file; where the
     format does not store the number of heads (timm, torchvision), ``num_heads`` gives it, else the standard
     table by hidden size is used (192->3, 384->6, 768->12, 1024->16, 1280->16); where it does (vitlab, Hugging
@@ -115,6 +121,42 @@ def load_pretrained(path: str | Path, *, format: str | None = None, num_heads: i
     """
     path = Path(path)
     fmt, state = (format, None) if format else _detect(path)
+    model = _load(path, fmt, state, num_heads, overrides)
+    model.pretrained_normalization = _normalization(path, fmt, model.config.in_channels)
+    return model
+
+
+def _normalization(path: Path, fmt: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) the checkpoint at ``path`` was trained with, where it or its format says; else None."""
+    from vitlab._files import read_json
+
+    found = None
+    if fmt == "torchvision":
+        found = IMAGENET_MEAN_STD
+    elif fmt == "jax":
+        found = INCEPTION_MEAN_STD
+    elif fmt == "hf" and (path / "preprocessor_config.json").is_file():
+        cfg = read_json(path / "preprocessor_config.json")
+        if cfg.get("do_normalize", True) and cfg.get("image_mean") is not None and cfg.get("image_std") is not None:
+            found = (cfg["image_mean"], cfg["image_std"])
+    elif fmt == "vitlab":
+        from vitlab.models.folders import load_preprocess
+
+        pre = load_preprocess(path)
+        if pre and pre.get("mean") is not None and pre.get("std") is not None:
+            found = (pre["mean"], pre["std"])
+    if found is None:
+        return None
+    mean, std = found
+    if isinstance(mean, (int, float)):  # a Hugging Face config may give one number for every channel
+        mean = [mean] * channels
+    if isinstance(std, (int, float)):
+        std = [std] * channels
+    mean, std = tuple(float(m) for m in mean), tuple(float(x) for x in std)
+    return (mean, std) if len(mean) == len(std) == channels else None
+
+
+def _load(path: Path, fmt: str, state, num_heads: int | None, overrides: dict[str, Any]) -> VisionTransformer:
     if fmt not in FORMATS:
         raise CheckpointError(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
     source = str(path)
@@ -154,7 +196,16 @@ def convert(src: str | Path, dst: str | Path, *, format: str | None = None, num_
             **overrides: Any) -> Path:
     """Load ``src`` (any supported checkpoint) and write it to ``dst`` as a vitlab ``save_pretrained`` folder."""
     model = load_pretrained(src, format=format, num_heads=num_heads, **overrides)
-    return model.save_pretrained(dst)
+    out = model.save_pretrained(dst)
+    if model.pretrained_normalization is not None:  # carried on, so fine-tuning the folder normalises the same
+        from vitlab._files import write_json
+        from vitlab.models.folders import PREPROCESS_NAME
+
+        mean, std = model.pretrained_normalization
+        write_json(Path(out) / PREPROCESS_NAME, {"mean": list(mean), "std": list(std),
+                                                 "image_size": list(model.config.image_size),
+                                                 "channels": model.config.in_channels})
+    return out
 
 
 def export(model_or_path: VisionTransformer | str | Path, out: str | Path, *, format: str = "onnx") -> Path:

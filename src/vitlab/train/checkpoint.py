@@ -25,8 +25,9 @@ import torch
 from vitlab._files import load_safetensors, read_json, save_safetensors, write_json
 from vitlab.errors import CheckpointError
 
+from vitlab.models.folders import PREPROCESS_NAME, load_preprocess, resolve_checkpoint  # noqa: F401 (re-exported)
+
 STATE_NAME = "state.json"
-PREPROCESS_NAME = "preprocess.json"
 
 
 # ---------------------------------------------------------------- nested state <-> tensors + JSON
@@ -185,35 +186,9 @@ def load_training_state(directory: str | Path, *, model: torch.nn.Module,
 
 
 # ---------------------------------------------------------------- using a trained model
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder -> its ``best/`` (else ``last/``) checkpoint; a ``save_pretrained`` folder -> itself."""
-    from vitlab.models.vit import CONFIG_NAME, WEIGHTS_NAME
-
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: not found; pass a run folder (with best/ or last/) or a checkpoint "
-                              "folder (with config.json and model.safetensors)")
-    if path.is_dir():
-        if (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
-            return path
-        # Read-only: a reader must not tidy a run that may still be training. A swap cut between its two
-        # renames leaves only ``.best.old``; it is a complete checkpoint.
-        for name in ("best", ".best.old", "last", ".last.old"):
-            if (path / name / WEIGHTS_NAME).is_file():
-                return path / name
-    raise CheckpointError(f"{path}: neither a run folder (best/ or last/ inside) nor a checkpoint folder "
-                          f"({CONFIG_NAME} + {WEIGHTS_NAME}); was the run stopped before its first epoch ended?")
-
-
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     """The trained :class:`~vitlab.models.VisionTransformer` of a run or checkpoint folder, in eval mode."""
     from vitlab.models import VisionTransformer
 
     model = VisionTransformer.from_pretrained(resolve_checkpoint(path), map_location=str(map_location))
     return model.eval()
-
-
-def load_preprocess(path: str | Path) -> dict | None:
-    """The ``{"mean", "std", "image_size", "channels"}`` a checkpoint was trained with, or None if unknown."""
-    file = resolve_checkpoint(path) / PREPROCESS_NAME
-    return read_json(file) if file.is_file() else None

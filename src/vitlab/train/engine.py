@@ -217,6 +217,31 @@ def _build_model(config: TrainConfig, classes: list[str], model: torch.nn.Module
     return prepare_finetune(model, labels=list(classes), image_size=config.image_size)
 
 
+def _normalization(config: TrainConfig, data, model: torch.nn.Module | None, channels: int,
+                   d: _Dist) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the run normalises its inputs with (``TrainConfig.normalize``)."""
+    from vitlab.data.transforms import IMAGENET_MEAN_STD, INCEPTION_MEAN_STD
+
+    choice = config.normalize
+    if choice == "auto":
+        pretrained = getattr(model, "pretrained_normalization", None) if model is not None else None
+        if pretrained is not None:
+            if d.is_main:
+                log.info("normalising with the pretrained weights' mean %s / std %s (normalize=data: this "
+                         "dataset's)", [round(x, 4) for x in pretrained[0]], [round(x, 4) for x in pretrained[1]])
+            return tuple(pretrained[0]), tuple(pretrained[1])
+        if model is not None and d.is_main:
+            log.info("the pretrained checkpoint does not say how its inputs were normalised: using this dataset's "
+                     "mean/std (set normalize=imagenet or inception if you know)")
+        choice = "data"
+    if choice == "data":
+        return tuple(data.mean), tuple(data.std)
+    if channels != 3:
+        raise ConfigError(f"TrainConfig.normalize={choice!r} is for RGB images, but the model takes {channels} "
+                          "channel(s): use normalize=data")
+    return IMAGENET_MEAN_STD if choice == "imagenet" else INCEPTION_MEAN_STD
+
+
 def _input_spec(config: TrainConfig, model: torch.nn.Module | None) -> tuple[tuple[int, int], int]:
     """(image size, channels) the data must be loaded at."""
     if model is not None:
@@ -261,6 +286,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
                          seed=config.seed, cache_dir=config.cache_dir, skip_bad_files=config.skip_bad_files,
                          workers=config.workers)
     classes = list(data.classes)
+    mean, std = _normalization(config, data, model, channels, d)
     run, resuming = _prepare_run_dir(config, getattr(data, "name", "data"), d)
 
     per_step = d.world_size * config.accum_steps
@@ -298,7 +324,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
         log.warning("warmup_epochs=%g >= epochs=%d: the learning rate never reaches lr=%g", config.warmup_epochs,
                     config.epochs, config.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    preprocess = {"mean": list(data.mean), "std": list(data.std), "image_size": list(image_size),
+    preprocess = {"mean": list(mean), "std": list(std), "image_size": list(image_size),
                   "channels": channels}
 
     start_epoch, history, best_top1, best_epoch, best_loss, wall_before = 0, [], None, None, math.inf, 0.0
@@ -339,7 +365,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
         train_model = torch.compile(train_model)
 
     transform = TrainTransform(
-        mean=tuple(data.mean), std=tuple(data.std), image_size=image_size, num_classes=len(classes),
+        mean=tuple(mean), std=tuple(std), image_size=image_size, num_classes=len(classes),
         crop_padding=config.crop_padding, hflip=config.hflip,
         random_resized_crop=tuple(config.random_resized_crop) if config.random_resized_crop else None,
         auto_augment=config.auto_augment, random_erasing=config.random_erasing, mixup_alpha=config.mixup_alpha,
@@ -446,7 +472,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
         due = (epoch % config.eval_every == 0 or epoch == planned_epochs or epoch == config.stop_after_epoch
                or out_of_time or (time_limited and not eval_times))
         if due:
-            kwargs = dict(mean=data.mean, std=data.std, image_size=image_size, batch_size=config.eval_batch_size,
+            kwargs = dict(mean=mean, std=std, image_size=image_size, batch_size=config.eval_batch_size,
                           device=device, precision=precision, classes=classes, hflip=config.tta_hflip)
             t_eval = time.perf_counter()
             result = evaluate(model, data.test, **kwargs)
