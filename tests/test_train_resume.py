@@ -139,3 +139,37 @@ def test_optimizer_state_roundtrips_through_safetensors_and_json():
     for k in (0, 1):
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(fresh.state_dict()["state"][k][name], opt.state_dict()["state"][k][name])
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL a real `vitlab train` process mid-run (after its first checkpoint, at whatever it is doing then),
+    resume it, and get the weights and metrics of a run that was never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "vitlab", "train", "--epochs", "8", "--quiet", "--set", "precision=fp32",
+            "--set", "threads=1", "--set", "hflip=true", "--set", "dropout=0.1"]
+    for key, value in TINY_MODEL.items():
+        args += ["--set", f"model_overrides.{key}={value}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(args + ["--out", str(straight)], env=env, check=True, capture_output=True, timeout=300)
+
+    proc = subprocess.Popen(args + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (killed / "metrics.jsonl").is_file() or len((killed / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len((killed / "metrics.jsonl").read_text().splitlines())
+    assert 2 <= done < 8, done
+    subprocess.run([sys.executable, "-m", "vitlab", "train", "--resume", str(killed), "--quiet"], env=env,
+                   check=True, capture_output=True, timeout=300)
+    a, b = load_safetensors(straight / "last/model.safetensors"), load_safetensors(killed / "last/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _metrics(straight) == _metrics(killed)
