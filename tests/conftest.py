@@ -6,6 +6,13 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Each test decodes folders into its own cache, never the user's ~/.cache/vitlab (the suite used to leave
+    about a hundred small files there), and no test reads another's cache."""
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path_factory.mktemp("vitlab-cache")))
+
+
 @pytest.fixture()
 def one_thread():
     """Run the test with one intra-op thread. On a small machine shared with other processes, two threads

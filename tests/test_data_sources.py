@@ -394,3 +394,22 @@ def test_folder_source_and_predict_listing_agree_on_symlinked_subfolder(tmp_path
     assert len(dataset_files) == 8 and sum("more" in f for f in dataset_files) == 2
     listed = sorted(str(f) for f in list_images([root]))
     assert listed == dataset_files
+
+
+def test_data_cache_lists_and_clears_the_decoded_folders(tmp_path, capsys):
+    from vitlab.cli import main
+
+    write_image_folder(tmp_path / "photos")
+    cache = tmp_path / "cache"
+    load_data(f"folder:{tmp_path / 'photos'}", image_size=8, cache_dir=cache)
+    load_data(f"folder:{tmp_path / 'photos'}", image_size=16, cache_dir=cache)  # another size: another file
+    files = folder_source.cache_files(cache)
+    assert len(files) == 2 and all(p.suffix == ".npz" and size == p.stat().st_size for p, size in files)
+    assert main(["data", "cache", "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert str(files[0][0]) in out and "2 cache files" in out
+    assert main(["data", "cache", "--cache-dir", str(cache), "--clear"]) == 0
+    assert "removed 2 cache files" in capsys.readouterr().out
+    assert folder_source.cache_files(cache) == [] and (tmp_path / "photos").is_dir()
+    again = load_data(f"folder:{tmp_path / 'photos'}", image_size=8, cache_dir=cache)  # decoded again
+    assert len(again.train) + len(again.test) == 10 and len(folder_source.cache_files(cache)) == 1

@@ -135,6 +135,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_cache(args: argparse.Namespace) -> int:
+    """List (or with --clear delete) the decoded-image cache files of folder datasets."""
+    from vitlab.data.sources.folder import cache_files, clear_cache, default_cache_dir
+
+    where = args.cache_dir or str(default_cache_dir())
+    if args.clear:
+        removed, freed = clear_cache(args.cache_dir)
+        print(f"removed {removed} cache file{'s' if removed != 1 else ''} ({freed / 2**20:.1f} MiB) from {where}")
+        return 0
+    files = cache_files(args.cache_dir)
+    for path, size in files:
+        print(f"{size / 2**20:10.1f} MiB  {path}")
+    total = sum(size for _, size in files)
+    print(f"{len(files)} cache file{'s' if len(files) != 1 else ''}, {total / 2**20:.1f} MiB in {where}/folders"
+          f"{' (vitlab data cache --clear deletes them)' if files else ''}")
+    return 0
+
+
 def cmd_data_info(args: argparse.Namespace) -> int:
     """Print a dataset's images per split, classes, image size and channels (``vitlab.data.dataset_info``)."""
     from vitlab.data import dataset_info
@@ -387,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=None, help="decoding processes")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=cmd_data_info)
+    q = data_sub.add_parser("cache", help="the decoded-image cache of folder datasets: its files and size; --clear")
+    q.add_argument("--cache-dir", default=None, help="the cache (default $VITLAB_CACHE or ~/.cache/vitlab)")
+    q.add_argument("--clear", action="store_true", help="delete the cached images (folders are decoded again)")
+    q.set_defaults(func=cmd_data_cache)
     q = data_sub.add_parser("download", help="download cifar10, cifar100, mnist or fashion-mnist (md5-checked)")
     q.add_argument("name", choices=("cifar10", "cifar100", "mnist", "fashion-mnist"))
     q.add_argument("--root", required=True, help="folder to put the files in")

@@ -164,6 +164,29 @@ def decode_files(files: list[str], image_size: tuple[int, int], channels: int,
     return images, errors
 
 
+def cache_files(cache_dir: str | os.PathLike | None = None) -> list[tuple[Path, int]]:
+    """The decoded-image cache files (and half-written ones a killed process left) with their sizes in bytes,
+    largest first. Each is one image folder at one size; a changed folder gets a new file, the old one stays
+    until :func:`clear_cache`."""
+    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "folders"
+    if not root.is_dir():
+        return []
+    found = [(f, f.stat().st_size) for f in root.iterdir() if f.is_file() and (f.suffix == ".npz" or ".tmp" in f.name)]
+    return sorted(found, key=lambda item: (-item[1], item[0].name))
+
+
+def clear_cache(cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:
+    """Delete the decoded-image cache files: (files, bytes) removed. The next load of a folder decodes it again."""
+    removed = freed = 0
+    for f, size in cache_files(cache_dir):
+        try:
+            f.unlink()
+        except FileNotFoundError:
+            continue
+        removed, freed = removed + 1, freed + size
+    return removed, freed
+
+
 def _cache_key(files: list[str], image_size: tuple[int, int], channels: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([CACHE_VERSION, list(image_size), channels]).encode())
