@@ -135,3 +135,26 @@ def test_export_refuses_what_hf_cannot_express(tmp_path, change, word):
     with pytest.raises(ConfigError, match=f"cannot export to a Hugging Face ViT folder: {word}".replace("(", r"\(")):
         export_hf(VisionTransformer(cfg.replace(**change)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_writes_the_normalisation_for_the_image_processor(tmp_path):
+    # A trained run's preprocess.json becomes preprocessor_config.json: ViTImageProcessor then turns a photo
+    # into the tensor vitlab's evaluation feeds the model, and loading the folder back keeps the normalisation.
+    from PIL import Image
+
+    from vitlab.data import EvalTransform
+    from vitlab.interop import export
+
+    model = randomise(VisionTransformer(ViTConfig(image_size=32, patch_size=8, hidden_dim=32, depth=1, num_heads=4,
+                                                  mlp_dim=64, num_classes=3)).eval())
+    run = model.save_pretrained(tmp_path / "run")
+    (run / "preprocess.json").write_text(json.dumps({"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3],
+                                                      "image_size": [32, 32], "channels": 3}))
+    out = export(run, tmp_path / "hf", format="hf")
+    processor = transformers.ViTImageProcessor.from_pretrained(out)
+    pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    theirs = processor(Image.fromarray(pixels.numpy()), return_tensors="pt")["pixel_values"]
+    ours = EvalTransform(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), image_size=32)(pixels.permute(2, 0, 1)[None])
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert load_pretrained(out).pretrained_normalization == ((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    assert not (export_hf(model, tmp_path / "bare") / "preprocessor_config.json").exists()  # nothing known

@@ -21,7 +21,7 @@ import torch
 
 from vitlab.data.transforms import IMAGENET_MEAN_STD, INCEPTION_MEAN_STD
 from vitlab.errors import CheckpointError
-from vitlab.interop.hf import export_hf, load_hf_folder
+from vitlab.interop.hf import HF_PREPROCESSOR, export_hf, load_hf_folder
 from vitlab.interop.jax_npz import load_jax_npz
 from vitlab.interop.onnx_export import export_onnx
 from vitlab.interop.timm import load_timm, timm_model
@@ -135,8 +135,8 @@ def _normalization(path: Path, fmt: str, channels: int) -> tuple[tuple[float, ..
         found = IMAGENET_MEAN_STD
     elif fmt == "jax":
         found = INCEPTION_MEAN_STD
-    elif fmt == "hf" and (path / "preprocessor_config.json").is_file():
-        cfg = read_json(path / "preprocessor_config.json")
+    elif fmt == "hf" and (path / HF_PREPROCESSOR).is_file():
+        cfg = read_json(path / HF_PREPROCESSOR)
         if cfg.get("do_normalize", True) and cfg.get("image_mean") is not None and cfg.get("image_std") is not None:
             found = (cfg["image_mean"], cfg["image_std"])
     elif fmt == "vitlab":

@@ -118,6 +118,7 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> 
 
 HF_CONFIG = "config.json"
 HF_SAFETENSORS = "model.safetensors"
+HF_PREPROCESSOR = "preprocessor_config.json"
 HF_SAFETENSORS_INDEX = "model.safetensors.index.json"
 HF_BIN = "pytorch_model.bin"
 
@@ -300,7 +301,10 @@ def export_hf(model: "VisionTransformer", directory: str | Path) -> Path:
     """Write a folder that ``transformers.ViTForImageClassification.from_pretrained`` loads with equal logits.
 
     Raises :class:`ConfigError` for what Hugging Face's ViT cannot express (mean pooling, sin-cos or no
-    positions, no class token, layer scale, fc_norm, a pre-logits layer, no head).
+    positions, no class token, layer scale, fc_norm, a pre-logits layer, no head). An RGB model that knows its
+    input normalisation (``pretrained_normalization``, set by ``load_pretrained`` from a run's
+    ``preprocess.json``) also gets a ``preprocessor_config.json``, so ``ViTImageProcessor`` prepares images as
+    vitlab does (rescale to [0, 1], normalise; bilinear resize to the model's size).
     """
     from vitlab._files import save_safetensors, write_json
 
@@ -309,4 +313,11 @@ def export_hf(model: "VisionTransformer", directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     save_safetensors(directory / HF_SAFETENSORS, state, metadata={"format": "pt"})
     write_json(directory / HF_CONFIG, to_hf_config_dict(model.config))
+    normalization = getattr(model, "pretrained_normalization", None)
+    if normalization is not None and model.config.in_channels == 3:
+        h, w = model.config.image_size
+        write_json(directory / HF_PREPROCESSOR, {
+            "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": h, "width": w},
+            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(normalization[0]), "image_std": list(normalization[1])})
     return directory
