@@ -71,7 +71,8 @@ def load_for_inference(run_or_checkpoint: str | Path, *, mean: Sequence[float] |
     The normalisation is the one training recorded in the checkpoint's ``preprocess.json``; ``mean``/``std``
     override it. When neither is known, 0.5 per channel is used with a warning (predictions may be off).
     """
-    from vitlab.train.checkpoint import PREPROCESS_NAME, load_model, load_preprocess, resolve_checkpoint
+    from vitlab.models.folders import PREPROCESS_NAME, load_preprocess, resolve_checkpoint
+    from vitlab.train.checkpoint import load_model
 
     path = resolve_checkpoint(run_or_checkpoint)
     model = load_model(path, map_location=device).eval()

@@ -386,6 +386,12 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
     probe_step = max(5, steps_per_epoch // 10) if config.time_limit_minutes is not None and not resuming \
         and steps_per_epoch >= 20 else -1
     probe_from, t_probe = max(1, probe_step // 4), 0.0
+
+    def replan(evaluating_now: bool) -> tuple[int, bool]:  # after epoch `epoch`, with the time left now
+        return _plan_to_time_limit(
+            scheduler, config, d, device, epoch=epoch, planned=planned_epochs, steps_per_epoch=steps_per_epoch,
+            seconds_left=config.time_limit_minutes * 60 - (wall_before + time.perf_counter() - t_loop),
+            train_times=train_times, eval_time=eval_times[-1], evaluating_now=evaluating_now)
     while epoch < planned_epochs:
         t_epoch = time.perf_counter()
         loader.set_epoch(epoch)
@@ -464,11 +470,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
         plan_first = time_limited and not eval_times and epoch < planned_epochs
         out_of_time = False
         if time_limited and eval_times and epoch < planned_epochs:
-            planned_epochs, out_of_time = _plan_to_time_limit(
-                scheduler, config, d, device, epoch=epoch, planned=planned_epochs, steps_per_epoch=steps_per_epoch,
-                seconds_left=config.time_limit_minutes * 60 - (wall_before + time.perf_counter() - t_loop),
-                train_times=train_times, eval_time=eval_times[-1],
-                evaluating_now=epoch % config.eval_every == 0)
+            planned_epochs, out_of_time = replan(evaluating_now=epoch % config.eval_every == 0)
         due = (epoch % config.eval_every == 0 or epoch == planned_epochs or epoch == config.stop_after_epoch
                or out_of_time or (time_limited and not eval_times))
         if due:
@@ -484,11 +486,7 @@ def _fit(config: TrainConfig, data, model, progress, d: _Dist) -> TrainResult:
                            ema_top5=ema_result["top5"])
             eval_times.append(time.perf_counter() - t_eval)
         if plan_first:  # the first whole epoch and its evaluation measure what the probe estimated
-            planned_epochs, out_of_time = _plan_to_time_limit(
-                scheduler, config, d, device, epoch=epoch, planned=planned_epochs, steps_per_epoch=steps_per_epoch,
-                seconds_left=config.time_limit_minutes * 60 - (wall_before + time.perf_counter() - t_loop),
-                train_times=train_times, eval_time=eval_times[-1],
-                evaluating_now=False)
+            planned_epochs, out_of_time = replan(evaluating_now=False)
         wall = wall_before + time.perf_counter() - t_loop
         row["wall_time"] = wall
         history.append(row)
