@@ -34,6 +34,7 @@ def counted_forward_flops(config: ViTConfig, impl: str) -> int:
     dict(representation_dim=24, image_size=(16, 24), patch_size=(4, 8), in_channels=1),
     dict(patch_embed="conv_stem", image_size=(16, 24), in_channels=1),
     dict(patch_embed="conv_stem", image_size=28, patch_size=4, hidden_dim=96, num_heads=4),  # 28 -> 14 -> 7
+    dict(patch_embed="conv_stem", image_size=28, patch_size=4, hidden_dim=96, num_heads=4, stem_extra_convs=2),
 ])
 def test_flops_per_image_equals_flop_counter(changes):
     # The explicit path: FlopCounterMode has no formula for PyTorch's CPU flash-attention kernel.

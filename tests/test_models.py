@@ -78,13 +78,13 @@ def test_conv_and_unfold_linear_patchify_are_equal():
     torch.testing.assert_close(lin(x), conv(x), rtol=1e-5, atol=1e-6)
 
 
-def reference_conv_stem(state: dict, x: torch.Tensor, layers: int, training: bool) -> torch.Tensor:
+def reference_conv_stem(state: dict, x: torch.Tensor, layers: int, training: bool, extra: int = 0) -> torch.Tensor:
     """Xiao et al.'s stem written out with torch.nn.functional: (3x3 stride-2 conv, BatchNorm, ReLU) x layers,
-    then a 1x1 conv; tokens in row-major order."""
+    then ``extra`` stride-1 ones, then a 1x1 conv; tokens in row-major order."""
     import torch.nn.functional as F
 
-    for i in range(layers):
-        x = F.conv2d(x, state[f"patch_embed.stem.{3 * i}.weight"], stride=2, padding=1)
+    for i in range(layers + extra):
+        x = F.conv2d(x, state[f"patch_embed.stem.{3 * i}.weight"], stride=2 if i < layers else 1, padding=1)
         bn = f"patch_embed.stem.{3 * i + 1}."
         if training:  # the batch's statistics, biased variance
             mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
@@ -96,10 +96,11 @@ def reference_conv_stem(state: dict, x: torch.Tensor, layers: int, training: boo
     return x.flatten(2).transpose(1, 2)
 
 
-@pytest.mark.parametrize("size,patch,channels", [(16, 4, [24, 24]), ((28, 20), 4, [24, 24]), (32, 8, [24] * 3)])
-def test_conv_stem_matches_a_functional_reference(size, patch, channels):
+@pytest.mark.parametrize("size,patch,channels,extra", [(16, 4, [24, 24], 0), ((28, 20), 4, [24, 24], 0),
+                                                      (32, 8, [24] * 3, 0), ((28, 20), 4, [24] * 4, 2)])
+def test_conv_stem_matches_a_functional_reference(size, patch, channels, extra):
     torch.manual_seed(0)
-    m = VisionTransformer(tiny(patch_embed="conv_stem", image_size=size, patch_size=patch))
+    m = VisionTransformer(tiny(patch_embed="conv_stem", image_size=size, patch_size=patch, stem_extra_convs=extra))
     with torch.no_grad():  # non-trivial BatchNorm affine and running statistics
         for mod in m.patch_embed.stem:
             if isinstance(mod, torch.nn.BatchNorm2d):
@@ -112,9 +113,11 @@ def test_conv_stem_matches_a_functional_reference(size, patch, channels):
     m.eval()
     out = m.patch_embed(x)
     assert out.shape == (3, m.config.num_patches, 24)
-    torch.testing.assert_close(out, reference_conv_stem(state, x, len(convs), training=False), rtol=1e-5, atol=1e-5)
+    layers = len(convs) - extra
+    torch.testing.assert_close(out, reference_conv_stem(state, x, layers, training=False, extra=extra),
+                               rtol=1e-5, atol=1e-5)
     m.train()
-    torch.testing.assert_close(m.patch_embed(x), reference_conv_stem(state, x, len(convs), training=True),
+    torch.testing.assert_close(m.patch_embed(x), reference_conv_stem(state, x, layers, training=True, extra=extra),
                                rtol=1e-4, atol=1e-4)
     assert not torch.equal(m.patch_embed.stem[1].running_mean, state["patch_embed.stem.1.running_mean"])
     assert m(x).shape == (3, 5)
@@ -125,6 +128,20 @@ def test_conv_stem_parameter_count_and_channels():
     assert [c.out_channels for c in m.patch_embed.stem if isinstance(c, torch.nn.Conv2d)] == [64, 128]
     stem = 3 * 9 * 64 + 2 * 64 + 64 * 9 * 128 + 2 * 128 + 128 * 128 + 128  # convs, BatchNorm affine, 1x1 + bias
     assert m.num_parameters() - stem == create_model("vit-cifar-p4").num_parameters() - (3 * 16 * 128 + 128)
+
+
+@pytest.mark.parametrize("name,base,channels,depth_cut", [("vit-cifar-hybrid", "vit-cifar-c4", 128, 2),
+                                                          ("vit-mnist-hybrid", "vit-mnist-c4", 96, 1)])
+def test_hybrid_presets_add_stride_one_convs(name, base, channels, depth_cut):
+    m, b = create_model(name), create_model(base)
+    convs = [c for c in m.patch_embed.stem if isinstance(c, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2), (2, 2), (1, 1), (1, 1)]
+    assert convs[-1].out_channels == channels
+    d, mlp = b.config.hidden_dim, b.config.mlp_dim
+    block = 4 * d * d + 4 * d + 2 * d * mlp + mlp + d + 4 * d  # qkv, proj, MLP (weights + biases), 2 LayerNorms
+    extra = 2 * (9 * channels * channels + 2 * channels)  # two 3x3 convs (no bias) + BatchNorm affine
+    assert m.num_parameters() == b.num_parameters() + extra - depth_cut * block
+    assert m.config.grid_size == b.config.grid_size
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(class_token=False, pool="mean"), dict(pos_embed="sincos"),
@@ -255,6 +272,8 @@ def test_reset_classifier():
     (dict(patch_embed="mlp"), r"patch_embed='mlp'"),
     (dict(patch_embed="conv_stem", patch_size=3, image_size=18), r"patch_embed='conv_stem' needs a square power-of-2"),
     (dict(patch_embed="conv_stem", patch_size=(4, 2)), r"needs a square power-of-2 patch .*got patch_size=\(4, 2\)"),
+    (dict(stem_extra_convs=1), r"stem_extra_convs=1 needs patch_embed='conv_stem' \(got 'conv'\)"),
+    (dict(patch_embed="conv_stem", stem_extra_convs=-1), r"stem_extra_convs=-1 must be a non-negative integer"),
     (dict(drop_path=1.5), r"drop_path=1.5 must be a probability"),
     (dict(depth=0), r"depth=0 must be a positive integer"),
     (dict(labels=["a", "b"]), r"labels has 2 names but num_classes=5"),

@@ -41,7 +41,7 @@ def test_unknown_override_suggests_the_field():
 
 def test_recipe_then_keywords_then_overrides():
     c = load_train_config("mnist", ["lr=1e-4", "model_overrides.depth=2"], epochs=3, model=None)
-    assert (c.recipe, c.model, c.epochs, c.lr, c.model_overrides) == ("mnist", "vit-mnist-c4", 3, 1e-4, {"depth": 2})
+    assert (c.recipe, c.model, c.epochs, c.lr, c.model_overrides) == ("mnist", "vit-mnist-hybrid", 3, 1e-4, {"depth": 2})
     assert c.crop_padding == 2  # from the recipe file
 
 
@@ -214,7 +214,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_cli_recipes_lists_them(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
-    assert "cifar10-cpu:" in out and "seed-cifar10:" in out and "model vit-mnist-c4" in out
+    assert "cifar10-cpu:" in out and "seed-cifar10:" in out and "model vit-mnist-hybrid" in out
     assert "note:     goal 80% not reached" in out  # a goal not met is said where the number is
 
 

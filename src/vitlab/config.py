@@ -58,6 +58,8 @@ class ViTConfig:
     mlp_dim: int = 3072
     patch_embed: str = "conv"  # "conv" (strided convolution), "linear" (unfold + linear), or "conv_stem"
     # (3x3 stride-2 convolutions + BatchNorm + ReLU, then 1x1: Xiao et al. 2021; square power-of-2 patches)
+    stem_extra_convs: int = 0  # conv_stem only: stride-1 3x3 conv + BatchNorm + ReLU layers after the stride-2
+    # ones, at the token grid's resolution (a small hybrid ViT, in the spirit of the paper's ResNet hybrids)
     class_token: bool = True
     pos_embed: str = "learned"  # "learned", "sincos" (fixed 2-D) or "none"
     pool: str = "cls"  # "cls" (class token) or "mean" (mean of the patch tokens)
@@ -127,6 +129,12 @@ class ViTConfig:
                 raise ConfigError(f"ViTConfig.patch_embed='conv_stem' needs a square power-of-2 patch (2, 4, 8, 16, "
                                   f"...), got patch_size={self.patch_size}: change patch_size or use "
                                   "patch_embed='conv'")
+        extra = self.stem_extra_convs
+        if not isinstance(extra, int) or isinstance(extra, bool) or extra < 0:
+            raise ConfigError(f"ViTConfig.stem_extra_convs={extra!r} must be a non-negative integer")
+        if extra and self.patch_embed != "conv_stem":
+            raise ConfigError(f"ViTConfig.stem_extra_convs={extra} needs patch_embed='conv_stem' (got "
+                              f"{self.patch_embed!r}): set patch_embed='conv_stem' or stem_extra_convs=0")
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("ViTConfig.pool='cls' needs class_token=True: set pool='mean' or class_token=True")
         for name in ("dropout", "attention_dropout", "drop_path"):
@@ -164,6 +172,7 @@ class ViTConfig:
                 h, w = (h + 1) // 2, (w + 1) // 2  # 3x3, stride 2, padding 1
                 macs += h * w * 9 * c_in * c_out
                 c_in = c_out
+            macs += self.stem_extra_convs * h * w * 9 * c_in * c_in  # stride-1 3x3 convs
             macs += self.num_patches * c_in * d  # the 1x1 projection
         else:
             patch_in = self.in_channels * self.patch_size[0] * self.patch_size[1]

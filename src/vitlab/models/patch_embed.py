@@ -7,6 +7,9 @@ A third, ``conv_stem``, is the convolutional stem of Xiao et al., "Early Convolu
 Better" (NeurIPS 2021): for a patch of ``2**k`` pixels, ``k`` stride-2 3x3 convolutions, each followed by
 BatchNorm and ReLU, then a 1x1 convolution to ``hidden_dim``. It gives the same token grid as the patchify
 layer, costs little more, and makes a small ViT train much faster and more stably on small datasets.
+``extra_convs`` stride-1 3x3 convolutions (each with BatchNorm and ReLU) can follow the stride-2 ones, at the
+token grid's resolution: a small hybrid, which on a CPU budget buys more accuracy than the same FLOPs spent
+on a transformer block (recipes cifar10-cpu and mnist).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from vitlab.config import conv_stem_channels
 class PatchEmbed(nn.Module):
     """``(B, C, H, W) -> (B, N, D)`` with ``N = (H/ph) * (W/pw)`` patches in row-major order."""
 
-    def __init__(self, *, in_channels: int, hidden_dim: int, patch_size: tuple[int, int], style: str = "conv"):
+    def __init__(self, *, in_channels: int, hidden_dim: int, patch_size: tuple[int, int], style: str = "conv",
+                 extra_convs: int = 0):
         super().__init__()
         self.patch_size = patch_size
         self.style = style
@@ -34,6 +38,9 @@ class PatchEmbed(nn.Module):
                 layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=False),
                            nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
                 c_in = c_out
+            for _ in range(extra_convs):
+                layers += [nn.Conv2d(c_in, c_in, kernel_size=3, stride=1, padding=1, bias=False),
+                           nn.BatchNorm2d(c_in), nn.ReLU(inplace=True)]
             self.stem = nn.Sequential(*layers)
             self.proj = nn.Conv2d(c_in, hidden_dim, kernel_size=1)
         else:

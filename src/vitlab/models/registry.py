@@ -60,15 +60,25 @@ _PRESETS = [
            dict(image_size=28, patch_size=7, in_channels=1, num_classes=10, hidden_dim=128, depth=6, num_heads=4,
                 mlp_dim=256)),
     Preset("vit-mnist-c4", "vitlab's MNIST model: 28 px, 1 channel, convolutional stem (3x3 stride-2 convs 64, 96 "
-           "+ BatchNorm + ReLU, then 1x1; 7x7 grid), 4 layers, 96 hidden, 4 heads, MLP 192 (recipe mnist)",
+           "+ BatchNorm + ReLU, then 1x1; 7x7 grid), 4 layers, 96 hidden, 4 heads, MLP 192",
            dict(image_size=28, patch_size=4, in_channels=1, num_classes=10, hidden_dim=96, depth=4, num_heads=4,
                 mlp_dim=192, patch_embed="conv_stem")),
+    Preset("vit-mnist-hybrid", "vitlab's MNIST model: vit-mnist-c4's stem plus two stride-1 3x3 convs (96 "
+           "channels, BatchNorm + ReLU) at the 7x7 token grid, then 3 layers, 96 hidden, 4 heads, MLP 192 "
+           "(recipe mnist)",
+           dict(image_size=28, patch_size=4, in_channels=1, num_classes=10, hidden_dim=96, depth=3, num_heads=4,
+                mlp_dim=192, patch_embed="conv_stem", stem_extra_convs=2)),
     Preset("vit-cifar-p4", "a pure-ViT CPU CIFAR-10 model: 32 px, patch 4, 6 layers, 128 hidden, 4 heads, MLP 256",
            dict(image_size=32, patch_size=4, num_classes=10, hidden_dim=128, depth=6, num_heads=4, mlp_dim=256)),
     Preset("vit-cifar-c4", "vit-cifar-p4 with the convolutional stem of Xiao et al. 2021 (3x3 stride-2 convs "
-           "64, 128 + BatchNorm + ReLU, then 1x1) in place of the 4x4 patchify (recipe cifar10-cpu)",
+           "64, 128 + BatchNorm + ReLU, then 1x1) in place of the 4x4 patchify",
            dict(image_size=32, patch_size=4, num_classes=10, hidden_dim=128, depth=6, num_heads=4, mlp_dim=256,
                 patch_embed="conv_stem")),
+    Preset("vit-cifar-hybrid", "vitlab's CPU CIFAR-10 model: vit-cifar-c4's stem plus two stride-1 3x3 convs "
+           "(128 channels, BatchNorm + ReLU) at the 8x8 token grid, then 4 layers, 128 hidden, 4 heads, MLP 256 "
+           "(recipe cifar10-cpu)",
+           dict(image_size=32, patch_size=4, num_classes=10, hidden_dim=128, depth=4, num_heads=4, mlp_dim=256,
+                patch_embed="conv_stem", stem_extra_convs=2)),
     Preset("vit-cifar-lite-p4", "vitlab's GPU CIFAR-10 model: 32 px, patch 4, 9 layers, 384 hidden, 6 heads, "
            "MLP 1152 (recipe cifar10-gpu)",
            dict(image_size=32, patch_size=4, num_classes=10, hidden_dim=384, depth=9, num_heads=6, mlp_dim=1152)),

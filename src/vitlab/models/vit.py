@@ -44,7 +44,8 @@ class VisionTransformer(nn.Module):
         self.config = config
         c = config
         self.patch_embed = PatchEmbed(in_channels=c.in_channels, hidden_dim=c.hidden_dim,
-                                      patch_size=c.patch_size, style=c.patch_embed)
+                                      patch_size=c.patch_size, style=c.patch_embed,
+                                      extra_convs=c.stem_extra_convs)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_dim)) if c.class_token else None
         num_tokens = c.num_patches + c.num_prefix_tokens
         if c.pos_embed == "learned":
