@@ -75,6 +75,15 @@ def test_default_label_names_are_dropped(tmp_path):
     assert model.config.num_classes == 4 and model.config.labels is None
 
 
+def test_config_keys_left_out_take_transformers_defaults():
+    from vitlab.interop.hf import vit_config_from_hf
+
+    # A hand-written config.json may leave out what equals transformers' default; it fills those in.
+    sparse = {"model_type": "vit", "image_size": 32, "patch_size": 8, "num_labels": 3}
+    assert vit_config_from_hf(sparse) == vit_config_from_hf(transformers.ViTConfig(**sparse))
+    assert (vit_config_from_hf(sparse).num_heads, vit_config_from_hf(sparse).mlp_dim) == (12, 3072)
+
+
 def test_missing_and_mis_shaped_keys_are_named(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 
 def vit_config_from_hf(hf_config: Any, **overrides: Any) -> ViTConfig:
-    """A :class:`ViTConfig` equal to a ``transformers.ViTConfig`` (object or its ``to_dict()``)."""
+    """A :class:`ViTConfig` equal to a ``transformers.ViTConfig`` (object or its ``to_dict()``). A key the
+    dict leaves out takes ``transformers.ViTConfig``'s default (ViT-B/16), as ``from_pretrained`` does."""
     c = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
     act = c.get("hidden_act", "gelu")
     if act != "gelu":
@@ -33,8 +34,9 @@ def vit_config_from_hf(hf_config: Any, **overrides: Any) -> ViTConfig:
     if labels and all(lbl == f"LABEL_{i}" for i, lbl in enumerate(labels)):
         labels = None
     cfg = dict(image_size=c.get("image_size", 224), patch_size=c.get("patch_size", 16),
-               in_channels=c.get("num_channels", 3), num_classes=num_labels, hidden_dim=c["hidden_size"],
-               depth=c["num_hidden_layers"], num_heads=c["num_attention_heads"], mlp_dim=c["intermediate_size"],
+               in_channels=c.get("num_channels", 3), num_classes=num_labels, hidden_dim=c.get("hidden_size", 768),
+               depth=c.get("num_hidden_layers", 12), num_heads=c.get("num_attention_heads", 12),
+               mlp_dim=c.get("intermediate_size", 3072),
                norm_eps=c.get("layer_norm_eps", 1e-12), qkv_bias=c.get("qkv_bias", True),
                dropout=c.get("hidden_dropout_prob", 0.0), attention_dropout=c.get("attention_probs_dropout_prob", 0.0),
                labels=labels)
