@@ -215,7 +215,7 @@ def test_cli_recipes_lists_them(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert "cifar10-cpu:" in out and "seed-cifar10:" in out and "model vit-mnist-hybrid" in out
-    assert "note:     goal 80% not reached" in out  # a goal not met is said where the number is
+    assert "note:     goal 80% reached" in out  # what the number means is said where it is
 
 
 def test_init_from_pretrained_resets_head_and_resizes_positions(tmp_path, monkeypatch):
