@@ -295,13 +295,16 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(loaded(x), m(x))
 
 
-def test_save_and_load_keeps_the_conv_stem_batchnorm_statistics(tmp_path):
+@pytest.mark.parametrize("extra", [0, 1])
+def test_save_and_load_keeps_the_conv_stem_batchnorm_statistics(tmp_path, extra):
     torch.manual_seed(0)
-    m = VisionTransformer(tiny(patch_embed="conv_stem"))
+    m = VisionTransformer(tiny(patch_embed="conv_stem", stem_extra_convs=extra))
     m(torch.randn(8, 3, 16, 16))  # training mode: updates the running statistics
     m.eval().save_pretrained(tmp_path / "ckpt")
     loaded = VisionTransformer.from_pretrained(tmp_path / "ckpt").eval()
-    assert torch.equal(loaded.patch_embed.stem[1].running_var, m.patch_embed.stem[1].running_var)
+    assert loaded.config.stem_extra_convs == extra
+    for i in (1, len(m.patch_embed.stem) - 2):  # the first and the last BatchNorm
+        assert torch.equal(loaded.patch_embed.stem[i].running_var, m.patch_embed.stem[i].running_var)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(loaded(x), m(x))
 
