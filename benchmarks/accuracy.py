@@ -86,7 +86,7 @@ def main() -> int:
 
     import vitlab
     from vitlab.config import load_train_config
-    from vitlab.train.progress import ProgressBar
+    from vitlab.training.progress import ProgressBar
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     name = Path(args.recipe).stem

@@ -1,10 +1,11 @@
 """vitlab side by side with Hugging Face's ViT (and timm's where it imports), in one process.
 
-For each case (model, batch) and mode (train: forward + loss + backward + AdamW; infer: a forward batch),
-the same architecture is built in vitlab and in ``transformers.ViTForImageClassification`` (attention
-implementation "sdpa") with the same weights, batch, threads and optimizer (fused AdamW, the Hugging Face
-Trainer's default), and the contenders' steps are interleaved repeat by repeat so they see the same machine
-load. Two comparisons come out of one loop:
+For each case (model, batch) and mode (train: the training step ``vitlab train`` runs, with the default
+TrainConfig: on-device normalisation, forward, label-smoothed loss, backward, gradient clipping, fused AdamW,
+the schedule; infer: a forward batch), the same architecture is built in vitlab and in
+``transformers.ViTForImageClassification`` (attention implementation "sdpa") with the same weights, batch,
+threads and the same step around it, and the contenders' steps are interleaved repeat by repeat so they see
+the same machine load. Two comparisons come out of one loop:
 
 - like-for-like: vitlab in fp32 against Hugging Face in fp32;
 - defaults: vitlab at the settings ``vitlab train`` uses by default (bf16 autocast where the CPU has native
@@ -36,8 +37,7 @@ import time
 import torch
 
 from vitlab.bench import (LiveTensorBytes, PRECISIONS, _device_name, _state_bytes, _tensor_bytes,
-                          default_precision, make_optimizer, make_step, matmul_peak, time_alternating,
-                          TRAIN_FLOPS_FACTOR)
+                          default_precision, make_step, matmul_peak, time_alternating, TRAIN_FLOPS_FACTOR)
 from vitlab.interop.hf import convert_hf_state_dict
 from vitlab.models import create_model, load_state_dict_strict
 
@@ -115,10 +115,13 @@ def run_case(preset: str, batch: int, mode: str, fast_precision: str, peaks: dic
     steps = {}
     for name, (model, precision) in contenders.items():
         model.train(mode == "train")
-        opt = make_optimizer(model, dev) if mode == "train" else None
-        steps[name] = make_step(model, mode=mode, precision=precision, device=dev, optimizer=opt)
+        steps[name] = make_step(model, mode=mode, precision=precision, device=dev, image_size=cfg.image_size,
+                                channels=cfg.in_channels, num_classes=cfg.num_classes)
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, cfg.in_channels, *cfg.image_size, generator=gen)
+    if mode == "train":  # uint8, as the loader gives them: the training step normalises on the device
+        images = torch.randint(0, 256, (batch, cfg.in_channels, *cfg.image_size), generator=gen, dtype=torch.uint8)
+    else:
+        images = torch.randn(batch, cfg.in_channels, *cfg.image_size, generator=gen)
     labels = torch.randint(0, cfg.num_classes, (batch,), generator=gen)
     times = time_alternating(steps, {name: (images, labels) for name in steps}, repeats=repeats, device=dev)
     flops = cfg.flops_per_image() * (TRAIN_FLOPS_FACTOR if mode == "train" else 1)
@@ -152,16 +155,16 @@ def step_memory(model, precision: str, batch: int, checkpointing: bool = False) 
     model.train()
     if checkpointing:
         model.set_gradient_checkpointing(True)
-    opt = make_optimizer(model, dev)
-    step = make_step(model, mode="train", precision=precision, device=dev, optimizer=opt)
     cfg = model.config
     size = cfg.image_size if isinstance(cfg.image_size, tuple) else (cfg.image_size,) * 2
     chans = getattr(cfg, "in_channels", None) or cfg.num_channels
     classes = getattr(cfg, "num_labels", None) or cfg.num_classes
-    images = torch.randn(batch, chans, *size)
+    step = make_step(model, mode="train", precision=precision, device=dev, image_size=size, channels=chans,
+                     num_classes=classes)
+    images = torch.randint(0, 256, (batch, chans, *size), dtype=torch.uint8)
     labels = torch.randint(0, classes, (batch,))
     step(images, labels)  # creates the optimizer state, which then counts as resident
-    base = _state_bytes(model, opt) + _tensor_bytes([images, labels])
+    base = _state_bytes(model, step.train_step.optimizer) + _tensor_bytes([images, labels])
     with LiveTensorBytes() as tracker:
         step(images, labels)
     return base + tracker.peak, base

@@ -22,7 +22,7 @@ from PIL import Image
 
 from vitlab import create_model
 from vitlab._files import write_json
-from vitlab.explain.inference import load_for_inference
+from vitlab import load
 from vitlab.explain.predict import predict
 
 PRESETS = ("vit-cifar-tiny-p4", "vit-s16")
@@ -80,7 +80,7 @@ def main() -> None:
             c = model.config
             write_json(ckpt / "preprocess.json", {"mean": [0.5] * c.in_channels, "std": [0.25] * c.in_channels,
                                                   "image_size": list(c.image_size), "channels": c.in_channels})
-            loaded = load_for_inference(ckpt)
+            loaded = load(ckpt)
             x = torch.randn(1, c.in_channels, *c.image_size)
 
             def forward():

@@ -34,3 +34,22 @@ def tiny_config(tmp_path, name: str = "run", **changes) -> TrainConfig:
                 out=str(tmp_path / name))
     base.update(changes)
     return TrainConfig(**base)
+
+
+def tiny_folder(root, **kwargs):
+    """:func:`tiny_splits` written as an image-folder dataset (``root/train/c0/0.png``, ``root/test/...``), loaded
+    back with the data spec ``folder:root``: the same images, with the folder's own mean/std (``.spec`` names it)."""
+    import numpy as np
+    from PIL import Image
+
+    from vitlab.data import load_data
+
+    splits = tiny_splits(**kwargs)
+    for part, dataset in (("train", splits.train), ("test", splits.test)):
+        for i, (image, label) in enumerate(zip(dataset.images, dataset.labels)):
+            folder = root / part / dataset.classes[int(label)]
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = image.permute(1, 2, 0).numpy()
+            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(folder / f"{i}.png")
+    spec = f"folder:{root}"
+    return load_data(spec, image_size=tuple(splits.train.images.shape[-2:]), channels=splits.train.images.shape[1])

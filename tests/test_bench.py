@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitlab.bench import LiveTensorBytes, benchmark, make_optimizer, make_step, matmul_peak, time_alternating
+from vitlab.bench import LiveTensorBytes, benchmark, make_step, matmul_peak, time_alternating
 from vitlab.cli import main
 from vitlab.config import ViTConfig
 from vitlab.errors import ConfigError
@@ -143,10 +143,10 @@ def test_gradient_checkpointing_cuts_step_memory():
 def test_matmul_peak_and_alternating():
     assert matmul_peak("cpu", "fp32", size=64, repeats=1) > 0
     model = VisionTransformer(ViTConfig(**TINY))
-    step = make_step(model, mode="train", precision="fp32", device=torch.device("cpu"),
-                     optimizer=make_optimizer(model, torch.device("cpu")))
+    step = make_step(model, mode="train", precision="fp32", device=torch.device("cpu"), image_size=(16, 16),
+                     channels=3, num_classes=5)
     before = model.head.weight.detach().clone()
-    batch = (torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
+    batch = (torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1]))
     times = time_alternating({"a": step, "b": step}, {"a": batch, "b": batch}, repeats=2, warmup=0)
     assert [len(v) for v in times.values()] == [2, 2]
     assert not torch.equal(before, model.head.weight)  # the optimizer really stepped

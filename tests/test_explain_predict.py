@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+import vitlab
 from vitlab import ViTConfig, VisionTransformer
 from vitlab._files import write_json
 from vitlab.cli import main
 from vitlab.explain.attention import plot_attention
-from vitlab.explain.inference import list_images, load_for_inference
+from vitlab.explain.images import list_images
 from vitlab.explain.maps import compute_attention_maps, upsample_maps
-from vitlab.explain.plots import heatmap_overlay
+from vitlab.plots import heatmap_overlay
 from vitlab.explain.predict import predict
 from vitlab.explain.rollout import attention_rollout
 
@@ -74,7 +75,7 @@ def test_predict_values_match_reference_preprocessing(checkpoint, images):
         assert [lab for lab, _ in r.top] == [LABELS[i] for i in order]
         np.testing.assert_allclose([p for _, p in r.top], ref[order].numpy(), atol=2e-5)
     # The stored mean/std matter: with 0.5/0.5 the probabilities are different.
-    other = predict(load_for_inference(checkpoint, mean=[0.5] * 3, std=[0.5] * 3), files[:1], top_k=3)
+    other = predict(vitlab.load(checkpoint, mean=[0.5] * 3, std=[0.5] * 3), files[:1], top_k=3)
     a, b = dict(other[0].top), dict(results[0].top)
     assert max(abs(a[lab] - b[lab]) for lab in LABELS) > 1e-2
 

@@ -42,7 +42,7 @@ def run(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        from vitlab.train import fit
+        from vitlab.training import fit
 
         fit(TrainConfig(model="vit-cifar-tiny-p4", data=f"folder:{root}", image_size=[16, 16],
                         model_overrides={"depth": 1, "hidden_dim": 16, "num_heads": 2, "mlp_dim": 32},

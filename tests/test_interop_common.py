@@ -1,5 +1,5 @@
 """What every converter shares: the linear patch embedding in every format, the head count a file stores,
-run-folder resolution as ``vitlab.train`` does it, and reading a pickled state dict once."""
+run-folder resolution as training does it, and reading a pickled state dict once."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_a_num_heads_the_file_contradicts_is_refused(tmp_path, fmt, file, field)
 
 
 def test_run_folders_resolve_as_training_resolves_them(tmp_path):
-    from vitlab.train.checkpoint import resolve_checkpoint
+    from vitlab.runs import resolve_checkpoint
 
     best, last = randomise(VisionTransformer(CFG), seed=1), randomise(VisionTransformer(CFG), seed=2)
     run = tmp_path / "run"

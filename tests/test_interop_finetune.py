@@ -10,10 +10,10 @@ from safetensors.torch import save_file
 
 from vitlab import ViTConfig, VisionTransformer
 from vitlab.interop import load_pretrained
-from vitlab.interop.finetune import prepare_finetune
+from vitlab.models.finetune import prepare_finetune
 from vitlab.interop.jax_npz import to_jax_arrays
 from vitlab.interop.timm import to_timm_state_dict
-from vitlab.train.optim import param_groups
+from vitlab.training.optim import param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

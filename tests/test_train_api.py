@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_fixtures import TINY_MODEL, tiny_config, tiny_splits
+from _train_fixtures import TINY_MODEL, tiny_config, tiny_folder, tiny_splits
 
 import vitlab
-import vitlab.data
+import vitlab.training
 from vitlab.cli import main
 from vitlab.config import TrainConfig, load_train_config, to_dict
 from vitlab.errors import ConfigError
-from vitlab.train.metrics import ClassificationTally
-from vitlab.train.optim import lr_at, param_groups
-from vitlab.train.progress import ProgressBar
+from vitlab.evaluation import ClassificationTally, evaluate_model
+from vitlab.training.optim import lr_at, param_groups
+from vitlab.training.progress import ProgressBar
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,8 +150,8 @@ def test_linear_probe_trains_the_head_only(tmp_path):
 
     data = tiny_splits()
     start = vitlab.train(tiny_config(tmp_path, "start", epochs=1), data=data)
-    model = vitlab.train.load_model(start.run_dir / "last")
-    probe = vitlab.train.fit(tiny_config(tmp_path, "probe", linear_probe=True, epochs=1), data=data, model=model)
+    model = vitlab.load(start.run_dir / "last").model
+    probe = vitlab.training.fit(tiny_config(tmp_path, "probe", linear_probe=True, epochs=1), data=data, model=model)
     a = load_safetensors(start.run_dir / "last/model.safetensors")
     b = load_safetensors(probe.run_dir / "last/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("head."))
@@ -160,15 +160,13 @@ def test_linear_probe_trains_the_head_only(tmp_path):
 
 # ---------------------------------------------------------------- the commands
 @pytest.fixture
-def tiny_data(monkeypatch):
-    splits = tiny_splits()
-    monkeypatch.setattr(vitlab.data, "load_data", lambda spec, **kw: splits)
-    return splits
+def tiny_data(tmp_path):
+    return tiny_folder(tmp_path / "tiny")
 
 
 def test_cli_train_eval_plot(tmp_path, tiny_data, capsys):
     run = tmp_path / "run"
-    args = ["train", "--data", "tiny", "--out", str(run), "--epochs", "2", "--device", "cpu", "--quiet",
+    args = ["train", "--data", tiny_data.spec, "--out", str(run), "--epochs", "2", "--device", "cpu", "--quiet",
             "--set", "batch_size=16", "--set", "eval_batch_size=16"]
     for key, value in TINY_MODEL.items():
         args += ["--set", f"model_overrides.{key}={value}"]
@@ -188,7 +186,7 @@ def test_cli_train_eval_plot(tmp_path, tiny_data, capsys):
     assert again.epochs == 2 and again.model_overrides == TINY_MODEL and again.batch_size == 16
 
     # eval of the best checkpoint reproduces its epoch's test accuracy
-    assert main(["eval", str(run), "--data", "tiny", "--device", "cpu", "--json"]) == 0
+    assert main(["eval", str(run), "--data", tiny_data.spec, "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     best_epoch = json.loads((run / "best/state.json").read_text())["best_epoch"]
     assert result["top1"] == metrics[best_epoch - 1]["top1"]
@@ -218,50 +216,23 @@ def test_cli_recipes_lists_them(capsys):
     assert "note:     goal 80% reached" in out  # what the number means is said where it is
 
 
-def test_init_from_pretrained_resets_head_and_resizes_positions(tmp_path, monkeypatch):
-    import vitlab.interop
-
+def test_init_from_pretrained_resets_head_and_resizes_positions(tmp_path):
     start = vitlab.train(tiny_config(tmp_path, "start", epochs=1), data=tiny_splits())
-    loaded = []
-
-    def fake_load_pretrained(path, **overrides):  # the interop branch provides the real one
-        loaded.append(path)
-        return vitlab.train.load_model(path)
-
-    monkeypatch.setattr(vitlab.interop, "load_pretrained", fake_load_pretrained, raising=False)
     other = tiny_splits(classes=3, size=12)  # other classes, other image size
     cfg = tiny_config(tmp_path, "finetune", epochs=1, init=str(start.run_dir / "last"), image_size=12, lr=1e-9,
                       min_lr=0.0, weight_decay=0.0)
     result = vitlab.train(cfg, data=other)
-    assert loaded == [str(start.run_dir / "last")]
-    model = vitlab.train.load_model(result.run_dir / "last")
+    model = vitlab.load(result.run_dir / "last").model
     assert model.config.num_classes == 3 and model.config.labels == ["c0", "c1", "c2"]
     assert tuple(model.config.image_size) == (12, 12) and model.pos_embed.shape[1] == 1 + 6 * 6
-    before = vitlab.train.load_model(start.run_dir / "last")
+    before = vitlab.load(start.run_dir / "last").model
     # lr ~ 0: the body is the pretrained one
     torch.testing.assert_close(model.blocks[0].mlp.fc1.weight, before.blocks[0].mlp.fc1.weight, atol=1e-6, rtol=0)
 
 
 def test_python_api_takes_a_data_spec_string(tmp_path, tiny_data):
-    result = vitlab.train(tiny_config(tmp_path, "run", epochs=1, data="digits"), data="folder:photos")
-    assert "data: folder:photos" in (result.run_dir / "config.yaml").read_text()
-
-
-def test_time_limit_replan_grows_only_when_asked():
-    # The first whole epoch may lengthen the plan the probe laid out; later epochs only shorten it.
-    from vitlab.train.engine import _Dist, _replan
-    from vitlab.train.optim import WarmupCosine
-
-    config = tiny_config(Path("unused"), epochs=40, warmup_epochs=2, lr=1e-3, min_lr=0.0)
-    sched = WarmupCosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lr=1e-3, min_lr=0.0,
-                         total_steps=10 * 100, warmup_steps=round(2 / 40 * 10 * 100))  # the probe's plan: 10 epochs
-    assert _replan(sched, config, 10, 12, 100, _Dist()) == 10 and sched.total_steps == 1000  # no growth
-    assert _replan(sched, config, 10, 12, 100, _Dist(), grow=True) == 12
-    assert (sched.total_steps, sched.warmup_steps) == (1200, 60)  # warmup keeps its share: 2/40 of the run
-    assert _replan(sched, config, 12, 9, 100, _Dist()) == 9 and (sched.total_steps, sched.warmup_steps) == (900, 45)
-    for _ in range(900):
-        sched.step()
-    assert sched.current_lr() == pytest.approx(0.0)  # still ends at min_lr
+    result = vitlab.train(tiny_config(tmp_path, "run", epochs=1, data="digits"), data=tiny_data.spec)
+    assert f"data: {tiny_data.spec}" in (result.run_dir / "config.yaml").read_text()
 
 
 def test_evaluate_holds_out_what_the_run_held_out(tmp_path):
@@ -291,7 +262,6 @@ def test_evaluate_hflip_averages_the_probabilities_of_image_and_mirror():
     import torch.nn.functional as F
 
     from vitlab.models import VisionTransformer
-    from vitlab.train.engine import evaluate
 
     torch.manual_seed(0)
     model = VisionTransformer(vitlab.ViTConfig(**{**TINY_MODEL, "image_size": 8, "patch_size": 2,
@@ -304,43 +274,17 @@ def test_evaluate_hflip_averages_the_probabilities_of_image_and_mirror():
     x = (data.test.images.float() / 255 - 0.5) / 0.25
     with torch.no_grad():
         probs = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2  # the reference, written apart
-    got = evaluate(model, data.test, hflip=True, **kwargs)
+    got = evaluate_model(model, data.test, tta_hflip=True, **kwargs)
     assert got["top1"] == (probs.argmax(-1) == data.test.labels).float().mean().item()
     assert got["test_loss"] == pytest.approx(F.nll_loss(probs.log(), data.test.labels).item(), rel=1e-5)
     with torch.no_grad():  # the mirror image is scored differently, so the test can tell the two apart
         assert (model(x).softmax(-1) - model(x.flip(-1)).softmax(-1)).abs().max() > 0.05
-    assert evaluate(model, data.test, **kwargs)["test_loss"] != pytest.approx(got["test_loss"], rel=1e-5)
+    assert evaluate_model(model, data.test, **kwargs)["test_loss"] != pytest.approx(got["test_loss"], rel=1e-5)
     # the mirrored test set scores the same as the test set
     mirrored = data.test.subset(torch.arange(len(data.test)))
     mirrored.images = mirrored.images.flip(-1)
-    again = evaluate(model, mirrored, hflip=True, **kwargs)
+    again = evaluate_model(model, mirrored, tta_hflip=True, **kwargs)
     assert again["confusion"] == got["confusion"] and again["test_loss"] == pytest.approx(got["test_loss"])
-
-
-def test_time_limit_plan_costs_epochs_at_the_median_and_keeps_the_final_evaluation():
-    from vitlab.train.engine import _Dist, _plan_to_time_limit
-    from vitlab.train.optim import WarmupCosine
-
-    config = tiny_config(Path("unused"), epochs=40, warmup_epochs=0, lr=1e-3, min_lr=0.0, eval_every=4)
-
-    def plan(epoch, planned, left, times, evaluating_now=False):
-        sched = WarmupCosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lr=1e-3, min_lr=0.0,
-                             total_steps=planned * 100, warmup_steps=0)
-        got = _plan_to_time_limit(sched, config, _Dist(), torch.device("cpu"), epoch=epoch, planned=planned,
-                                  steps_per_epoch=100, seconds_left=left, train_times=times, eval_time=10.0,
-                                  evaluating_now=evaluating_now)
-        assert sched.total_steps == got[0] * 100
-        return got
-
-    # 100 s epochs (one slow 300 s epoch does not count), an evaluation every 4th: 107.5 s each; 10 s kept for
-    # the final evaluation: (1000 - 10) // 107.5 = 9 more epochs
-    assert plan(10, 20, 1000.0, [100.0, 100.0, 300.0, 100.0, 100.0]) == (19, False)
-    assert plan(10, 20, 1000.0, [100.0, 100.0, 300.0, 100.0, 100.0], evaluating_now=True) == (19, False)
-    assert plan(10, 20, 1000.0, [300.0] * 5) == (13, False)  # a lasting slowdown shrinks the plan
-    assert plan(10, 30, 110.0, [100.0] * 5) == (30, True)  # nothing more fits: stop after this epoch
-    assert plan(3, 10, 3000.0, [100.0] * 5) == (30, False)  # first half of the run: the plan may grow
-    assert plan(6, 10, 3000.0, [100.0] * 5) == (10, False)  # second half: it does not
-    assert plan(3, 10, 1e9, [100.0] * 5) == (40, False)  # never past `epochs`
 
 
 def test_time_limited_run_evaluates_every_nth_epoch_its_first_and_its_last(tmp_path):
@@ -350,18 +294,16 @@ def test_time_limited_run_evaluates_every_nth_epoch_its_first_and_its_last(tmp_p
 
 
 def test_eval_scores_as_the_run_did_with_tta_hflip(tmp_path, tiny_data, capsys):
-    from vitlab.train.engine import evaluate
-
-    result = vitlab.train(tiny_config(tmp_path, epochs=1, tta_hflip=True), data="tiny")
-    assert main(["eval", str(result.run_dir / "last"), "--data", "tiny", "--device", "cpu", "--precision", "fp32",
+    result = vitlab.train(tiny_config(tmp_path, epochs=1, tta_hflip=True), data=tiny_data.spec)
+    assert main(["eval", str(result.run_dir / "last"), "--data", tiny_data.spec, "--device", "cpu", "--precision", "fp32",
                  "--json"]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["test_loss"] == pytest.approx(result.history[0]["test_loss"], rel=1e-6)
-    assert main(["eval", str(result.run_dir / "last"), "--data", "tiny", "--device", "cpu", "--precision", "fp32",
-                 "--json", "--no-tta-hflip"]) == 0
+    assert main(["eval", str(result.run_dir / "last"), "--data", tiny_data.spec, "--device", "cpu", "--precision",
+                 "fp32", "--json", "--no-tta-hflip"]) == 0
     plain = json.loads(capsys.readouterr().out)
-    model = vitlab.train.load_model(result.run_dir / "last")
-    alone = evaluate(model, tiny_data.test, mean=tiny_data.mean, std=tiny_data.std, batch_size=512,
+    model = vitlab.load(result.run_dir / "last").model
+    alone = evaluate_model(model, tiny_data.test, mean=tiny_data.mean, std=tiny_data.std, batch_size=512,
                      classes=tiny_data.classes)
     assert plain["test_loss"] == pytest.approx(alone["test_loss"], rel=1e-6)
     assert plain["test_loss"] != pytest.approx(scored["test_loss"], rel=1e-6)
@@ -387,11 +329,11 @@ def test_finetuning_normalises_as_the_pretrained_weights_were(tmp_path):
     pre.update(mean=[0.3], std=[0.2])  # as if pretrained on other data
     (start.run_dir / "last/preprocess.json").write_text(json.dumps(pre))
     model = vitlab.interop.load_pretrained(start.run_dir / "last")
-    tuned = vitlab.train.fit(tiny_config(tmp_path, "tuned", epochs=1, init=str(start.run_dir / "last")),
+    tuned = vitlab.training.fit(tiny_config(tmp_path, "tuned", epochs=1, init=str(start.run_dir / "last")),
                              data=data, model=model)
     assert json.loads((tuned.run_dir / "last/preprocess.json").read_text())["mean"] == [0.3]
     model = vitlab.interop.load_pretrained(start.run_dir / "last")
-    own = vitlab.train.fit(tiny_config(tmp_path, "own", epochs=1, init=str(start.run_dir / "last"),
+    own = vitlab.training.fit(tiny_config(tmp_path, "own", epochs=1, init=str(start.run_dir / "last"),
                                        normalize="data"), data=data, model=model)
     assert json.loads((own.run_dir / "last/preprocess.json").read_text())["mean"] == [0.5]  # tiny_splits' own
     with pytest.raises(ConfigError, match="normalize='imagenet' is for RGB images"):

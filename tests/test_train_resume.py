@@ -10,9 +10,10 @@ import torch
 from _train_fixtures import TINY_MODEL, tiny_config, tiny_splits
 
 import vitlab
+from vitlab import runs
 from vitlab._files import load_safetensors
-from vitlab.train import checkpoint as ckpt
-from vitlab.train import engine
+from vitlab.training import checkpoint as ckpt
+from vitlab.training import engine, step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,17 +99,17 @@ def test_interrupted_swap_is_recovered(tmp_path):
     (run / "last").rename(run / ".last.old")  # killed between the two renames of a swap
     (run / "best").rename(run / ".best.old")
     # Readers find the complete checkpoint without touching the run (it may still be training) ...
-    assert ckpt.resolve_checkpoint(run) == run / ".best.old"
+    assert runs.resolve_checkpoint(run) == run / ".best.old"
     assert (run / ".last.old").exists()
     # ... and resuming finishes the swap.
-    ckpt.recover_run(run)
+    runs.recover_run(run)
     assert (run / "best/model.safetensors").is_file() and not (run / ".best.old").exists()
     assert (run / "last/model.safetensors").is_file() and not (run / ".last.old").exists()
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     data = tiny_splits()
-    real = engine.soft_cross_entropy
+    real = step.soft_cross_entropy
     steps_per_epoch = 64 // 16
     calls = {"n": 0}
 
@@ -117,7 +118,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, mo
         loss = real(logits, targets)
         return loss * float("nan") if calls["n"] > steps_per_epoch else loss
 
-    monkeypatch.setattr(engine, "soft_cross_entropy", exploding)
+    monkeypatch.setattr(step, "soft_cross_entropy", exploding)
     with pytest.raises(engine.DivergedError, match=r"became nan in epoch 2.*last good checkpoint is .*last"):
         vitlab.train(tiny_config(tmp_path, "nan", epochs=3), data=data)
     state = json.loads((tmp_path / "nan/last/state.json").read_text())

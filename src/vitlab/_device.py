@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from vitlab.errors import ConfigError
@@ -41,3 +43,18 @@ def default_precision(device: str | torch.device) -> str:
     if dev.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if dev.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``precision`` on ``device``: none for "fp32", else bf16 or fp16 autocast."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def sum_dtype(device: str | torch.device) -> torch.dtype:
+    """float64 for running sums (exact enough over an epoch), float32 where the device has no float64 (MPS)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64

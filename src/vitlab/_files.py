@@ -88,3 +88,21 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors file ({e}); it is corrupt or truncated") from None
+
+
+def ensure_folder(path: str | os.PathLike, what: str) -> Path:
+    """Create folder ``path`` (with its parents) unless it exists, before any work is done; a
+    :class:`ConfigError` naming ``what`` and the path when it is a file or cannot be created there."""
+    from vitlab.errors import ConfigError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path}: exists and is not a folder; pass the path of a folder (new or existing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot create this folder ({e.strerror or e}); pass a folder you can "
+                          "write to") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: this folder is not writable; pass a folder you can write to")
+    return path

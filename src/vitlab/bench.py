@@ -1,6 +1,8 @@
 """Throughput, achieved FLOP/s and utilisation of a ViT's training steps or inference batches.
 
-:func:`benchmark` times real steps (forward, loss, backward, AdamW) or inference batches on synthetic data
+:func:`benchmark` times real training steps (the step ``fit()`` runs, :class:`~vitlab.training.TrainStep`:
+on-device normalisation and augmentation, forward, soft-target loss with label smoothing, backward, clipping,
+AdamW, the schedule, EMA, as a :class:`~vitlab.config.TrainConfig` says) or inference batches, on synthetic data
 that lives on the device, after warm-up, and reports images/s (median over repeats, with min and max), the
 step time, peak memory, FLOPs per image (counted analytically by :meth:`ViTConfig.flops_per_image`), the
 achieved FLOP/s and the utilisation: achieved / the device's matmul peak measured in the same run and the
@@ -18,20 +20,20 @@ import os
 import statistics
 import time
 import weakref
-from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vitlab._device import cpu_has_fast_bf16, default_precision, resolve_device
-from vitlab.config import ViTConfig
+from vitlab._device import AUTOCAST_DTYPES, autocast, cpu_has_fast_bf16, default_precision, resolve_device
+from vitlab.config import TrainConfig, ViTConfig
 from vitlab.errors import ConfigError
+from vitlab.models import create_model
+from vitlab.training.step import logits_of, make_train_step
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, **AUTOCAST_DTYPES}
 MODES = ("train", "infer")
 
 # Training costs forward + backward; the backward of a matmul is two matmuls of the same size, so a training
@@ -42,12 +44,6 @@ TRAIN_FLOPS_FACTOR = 3
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
 def matmul_peak(device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32", *, size: int | None = None,
@@ -158,53 +154,33 @@ def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> i
 
 
 # ---------------------------------------------------------------------------------------------- steps
-def _logits(out: Any) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def make_optimizer(model: nn.Module, device: torch.device, lr: float = 1e-4) -> torch.optim.Optimizer:
-    """AdamW over all parameters, with the fused single-kernel update where this PyTorch has it."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.05, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.05, foreach=device.type == "cuda")
-
-
-def make_step(model: nn.Module, *, mode: str, precision: str, device: torch.device,
-              optimizer: torch.optim.Optimizer | None = None, forward: Callable | None = None,
-              transform: Callable | None = None, generator: torch.Generator | None = None) -> Callable:
+def make_step(model: nn.Module, *, mode: str, precision: str, device: torch.device, image_size: tuple[int, int],
+              channels: int, num_classes: int, config: TrainConfig | None = None, steps_per_epoch: int = 1000,
+              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+              generator: torch.Generator | None = None, forward: Callable | None = None) -> Callable:
     """A closure ``step(images, labels)`` doing one training step or one inference batch, without host syncs.
 
-    ``forward`` replaces ``model`` for the forward call (a ``torch.compile``-d model). In ``train`` mode the
-    step is forward under autocast, cross-entropy, backward, ``optimizer.step()``; gradients are set to
-    ``None`` (no zero-filling kernels). A GradScaler is used for fp16 on GPU. ``transform`` (a
-    ``vitlab.data.TrainTransform``) turns uint8 images and labels into float images and soft targets on the
-    device inside the step, with ``generator``.
+    ``train``: the :class:`~vitlab.training.TrainStep` that ``fit()`` runs for ``config`` (default: the default
+    TrainConfig: AdamW, warmup + cosine over ``config.epochs`` x ``steps_per_epoch`` steps, clipping, label
+    smoothing; EMA and augmentation when the config has them), on uint8 images ``(B, channels, *image_size)`` and
+    int labels, normalised with ``mean``/``std`` (default 0.5), drawing its augmentation from ``generator``; the
+    closure's ``train_step`` attribute is that step.
+    ``infer``: the forward under autocast and ``inference_mode`` on float images. ``forward`` replaces ``model``
+    for the forward call (a ``torch.compile``-d model).
     """
     fwd = model if forward is None else forward  # (a compiled module has no truth value: it asks len())
     if mode == "infer":
         def infer(images, labels):
-            with torch.inference_mode(), _autocast(device, precision):
-                return _logits(fwd(images))
+            with torch.inference_mode(), autocast(device, precision):
+                return logits_of(fwd(images))
         return infer
-    assert optimizer is not None
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
+    train_step = make_train_step(model, config or TrainConfig(), device=device, precision=precision,
+                                 steps_per_epoch=steps_per_epoch, num_classes=num_classes, image_size=image_size,
+                                 mean=mean or (0.5,) * channels, std=std or (0.5,) * channels, forward=fwd)
 
     def train(images, labels):
-        if transform is not None:
-            images, labels = transform(images, labels, generator)  # labels become soft targets (B, classes)
-        with _autocast(device, precision):
-            loss = F.cross_entropy(_logits(fwd(images)), labels)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        return train_step([(images, labels)], generator)
+    train.train_step = train_step
     return train
 
 
@@ -248,8 +224,6 @@ def time_alternating(steps: dict[str, Callable], inputs: dict[str, tuple], *, re
 
 # ---------------------------------------------------------------------------------------------- benchmark
 def _resolve_model(model_or_preset, overrides: dict[str, Any]) -> tuple[nn.Module, str, ViTConfig | None]:
-    from vitlab.models import create_model
-
     if isinstance(model_or_preset, nn.Module):
         config = getattr(model_or_preset, "config", None)
         cfg = config if isinstance(config, ViTConfig) else None
@@ -261,6 +235,31 @@ def _resolve_model(model_or_preset, overrides: dict[str, Any]) -> tuple[nn.Modul
     return model, str(model_or_preset), model.config
 
 
+def _input_spec(model: nn.Module, cfg: ViTConfig | None, flops_per_image, image_size, in_channels,
+                num_classes) -> tuple[tuple[int, int], int, int, float]:
+    """(image size, channels, classes, forward FLOPs per image) of a vitlab model or, from the arguments and its
+    Hugging Face-style config, of another module."""
+    if cfg is not None:
+        flops = flops_per_image if flops_per_image is not None else cfg.flops_per_image()
+        return tuple(cfg.image_size), cfg.in_channels, cfg.num_classes, flops
+    hf = getattr(model, "config", None)
+    size = image_size or getattr(hf, "image_size", None)
+    classes = num_classes or getattr(hf, "num_labels", None)
+    if size is None or classes is None or flops_per_image is None:
+        raise ConfigError("benchmark of a non-vitlab module needs image_size, num_classes and flops_per_image")
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return size, in_channels or getattr(hf, "num_channels", 3), classes, flops_per_image
+
+
+def deit_augmentation(image_size: tuple[int, int], channels: int) -> dict[str, Any]:
+    """TrainConfig fields of DeiT-style augmentation (pad-and-crop instead of random resized crop for small
+    images): flip, RandAugment m9 n2 (RGB), random erasing 0.25, Mixup 0.8 / CutMix 1.0, label smoothing 0.1."""
+    small = max(image_size) <= 64
+    return dict(crop_padding=4 if small else 0, hflip=True, random_resized_crop=None if small else [0.08, 1.0],
+                auto_augment="rand-m9-n2" if channels == 3 else None, random_erasing=0.25, mixup_alpha=0.8,
+                cutmix_alpha=1.0, label_smoothing=0.1)
+
+
 def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mode: str = "train",
               precision: str | None = "fp32", compile: bool = False, device: str | None = "cpu",
               repeats: int = 5, *, warmup: int = 2, steps_per_repeat: int | None = None,
@@ -268,7 +267,7 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
               measure_memory: bool = True, flops_per_image: float | None = None, image_size=None,
               in_channels: int | None = None, num_classes: int | None = None, seed: int = 0,
               peak_flops: float | None = None, check_syncs: bool = False, augment: bool = False,
-              **overrides: Any) -> dict[str, Any]:
+              config: TrainConfig | None = None, **overrides: Any) -> dict[str, Any]:
     """Time ``repeats`` x ``steps_per_repeat`` training steps or inference batches; return the figures.
 
     ``model_or_preset``: a preset name (``vitlab models``), a :class:`ViTConfig`, or any module mapping
@@ -279,9 +278,9 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
     ``steps_per_repeat``: ``None`` picks enough steps for ~0.3 s per repeat (GPU steps take milliseconds).
     ``gradient_checkpointing``: recompute each block in backward (vitlab models) to save memory.
     ``check_syncs`` (GPU): make a host-device sync inside a timed step an error.
-    ``augment`` (train): feed uint8 images through ``vitlab.data.TrainTransform`` with the DeiT recipe's
-    augmentations (crop, flip, RandAugment, random erasing, Mixup/CutMix, label smoothing) inside each timed
-    step, on the device, so the figures include the input pipeline.
+    ``config`` (train): the :class:`~vitlab.config.TrainConfig` whose training step is timed (default: the
+    defaults); ``augment`` adds DeiT-style augmentation to it (:func:`deit_augmentation`), so the figures
+    include the on-device input pipeline.
     ``peak_flops``: reuse a measured :func:`matmul_peak` instead of measuring it again.
     Returns a dict: model, mode, batch, precision, device, threads, compile, images_per_s (median),
     images_per_s_min, images_per_s_max, step_time_s, flops_per_image (per image per step: x3 in training),
@@ -299,18 +298,10 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
     if repeats < 1 or batch < 1:
         raise ConfigError(f"repeats={repeats} and batch={batch} must be >= 1")
     model, name, cfg = _resolve_model(model_or_preset, overrides)
-    if cfg is not None:
-        size, chans, classes = cfg.image_size, cfg.in_channels, cfg.num_classes
-        flops_fwd = flops_per_image if flops_per_image is not None else cfg.flops_per_image()
-    else:
-        hf = getattr(model, "config", None)
-        size = image_size or getattr(hf, "image_size", None)
-        chans = in_channels or getattr(hf, "num_channels", 3)
-        classes = num_classes or getattr(hf, "num_labels", None)
-        if size is None or classes is None or flops_per_image is None:
-            raise ConfigError("benchmark of a non-vitlab module needs image_size, num_classes and flops_per_image")
-        flops_fwd = flops_per_image
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size, chans, classes, flops_fwd = _input_spec(model, cfg, flops_per_image, image_size, in_channels, num_classes)
+    config = config or TrainConfig()
+    if augment and mode == "train":
+        config = config.replace(**deit_augmentation(size, chans))
 
     with _threads(threads):
         torch.manual_seed(seed)
@@ -320,55 +311,19 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
             if not hasattr(model, "set_gradient_checkpointing"):
                 raise ConfigError(f"{name} has no gradient checkpointing switch")
             model.set_gradient_checkpointing(True)
-        optimizer = make_optimizer(model, dev) if mode == "train" else None
-        forward = model
-        compile_time = None
-        if compile:
-            forward = torch.compile(model)
         gen = torch.Generator(device=dev).manual_seed(seed)
-        transform = _augmentation(size, chans, classes) if augment and mode == "train" else None
-        step = make_step(model, mode=mode, precision=precision, device=dev, optimizer=optimizer, forward=forward,
-                         transform=transform, generator=gen)
-        if transform is not None:
+        step = make_step(model, mode=mode, precision=precision, device=dev, image_size=size, channels=chans,
+                         num_classes=classes, config=config, generator=gen,
+                         forward=torch.compile(model) if compile else None)
+        if mode == "train":  # uint8 images, as the loader gives them; the step normalises and augments them
             images = torch.randint(0, 256, (batch, chans, *size), device=dev, generator=gen, dtype=torch.uint8)
         else:
             images = torch.randn(batch, chans, *size, device=dev, generator=gen)
         labels = torch.randint(0, max(classes, 1), (batch,), device=dev, generator=gen)
-
         peak_before = matmul_peak(dev, precision) if peak_flops is None and measure_peak else None
-        t0 = time.perf_counter()
-        step(images, labels)  # first call: compile, lazy init, optimizer state
-        _sync(dev)
-        first = time.perf_counter() - t0
-        if compile:
-            compile_time = first
-        for _ in range(max(warmup - 1, 0)):
-            step(images, labels)
-        _sync(dev)
-        if steps_per_repeat is None:
-            t0 = time.perf_counter()
-            step(images, labels)
-            _sync(dev)
-            one = max(time.perf_counter() - t0, 1e-6)
-            steps_per_repeat = max(1, min(200, int(0.3 / one)))
-
-        if dev.type == "cuda" and check_syncs:
-            torch.cuda.set_sync_debug_mode("error")
-        times = []
-        try:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                for _ in range(steps_per_repeat):
-                    step(images, labels)
-                _sync(dev)
-                times.append((time.perf_counter() - t0) / steps_per_repeat)
-        finally:
-            if dev.type == "cuda" and check_syncs:
-                torch.cuda.set_sync_debug_mode("default")
-
-        peak_mem, method = None, None
-        if measure_memory:
-            peak_mem, method = _peak_memory(model, step, images, labels, optimizer, dev)
+        times, steps_per_repeat, first = _time_steps(step, images, labels, dev, repeats=repeats, warmup=warmup,
+                                                     steps_per_repeat=steps_per_repeat, check_syncs=check_syncs)
+        peak_mem, method = _peak_memory(model, step, images, labels, dev) if measure_memory else (None, None)
         peak = peak_flops
         if peak is None and measure_peak:
             # before and after the timed steps; the larger is the device's peak (load changes the other)
@@ -378,43 +333,66 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
         model.set_gradient_checkpointing(False)
 
     step_time = statistics.median(times)
-    factor = TRAIN_FLOPS_FACTOR if mode == "train" else 1
-    flops = factor * float(flops_fwd)
+    flops = (TRAIN_FLOPS_FACTOR if mode == "train" else 1) * float(flops_fwd)
     ips = [batch / t for t in times]
     achieved = flops * batch / step_time
+    augmented = mode == "train" and bool(config.hflip or config.crop_padding or config.random_resized_crop
+                                         or config.auto_augment or config.mixup_alpha or config.cutmix_alpha)
     return dict(
         model=name, mode=mode, batch=batch, precision=precision, device=str(dev),
         device_name=_device_name(dev), threads=used_threads if dev.type == "cpu" else None, compile=compile,
-        gradient_checkpointing=gradient_checkpointing, augment=transform is not None,
+        gradient_checkpointing=gradient_checkpointing, augment=augmented,
         images_per_s=statistics.median(ips), images_per_s_min=min(ips), images_per_s_max=max(ips),
         step_time_s=step_time, flops_per_image=flops, achieved_flops=achieved, peak_flops=peak,
         utilisation=(achieved / peak) if peak else None, peak_memory_bytes=peak_mem, memory_method=method,
-        compile_time_s=compile_time, num_parameters=sum(p.numel() for p in model.parameters()),
+        compile_time_s=first if compile else None, num_parameters=sum(p.numel() for p in model.parameters()),
         repeats=repeats, steps_per_repeat=steps_per_repeat, torch=torch.__version__)
 
 
-def _augmentation(size: tuple[int, int], channels: int, classes: int) -> Callable:
-    """DeiT-style training augmentation on the device (vitlab.data); pad-crop for small images."""
-    from vitlab.data import TrainTransform
+def _time_steps(step: Callable, images, labels, dev: torch.device, *, repeats: int, warmup: int,
+                steps_per_repeat: int | None, check_syncs: bool) -> tuple[list[float], int, float]:
+    """(seconds per step of each repeat, steps per repeat, seconds of the first call) after warm-up steps."""
+    t0 = time.perf_counter()
+    step(images, labels)  # first call: compile, lazy init, optimizer state
+    _sync(dev)
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        step(images, labels)
+    _sync(dev)
+    if steps_per_repeat is None:
+        t0 = time.perf_counter()
+        step(images, labels)
+        _sync(dev)
+        steps_per_repeat = max(1, min(200, int(0.3 / max(time.perf_counter() - t0, 1e-6))))
+    if dev.type == "cuda" and check_syncs:
+        torch.cuda.set_sync_debug_mode("error")
+    times = []
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(steps_per_repeat):
+                step(images, labels)
+            _sync(dev)
+            times.append((time.perf_counter() - t0) / steps_per_repeat)
+    finally:
+        if dev.type == "cuda" and check_syncs:
+            torch.cuda.set_sync_debug_mode("default")
+    return times, steps_per_repeat, first
 
-    small = max(size) <= 64
-    return TrainTransform(mean=(0.5,) * channels, std=(0.5,) * channels, image_size=size, num_classes=classes,
-                          crop_padding=4 if small else 0, hflip=True,
-                          random_resized_crop=None if small else (0.08, 1.0),
-                          auto_augment="rand-m9-n2" if channels == 3 else None, random_erasing=0.25,
-                          mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
 
-
-def _peak_memory(model, step, images, labels, optimizer, dev) -> tuple[int, str]:
+def _peak_memory(model, step, images, labels, dev) -> tuple[int, str]:
     """Peak memory of one more step: CUDA allocator peak on GPU; live tensor bytes on CPU (see
-    :class:`LiveTensorBytes`), both including parameters, gradients, optimizer state and the batch."""
+    :class:`LiveTensorBytes`), both including parameters, gradients, optimizer (and EMA) state and the batch."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         step(images, labels)
         torch.cuda.synchronize(dev)
         return torch.cuda.max_memory_allocated(dev), "torch.cuda.max_memory_allocated"
-    before = _state_bytes(model, optimizer) + _tensor_bytes([images, labels])
+    train_step = getattr(step, "train_step", None)
+    before = _state_bytes(model, train_step.optimizer if train_step else None) + _tensor_bytes([images, labels])
+    if train_step is not None and train_step.ema is not None:
+        before += _state_bytes(train_step.ema, None)
     with LiveTensorBytes() as tracker:
         step(images, labels)
     return before + tracker.peak, "live tensor bytes (dispatch-mode tracker)"
@@ -459,5 +437,5 @@ def format_result(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["benchmark", "matmul_peak", "time_alternating", "make_step", "make_optimizer", "LiveTensorBytes", "default_precision",
-           "cpu_has_fast_bf16", "format_result", "resolve_device"]
+__all__ = ["benchmark", "matmul_peak", "time_alternating", "make_step", "deit_augmentation", "LiveTensorBytes",
+           "default_precision", "cpu_has_fast_bf16", "format_result", "resolve_device"]

@@ -14,14 +14,6 @@ from typing import Callable, Sequence
 from vitlab.errors import VitlabError
 
 
-def _fmt_count(n: int) -> str:
-    if n >= 1e6:
-        return f"{n / 1e6:.1f}M"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f}K"
-    return str(n)
-
-
 def cmd_models(args: argparse.Namespace) -> int:
     """Print the presets: name, image size, patch (+ "stem": a convolutional stem), layers, hidden, heads,
     parameters, GFLOPs per image."""
@@ -61,26 +53,23 @@ def _load_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert any supported checkpoint to a vitlab save_pretrained folder."""
-    from vitlab.interop import convert, detect_format
+    from vitlab.interop import convert, load
 
-    fmt = args.format or detect_format(args.checkpoint)
-    out = convert(args.checkpoint, args.out, format=fmt, num_heads=args.num_heads, **_load_overrides(args))
-    from vitlab._files import read_json
-
-    cfg = read_json(out / "config.json")
+    loaded = load(args.checkpoint, format=args.format, num_heads=args.num_heads, **_load_overrides(args))
+    out = convert(loaded.model, args.out)
+    c = loaded.model.config
     size = lambda hw: str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"  # noqa: E731
-    print(f"{args.checkpoint} ({fmt}) -> {out}: {cfg['depth']} layers, hidden {cfg['hidden_dim']}, "
-          f"{cfg['num_heads']} heads, patch {size(cfg['patch_size'])}, image {size(cfg['image_size'])}, "
-          f"{cfg['num_classes']} classes")
+    print(f"{args.checkpoint} ({loaded.format}) -> {out}: {c.depth} layers, hidden {c.hidden_dim}, "
+          f"{c.num_heads} heads, patch {size(c.patch_size)}, image {size(c.image_size)}, {c.num_classes} classes")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export a checkpoint (any format load_pretrained reads) to ONNX or a Hugging Face folder."""
-    from vitlab.interop import export, load_pretrained
+    """Export a checkpoint (any format vitlab.load reads) to ONNX or a Hugging Face folder."""
+    from vitlab.interop import export, load
 
-    model = load_pretrained(args.checkpoint, format=args.input_format, num_heads=args.num_heads)
-    out = export(model, args.out, format=args.format)
+    loaded = load(args.checkpoint, format=args.input_format, num_heads=args.num_heads)
+    out = export(loaded.model, args.out, format=args.format)
     print(f"{args.checkpoint} -> {out} ({args.format})")
     return 0
 
@@ -229,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train (default: the small digits ViT on the built-in digits), print the test accuracy and run folder."""
     from vitlab.api import resume_config, train
     from vitlab.config import apply_overrides, load_train_config
-    from vitlab.train.progress import ProgressBar
+    from vitlab.training.progress import ProgressBar
 
     given = {"model": args.model, "data": args.data, "out": args.out, "epochs": args.epochs, "device": args.device,
              "init": args.init}
@@ -261,13 +250,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from vitlab.api import evaluate
 
-    out = args.out or str(Path(args.checkpoint) / "eval")
+    given = Path(args.checkpoint)
+    out = args.out or str(given / "eval" if given.is_dir() else given.with_name(f"{given.stem}-eval"))
     result = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device,
-                      precision=args.precision, out=out, hflip=args.tta_hflip)
+                      precision=args.precision, out=out, tta_hflip=args.tta_hflip)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "confusion"}))
         return 0
-    print(f"{result['checkpoint']} on {args.data} ({result['count']} test images)")
+    print(f"{result['checkpoint']} on {result['data']} ({result['count']} test images)")
     print(f"test loss {result['test_loss']:.4f}   top-1 {100 * result['top1']:.2f}%   top-5 "
           f"{100 * result['top5']:.2f}%")
     width = max(len(c) for c in result["classes"])
@@ -332,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: loss, top-1/top-5, per class, confusion")
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
-    p.add_argument("--data", required=True, help="data spec whose test split to evaluate on")
+    p.add_argument("--data", help="data spec whose test split to evaluate on (default: the run's own data)")
     p.add_argument("--out", help="folder for eval.json and confusion_matrix.png (default RUN_OR_CHECKPOINT/eval)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="auto")
@@ -483,6 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(func(args) or 0)
     except VitlabError as e:
+        print(f"vitlab: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (a full disk, a read-only folder): its message names the path
         print(f"vitlab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

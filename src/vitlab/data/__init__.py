@@ -8,8 +8,8 @@ to the device; :class:`TrainTransform` / :class:`EvalTransform` augment and norm
 from vitlab.data.images import decode_image, list_image_files
 from vitlab.data.load import DATA_KINDS, dataset_info, load_data, parse_data_spec
 from vitlab.data.loader import ArrayDataset, BatchLoader, DatasetSplits, channel_mean_std, stratified_split
-from vitlab.data.transforms import EvalTransform, TrainTransform
+from vitlab.data.transforms import EvalTransform, Preprocess, TrainTransform
 
-__all__ = ["ArrayDataset", "DatasetSplits", "BatchLoader", "TrainTransform", "EvalTransform", "load_data",
-           "decode_image", "list_image_files", "dataset_info", "parse_data_spec", "DATA_KINDS", "channel_mean_std",
+__all__ = ["ArrayDataset", "DatasetSplits", "BatchLoader", "TrainTransform", "EvalTransform", "Preprocess",
+           "load_data", "decode_image", "list_image_files", "dataset_info", "parse_data_spec", "DATA_KINDS", "channel_mean_std",
            "stratified_split"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -450,3 +451,22 @@ class EvalTransform:
         if tuple(x.shape[-2:]) != self.image_size:
             x = resize_float(x, self.image_size)
         return self._normalize(x, scale=1 / 255)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a trained model's input is made from an image: decoded at ``image_size`` ``(H, W)`` with ``channels``
+    (1 or 3), then scaled to [0, 1] and normalised with the per-channel ``mean`` and ``std`` it was trained with.
+    Calling it on uint8 ``(B, C, H, W)`` images gives the model's float input (the evaluation path of training)."""
+
+    image_size: tuple[int, int]
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:  # one transform for all batches: it keeps its normalisation tensors
+        object.__setattr__(self, "_transform", EvalTransform(mean=self.mean, std=self.std,
+                                                             image_size=self.image_size))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self._transform(images)

@@ -7,12 +7,10 @@
 """
 
 from vitlab.explain.attention import plot_attention
-from vitlab.explain.inference import LoadedModel, load_for_inference
 from vitlab.explain.maps import compute_attention_maps, upsample_maps
 from vitlab.explain.predict import Prediction, predict
 from vitlab.explain.report import write_report
 from vitlab.explain.rollout import attention_rollout, fuse_heads, last_layer_attention, rollout_matrix
 
 __all__ = ["attention_rollout", "last_layer_attention", "rollout_matrix", "fuse_heads", "compute_attention_maps",
-           "upsample_maps", "plot_attention", "predict", "Prediction", "load_for_inference", "LoadedModel",
-           "write_report"]
+           "upsample_maps", "plot_attention", "predict", "Prediction", "write_report"]

@@ -9,12 +9,13 @@ from typing import Sequence
 
 import torch
 
+from vitlab.data import load_data
 from vitlab.data.transforms import resize_uint8
 from vitlab.errors import ConfigError, DataError
-from vitlab.explain.inference import (LoadedModel, list_images, load_for_inference, read_image,
-                                      true_label_from_folder)
+from vitlab.explain.images import list_images, read_image, true_label_from_folder
 from vitlab.explain.maps import compute_attention_maps, upsample_maps
-from vitlab.explain.plots import Panel, attention_figure, figure_format, save_figure
+from vitlab.interop import LoadedModel, load
+from vitlab.plots import Panel, attention_figure, figure_format, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,11 @@ def plot_attention(checkpoint: str | Path | LoadedModel, paths: Sequence[str | P
     the figure's resolution (lower: smaller file).
     """
     figure_format(output)  # a bad file name fails before any work
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_for_inference(checkpoint)
+    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load(checkpoint)
     items: list[AttentionItem] = []
     if data is not None:
         if paths:
             raise ConfigError("give image paths or a dataset (data=...), not both")
-        from vitlab.data import load_data
-
         split = load_data(data, image_size=loaded.preprocess.image_size, channels=loaded.preprocess.channels).test
         n = min(num_images, len(split))
         index = torch.linspace(0, len(split) - 1, n).round().long().unique() if n else torch.zeros(0, dtype=torch.long)

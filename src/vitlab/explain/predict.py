@@ -15,7 +15,8 @@ import torch
 
 from vitlab.data.sources.folder import decode_files
 from vitlab.errors import ConfigError
-from vitlab.explain.inference import LoadedModel, list_images, load_for_inference
+from vitlab.explain.images import list_images
+from vitlab.interop import LoadedModel, load
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ def predict(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] | 
             batch_size: int = 32, *, device: str = "cpu", workers: int | None = None) -> list[Prediction]:
     """Top-``top_k`` predictions for image files and folders, in the order the files are listed.
 
-    ``checkpoint``: a run folder, a checkpoint folder, or a :class:`LoadedModel`. Folders are searched
+    ``checkpoint``: a run folder, a checkpoint folder, any file :func:`vitlab.load` reads, or a
+    :class:`~vitlab.interop.LoadedModel`. Folders are searched
     recursively for images; any image mode or size is converted to what the model was trained on.
     Unreadable files give a :class:`Prediction` with ``error`` set (check ``.ok``). Many files are decoded
     by ``workers`` processes (default: up to 8), as for folder datasets.
@@ -63,7 +65,7 @@ def predict(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] | 
         raise ConfigError(f"top_k={top_k} must be at least 1")
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be at least 1")
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_for_inference(checkpoint, device=device)
+    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load(checkpoint, device=device)
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files = list_images(paths)

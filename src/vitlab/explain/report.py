@@ -10,15 +10,20 @@ from __future__ import annotations
 import base64
 import html
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from vitlab.errors import CheckpointError, ConfigError, VitlabError
-from vitlab.explain.inference import LoadedModel, load_for_inference
+from vitlab._files import atomic_write_text, read_json
+from vitlab.errors import ConfigError, VitlabError
+from vitlab.evaluation import evaluate_held_out
+from vitlab.explain.attention import attention_panels
+from vitlab.interop import LoadedModel, load
+from vitlab.plots import attention_figure, confusion_figure, curves_figure, figure_bytes
+from vitlab.runs import (CONFIG_JSON, CONFIG_YAML, EVAL, METRICS, read_metrics, read_run_config, read_state,
+                         require_run_folder)
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +40,6 @@ pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}img{max-widt
 
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
-
-
-def _png_via_file(plot, *args, **kwargs) -> bytes:
-    """PNG bytes of a plot function that writes to a path (the training plots do)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "figure.png"
-        plot(*args, path, **kwargs)
-        return path.read_bytes()
 
 
 def most_confused_pairs(confusion: Sequence[Sequence[int]], classes: Sequence[str],
@@ -74,31 +71,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]], numeric: Seq
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _evaluate(loaded: LoadedModel, run_config: dict, num_images: int, method: str):
-    """Evaluate the checkpoint on the run's test split; returns (eval dict, attention figure PNG, spec)."""
-    from vitlab.data import load_data
-    from vitlab.explain.attention import attention_panels
-    from vitlab.explain.plots import attention_figure, figure_bytes
-    from vitlab.train import evaluate
-    from vitlab.train.engine import check_classes
-
-    spec = run_config.get("data")
-    if not spec:
-        raise CheckpointError("the run's config.yaml has no `data` field")
-    p = loaded.preprocess
-    data = load_data(spec, image_size=p.image_size, channels=p.channels,
-                     val_fraction=run_config.get("val_fraction", 0.1), seed=run_config.get("seed", 0),
-                     cache_dir=run_config.get("cache_dir"), skip_bad_files=bool(run_config.get("skip_bad_files")))
+def _evaluate(loaded: LoadedModel, num_images: int, method: str):
+    """Evaluate the checkpoint on its run's test split; returns (eval dict, attention figure PNG, spec)."""
+    result, data = evaluate_held_out(loaded)
     split = data.test
-    check_classes(loaded.model.config, list(data.classes), spec, loaded.path)
-    result = evaluate(loaded.model, split, mean=p.mean, std=p.std, image_size=p.image_size, classes=loaded.labels,
-                      hflip=bool(run_config.get("tta_hflip", False)))
     n = min(num_images, len(split))
     index = torch.linspace(0, len(split) - 1, n).round().long().unique()
     panels, _ = attention_panels(loaded, split.images[index], method=method,
                                  true_labels=[split.classes[int(split.labels[i])] for i in index])
     title = f"{'attention rollout' if method == 'rollout' else 'last-layer attention'} on test images"
-    return result, figure_bytes(attention_figure(panels, title=title)), spec
+    return result, figure_bytes(attention_figure(panels, title=title)), result["data"]
 
 
 def write_report(run: str | Path, output: str | Path | None = None, *, num_images: int = 16,
@@ -109,36 +91,26 @@ def write_report(run: str | Path, output: str | Path | None = None, *, num_image
     afresh on the run's test split; when that data cannot be loaded any more, the run's ``eval.json`` (its
     last evaluated epoch) is used and the image grid is left out, with a note saying so.
     """
-    from vitlab._files import atomic_write_text, read_json
-    from vitlab.config import load_yaml
-    from vitlab.train.metrics import read_metrics
-    from vitlab.train.plots import plot_confusion, plot_curves
-
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise CheckpointError(f"{run}: not a run folder (no config.yaml); `vitlab report` takes a folder written "
-                              "by `vitlab train`")
+    run = require_run_folder(run, "`vitlab report`")
     output = Path(output) if output is not None else run / "report.html"
-    config_text = (run / "config.yaml").read_text(encoding="utf-8")
-    run_config = load_yaml(run / "config.yaml")
+    config_text = (run / CONFIG_YAML).read_text(encoding="utf-8")
+    run_config = read_run_config(run)
     if checkpoint is not None and checkpoint not in ("best", "last"):
         raise ConfigError(f"checkpoint={checkpoint!r} must be 'best' or 'last' (a folder of the run)")
-    loaded = load_for_inference(run / checkpoint if checkpoint else run)
-    state_file = loaded.path / "state.json"
-    state = read_json(state_file) if state_file.is_file() else {}
-    history = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+    loaded = load(run / checkpoint if checkpoint else run)
+    state = read_state(loaded.path)
+    history = read_metrics(run) if (run / METRICS).is_file() else []
 
     parts = [f"<h1>vitlab run report: {html.escape(run.name)}</h1>",
              f'<p class="note">checkpoint <code>{html.escape(str(loaded.path))}</code>'
-             + (f" (saved after epoch {state['epoch']} of {state.get('planned_epochs', '?')})"
-                if "epoch" in state else "") + ", model "
+             + (f" (saved after epoch {state.epoch} of {state.planned_epochs})" if state else "") + ", model "
              f"{html.escape(str(run_config.get('model', '?')))}, {loaded.model.num_parameters():,} parameters; "
              f"data <code>{html.escape(str(run_config.get('data', '?')))}</code>; written "
              f"{time.strftime('%Y-%m-%d %H:%M')}</p>"]
 
     parts.append("<h2>Loss and accuracy</h2>")
     if history:
-        parts.append(_img(_png_via_file(plot_curves, history), "training curves"))
+        parts.append(_img(figure_bytes(curves_figure(history)), "training curves"))
         last = history[-1]
         parts.append(f'<p class="note">{len(history)} epochs logged; last: train loss '
                      f"{last.get('train_loss', float('nan')):.4f}"
@@ -149,14 +121,14 @@ def write_report(run: str | Path, output: str | Path | None = None, *, num_image
 
     grid_png, note = None, ""
     try:
-        result, grid_png, spec = _evaluate(loaded, run_config, num_images, method)
+        result, grid_png, spec = _evaluate(loaded, num_images, method)
         note = (f"The checkpoint above evaluated now on the test split of <code>{html.escape(spec)}</code> "
                 f"({result['count']:,} images).")
     except VitlabError as e:
-        if not (run / "eval.json").is_file():
+        if not (run / EVAL).is_file():
             raise
-        log.warning("cannot evaluate on the run's data (%s); using %s", e, run / "eval.json")
-        result = read_json(run / "eval.json")
+        log.warning("cannot evaluate on the run's data (%s); using %s", e, run / EVAL)
+        result = read_json(run / EVAL)
         note = (f"The run's data could not be loaded ({html.escape(str(e))}); these numbers are the run's "
                 "<code>eval.json</code> (its last evaluated epoch) and the image grid is left out.")
 
@@ -166,7 +138,7 @@ def write_report(run: str | Path, output: str | Path | None = None, *, num_image
     parts.append(f'<p>top-1 <b>{100 * result["top1"]:.2f}%</b>, top-5 {100 * result["top5"]:.2f}%, '
                  f'test loss {result["test_loss"]:.4f}. <span class="note">{note}</span></p>')
     parts.append("<h2>Confusion matrix</h2>")
-    parts.append(_img(_png_via_file(plot_confusion, confusion, classes), "confusion matrix"))
+    parts.append(_img(figure_bytes(confusion_figure(confusion, classes)), "confusion matrix"))
     parts.append("<h2>Per-class accuracy</h2>")
     totals = [sum(row) for row in confusion]
     rows = [(name, totals[i], confusion[i][i], f"{100 * result['per_class'][name]:.1f}%")
@@ -189,7 +161,7 @@ def write_report(run: str | Path, output: str | Path | None = None, *, num_image
     parts.append("<h2>Configuration</h2>")
     parts.append(f"<pre>{html.escape(config_text)}</pre>")
     parts.append("<h3>Model</h3>")
-    parts.append(f"<pre>{html.escape((loaded.path / 'config.json').read_text(encoding='utf-8'))}</pre>")
+    parts.append(f"<pre>{html.escape((loaded.path / CONFIG_JSON).read_text(encoding='utf-8'))}</pre>")
 
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>vitlab report: {html.escape(run.name)}</title><style>{_CSS}</style></head><body>\n"

@@ -13,13 +13,15 @@
 
 from __future__ import annotations
 
-import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from vitlab.data.transforms import IMAGENET_MEAN_STD, INCEPTION_MEAN_STD
+from vitlab._files import read_json
+from vitlab.data.transforms import IMAGENET_MEAN_STD, INCEPTION_MEAN_STD, Preprocess
 from vitlab.errors import CheckpointError
 from vitlab.interop.hf import HF_PREPROCESSOR, export_hf, load_hf_folder
 from vitlab.interop.jax_npz import load_jax_npz
@@ -27,21 +29,23 @@ from vitlab.interop.onnx_export import export_onnx
 from vitlab.interop.timm import load_timm, timm_model
 from vitlab.interop.torchvision import load_torchvision, torchvision_model
 from vitlab.models import VisionTransformer
+from vitlab.runs import CONFIG_JSON, WEIGHTS, read_preprocess, resolve_checkpoint, write_preprocess
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("vitlab", "hf", "timm", "torchvision", "jax")
 _STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
 def _vitlab_folder(path: Path) -> Path | None:
-    """The save_pretrained folder ``path`` names, found as ``vitlab.train`` finds it (itself, or a run folder's
-    ``best/``, ``.best.old``, ``last/``, ``.last.old``), or None when that is not a vitlab checkpoint."""
-    from vitlab.models.folders import resolve_checkpoint
-
+    """The save_pretrained folder ``path`` names, found as training finds it (itself, or a run folder's
+    ``best/``, ``.best.old``, ``last/``, ``.last.old``), or None when that is not a vitlab checkpoint. A corrupt
+    ``config.json`` is named, not taken for another format."""
     try:
         folder = resolve_checkpoint(path)
-        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (CheckpointError, OSError, ValueError):
+    except CheckpointError:
         return None
+    data = read_json(folder / CONFIG_JSON)
     # A Hugging Face folder also holds config.json + model.safetensors; vitlab's config names hidden_dim.
     return folder if isinstance(data, dict) and "hidden_dim" in data else None
 
@@ -56,7 +60,8 @@ def _detect(path: Path) -> tuple[str, dict[str, torch.Tensor] | None]:
     from vitlab.interop.torchvision import is_torchvision_state_dict
 
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
+        raise CheckpointError(f"{path}: no such file or folder (not found); pass a run folder, a checkpoint folder "
+                              "or a weights file")
     if path.is_dir():
         if _vitlab_folder(path):
             return "vitlab", None
@@ -119,17 +124,21 @@ def load_pretrained(path: str | Path, *, format: str | None = None, num_heads: i
     :class:`~vitlab.config.ViTConfig` fields (e.g. ``dropout=0.1``, ``drop_path=0.1``, ``pool="mean"``).
     A file whose keys or shapes do not fit raises :class:`CheckpointError` naming the file and the key.
     """
-    path = Path(path)
+    return _read(Path(path), format, num_heads, overrides)[0]
+
+
+def _read(path: Path, format: str | None, num_heads: int | None,
+          overrides: dict[str, Any]) -> tuple[VisionTransformer, str, Path]:
+    """(model with ``pretrained_normalization`` set, format, the checkpoint folder or file it was read from)."""
     fmt, state = (format, None) if format else _detect(path)
-    model = _load(path, fmt, state, num_heads, overrides)
-    model.pretrained_normalization = _normalization(path, fmt, model.config.in_channels)
-    return model
+    source = resolve_checkpoint(path) if fmt == "vitlab" else path
+    model = _load(source, fmt, state, num_heads, dict(overrides))
+    model.pretrained_normalization = _normalization(source, fmt, model.config.in_channels)
+    return model, fmt, source
 
 
 def _normalization(path: Path, fmt: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """The (mean, std) the checkpoint at ``path`` was trained with, where it or its format says; else None."""
-    from vitlab._files import read_json
-
     found = None
     if fmt == "torchvision":
         found = IMAGENET_MEAN_STD
@@ -140,9 +149,7 @@ def _normalization(path: Path, fmt: str, channels: int) -> tuple[tuple[float, ..
         if cfg.get("do_normalize", True) and cfg.get("image_mean") is not None and cfg.get("image_std") is not None:
             found = (cfg["image_mean"], cfg["image_std"])
     elif fmt == "vitlab":
-        from vitlab.models.folders import load_preprocess
-
-        pre = load_preprocess(path)
+        pre = read_preprocess(path)
         if pre and pre.get("mean") is not None and pre.get("std") is not None:
             found = (pre["mean"], pre["std"])
     if found is None:
@@ -177,34 +184,83 @@ def _load(path: Path, fmt: str, state, num_heads: int | None, overrides: dict[st
     folder = _vitlab_folder(path)
     if folder is None:
         raise CheckpointError(f"{path}: not a vitlab save_pretrained folder (config.json + model.safetensors)")
-    # VisionTransformer.from_pretrained's reading, without its random initialisation (build_and_load skips it)
-    from vitlab._files import load_safetensors, read_json
+    # VisionTransformer.from_pretrained's reading, with overrides (e.g. patch_embed='linear' on a conv model)
+    from vitlab._files import load_safetensors
     from vitlab.interop._common import build_and_load, check_num_heads, make_config, patch_weight
 
-    data = read_json(folder / "config.json")
+    data = read_json(folder / CONFIG_JSON)
     data.pop("architecture", None)
     if "num_heads" in data:
-        check_num_heads(overrides, data["num_heads"], str(folder / "config.json"), "num_heads")
-    config = make_config(data, overrides, str(folder / "config.json"))
-    weights = load_safetensors(folder / "model.safetensors")
+        check_num_heads(overrides, data["num_heads"], str(folder / CONFIG_JSON), "num_heads")
+    config = make_config(data, overrides, str(folder / CONFIG_JSON))
+    weights = load_safetensors(folder / WEIGHTS)
     if "patch_embed.proj.weight" in weights:  # patch_embed='linear' on a conv model, or the reverse
         weights["patch_embed.proj.weight"] = patch_weight(weights["patch_embed.proj.weight"], config)
-    return build_and_load(config, weights, str(folder / "model.safetensors"))
+    return build_and_load(config, weights, str(folder / WEIGHTS))
 
 
-def convert(src: str | Path, dst: str | Path, *, format: str | None = None, num_heads: int | None = None,
-            **overrides: Any) -> Path:
-    """Load ``src`` (any supported checkpoint) and write it to ``dst`` as a vitlab ``save_pretrained`` folder."""
-    model = load_pretrained(src, format=format, num_heads=num_heads, **overrides)
+@dataclass
+class LoadedModel:
+    """A model ready to use: in eval mode on its device, with the preprocessing its inputs need, its class names,
+    and where it came from (``path``: the checkpoint folder, e.g. a run's ``best/``, or the file given).
+    ``model.pretrained_normalization`` is the (mean, std) the checkpoint says it was trained with, or None."""
+
+    model: VisionTransformer
+    preprocess: Preprocess
+    labels: list[str]
+    path: Path
+    format: str
+
+
+def load(path: str | Path, *, format: str | None = None, num_heads: int | None = None, device: str = "cpu",
+         mean: Sequence[float] | None = None, std: Sequence[float] | None = None, **overrides: Any) -> LoadedModel:
+    """The one way to load a trained model or a pretrained checkpoint, with its preprocessing.
+
+    ``path``: a run folder (its ``best/``, else ``last/``), a ``save_pretrained`` folder, or any file or folder
+    :func:`load_pretrained` reads (Hugging Face, timm, torchvision, JAX ``.npz``); ``format``, ``num_heads`` and
+    ``overrides`` are passed on to it. The inputs are normalised as the checkpoint says (its ``preprocess.json``,
+    a Hugging Face ``preprocessor_config.json``, or the format's convention); ``mean``/``std`` override that, and
+    where nothing says, 0.5 per channel is used with a warning. ``vitlab.load`` is this function.
+    """
+    model, fmt, source = _read(Path(path), format, num_heads, overrides)
+    c, normalization = model.config, model.pretrained_normalization
+    if (mean is None or std is None) and normalization is None:
+        log.warning("%s: the checkpoint does not say how its inputs were normalised; using 0.5 per channel "
+                    "(pass mean/std if it was trained with others)", path)
+    known = normalization or ((0.5,) * c.in_channels, (0.5,) * c.in_channels)
+    preprocess = Preprocess(image_size=tuple(c.image_size), channels=c.in_channels,
+                            mean=_channel_stats(mean if mean is not None else known[0], c.in_channels, "mean"),
+                            std=_channel_stats(std if std is not None else known[1], c.in_channels, "std"))
+    labels = list(c.labels) if c.labels else [f"class_{i}" for i in range(c.num_classes)]
+    return LoadedModel(model=model.to(device).eval(), preprocess=preprocess, labels=labels, path=source, format=fmt)
+
+
+def _channel_stats(value: Any, channels: int, name: str) -> tuple[float, ...]:
+    """One number per channel from a number or a sequence; a :class:`ConfigError` naming ``name`` otherwise."""
+    from vitlab.errors import ConfigError
+
+    try:
+        stats = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} must be numbers") from None
+    if len(stats) == 1:
+        stats *= channels
+    if len(stats) != channels:
+        raise ConfigError(f"{name} has {len(stats)} values but the model has {channels} channels")
+    return stats
+
+
+def convert(src: str | Path | VisionTransformer, dst: str | Path, *, format: str | None = None,
+            num_heads: int | None = None, **overrides: Any) -> Path:
+    """Write ``src`` (any checkpoint :func:`load_pretrained` reads, or a model it loaded) to ``dst`` as a vitlab
+    ``save_pretrained`` folder, with its ``preprocess.json`` when the checkpoint says how it normalised."""
+    model = src if isinstance(src, VisionTransformer) else load_pretrained(src, format=format, num_heads=num_heads,
+                                                                            **overrides)
     out = model.save_pretrained(dst)
-    if model.pretrained_normalization is not None:  # carried on, so fine-tuning the folder normalises the same
-        from vitlab._files import write_json
-        from vitlab.models.folders import PREPROCESS_NAME
-
+    if getattr(model, "pretrained_normalization", None) is not None:  # so fine-tuning it normalises the same
         mean, std = model.pretrained_normalization
-        write_json(Path(out) / PREPROCESS_NAME, {"mean": list(mean), "std": list(std),
-                                                 "image_size": list(model.config.image_size),
-                                                 "channels": model.config.in_channels})
+        write_preprocess(out, mean=mean, std=std, image_size=model.config.image_size,
+                         channels=model.config.in_channels)
     return out
 
 
@@ -221,5 +277,5 @@ def export(model_or_path: VisionTransformer | str | Path, out: str | Path, *, fo
     raise ConfigError(f"export format {format!r} is not one of onnx, hf")
 
 
-__all__ = ["FORMATS", "detect_format", "load_pretrained", "convert", "export", "export_onnx", "export_hf",
+__all__ = ["FORMATS", "detect_format", "load", "LoadedModel", "load_pretrained", "convert", "export", "export_onnx", "export_hf",
            "load_hf_folder", "load_timm", "load_torchvision", "load_jax_npz"]

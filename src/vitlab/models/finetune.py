@@ -1,6 +1,6 @@
-"""Adapting a pretrained ViT to a new task in a notebook or a hand-written loop: new head, new image size,
-linear probe. (``vitlab.train`` does the same for ``TrainConfig.init``; layer-wise lr decay is
-``vitlab.train.optim.param_groups(model, weight_decay=..., layer_decay=...)``.)"""
+"""Adapting a pretrained ViT to a new task: new head, new image size, linear probe. Training calls it for
+``TrainConfig.init``; in a notebook or a hand-written loop, call it yourself (layer-wise lr decay is
+``vitlab.training.optim.param_groups(model, weight_decay=..., layer_decay=...)``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Sequence
 from torch import nn
 
 from vitlab.config import pair
-from vitlab.models import VisionTransformer
+from vitlab.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
-"""Figures of attention heatmaps over images (matplotlib, Agg); training curves and confusion matrices are
-drawn by :mod:`vitlab.train.plots`.
+"""Every figure vitlab draws: a run's curves and confusion matrix, and attention maps laid over images.
 
-Figures are built as ``matplotlib.figure.Figure`` objects on an Agg canvas (no pyplot, no global state, no
-display needed) and written atomically.
+Figures are ``matplotlib.figure.Figure`` objects on an Agg canvas (no pyplot, no global state, no display
+needed): a ``*_figure`` function builds one, :func:`save_figure` writes it atomically (the format from the file
+name) and :func:`figure_bytes` renders it for embedding (the HTML report).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from vitlab._files import atomic_write_bytes
 from vitlab.errors import ConfigError
 
 FIGURE_FORMATS = ("png", "svg", "pdf", "jpg")
+RUN_FIGURE_DPI = 110
 
 
 def _figure(width: float, height: float):
@@ -54,6 +55,76 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- a run: curves and confusion matrix
+def curves_figure(history: list[dict], title: str | None = None):
+    """Train and test loss per epoch (left) and test top-1 accuracy per epoch (right): the three curves the
+    from-scratch tutorials plot."""
+    epochs = [row["epoch"] for row in history]
+    tested = [row for row in history if row.get("top1") is not None]
+    fig = _figure(11, 4)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    ax_loss.plot(epochs, [row["train_loss"] for row in history], marker="o", ms=3, label="train loss")
+    ax_loss.plot([r["epoch"] for r in tested], [r["test_loss"] for r in tested], marker="o", ms=3,
+                 label="test loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_acc.plot([r["epoch"] for r in tested], [100 * r["top1"] for r in tested], marker="o", ms=3,
+                label="test top-1")
+    if any(r.get("ema_top1") is not None for r in tested):
+        ax_acc.plot([r["epoch"] for r in tested], [100 * r["ema_top1"] for r in tested], marker="o", ms=3,
+                    label="test top-1 (EMA)")
+        ax_acc.legend()
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("test accuracy (%)")
+    ax_acc.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str], title: str | None = None):
+    """The confusion matrix (rows: true class, columns: predicted) with class names and counts."""
+    cm = np.asarray(confusion)
+    k = len(classes)
+    size = min(max(4.0, 0.5 * k + 2), 20)
+    fig = _figure(size + 1, size)
+    ax = fig.subplots()
+    im = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ticks = range(k)
+    slanted = k > 4 and max(len(c) for c in classes) > 2  # long names overlap when horizontal
+    ax.set_xticks(ticks, classes, rotation=45 if slanted else 0, ha="right" if slanted else "center")
+    ax.set_yticks(ticks, classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 30:
+        threshold = cm.max() / 2 if cm.size else 0
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if cm[i, j] > threshold else "black")
+    ax.set_title(title or "confusion matrix")
+    fig.tight_layout()
+    return fig
+
+
+def plot_run_files(run: str | Path, history: list[dict], final_eval: dict | None) -> list[Path]:
+    """A run folder's figures: ``curves.png`` and, given the last evaluation, ``confusion_matrix.png``."""
+    from vitlab.runs import CONFUSION, CURVES
+
+    run = Path(run)
+    paths = [save_figure(curves_figure(history, title=run.name), run / CURVES, dpi=RUN_FIGURE_DPI)]
+    if final_eval is not None:
+        fig = confusion_figure(final_eval["confusion"], final_eval["classes"],
+                               title=f"{run.name}: top-1 {100 * final_eval['top1']:.2f}%")
+        paths.append(save_figure(fig, run / CONFUSION, dpi=RUN_FIGURE_DPI))
+    return paths
+
+
+# ---------------------------------------------------------------- attention maps over images
 def to_display(image: torch.Tensor | np.ndarray) -> np.ndarray:
     """uint8 ``(C, H, W)`` -> ``(H, W, 3)`` uint8 for display (grey images repeated to RGB)."""
     arr = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
@@ -123,5 +194,5 @@ def attention_figure(panels: Sequence[Panel], title: str | None = None, alpha: f
     return fig
 
 
-__all__ = ["Panel", "attention_figure", "heatmap_overlay", "save_figure", "figure_bytes", "figure_format",
-           "to_display"]
+__all__ = ["curves_figure", "confusion_figure", "plot_run_files", "Panel", "attention_figure", "heatmap_overlay",
+           "save_figure", "figure_bytes", "figure_format", "to_display"]

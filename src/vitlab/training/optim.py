@@ -88,6 +88,11 @@ class WarmupCosine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
 
+    def resize(self, total_steps: int, warmup_steps: int) -> None:
+        """Lay the schedule out over ``total_steps`` with ``warmup_steps`` of warmup, from the current step on."""
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+        self._apply()
+
     def step(self) -> None:
         """Advance one optimiser step and set the groups' learning rates for the next one."""
         self.step_count += 1

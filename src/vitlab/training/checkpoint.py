@@ -1,21 +1,17 @@
-"""The run folder and its checkpoints: atomic save, exact resume, and loading a trained model back.
+"""Checkpoints of a training run: atomic save, exact resume.
 
-A run folder holds ``config.yaml``, ``metrics.jsonl`` and two checkpoint folders, ``last/`` and ``best/``.
-A checkpoint folder is a ``save_pretrained`` folder (``config.json`` + ``model.safetensors``) plus
-``preprocess.json`` (the normalisation the model was trained with) and the training state:
-``optimizer.safetensors``, ``rng.safetensors``, ``ema.safetensors`` (when EMA is on) and ``state.json``
-(epoch, scheduler, scaler, best metric, metrics so far, and the structure of the optimiser state).
-Everything is safetensors or JSON; nothing is pickled.
-
-A checkpoint is written into a temporary sibling folder and swapped in by renames, so a process killed at any
-moment leaves either the previous checkpoint or the new one (:func:`recover_run` finishes an interrupted swap).
+A checkpoint folder (``RUN/last``, ``RUN/best``; see :mod:`vitlab.runs` for the layout) is a ``save_pretrained``
+folder plus ``preprocess.json`` and the training state: the :class:`~vitlab.runs.RunState` and the structure of
+the optimizer state in ``state.json``, the optimizer's tensors, the RNG states and the EMA weights in
+safetensors files. Everything is safetensors or JSON; nothing is pickled. A checkpoint is written into a
+temporary sibling folder and swapped in by renames, so a process killed at any moment leaves the previous
+checkpoint or the new one.
 """
 
 from __future__ import annotations
 
 import random
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +19,11 @@ import numpy as np
 import torch
 
 from vitlab._files import load_safetensors, read_json, save_safetensors, write_json
+from vitlab.data.transforms import Preprocess
 from vitlab.errors import CheckpointError
+from vitlab.models import load_state_dict_strict
+from vitlab.runs import EMA, OPTIMIZER, RNG, STATE, WEIGHTS, RunState, swap_in, temp_sibling, write_preprocess
 
-from vitlab.models.folders import PREPROCESS_NAME, load_preprocess, resolve_checkpoint  # noqa: F401 (re-exported)
-
-STATE_NAME = "state.json"
 
 
 # ---------------------------------------------------------------- nested state <-> tensors + JSON
@@ -93,54 +89,29 @@ def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
 
 
-# ---------------------------------------------------------------- atomic folders
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by ``tmp`` with two renames; a crash in between leaves ``.<name>.old`` for recovery."""
-    old = final.parent / f".{final.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def recover_run(run: str | Path) -> None:
-    """Finish a checkpoint swap that a crash interrupted and delete half-written temporary folders."""
-    run = Path(run)
-    for name in ("last", "best"):
-        old = run / f".{name}.old"
-        if old.exists():
-            if (run / name).exists():
-                shutil.rmtree(old)
-            else:
-                old.rename(run / name)
-    for tmp in run.glob(".*.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, preprocess: dict, state: dict,
+# ---------------------------------------------------------------- checkpoint folders
+def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, preprocess: Preprocess, state: RunState,
                     optimizer: torch.optim.Optimizer | None = None, ema: torch.nn.Module | None = None) -> Path:
-    """Write a complete checkpoint folder atomically (temp folder, then rename swap). ``state`` is JSON-able
-    training state (epoch, scheduler, scaler, best, history, ...); RNG states are captured here."""
+    """Write a complete checkpoint folder atomically (temp folder, then rename swap); RNG states are captured
+    here. Without ``optimizer`` the folder holds weights and state but cannot resume a run (``best/`` from EMA)."""
     directory = Path(directory)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_sibling(directory)
     try:
         model.save_pretrained(tmp)
-        write_json(tmp / PREPROCESS_NAME, preprocess)
-        state = dict(state)
+        write_preprocess(tmp, mean=preprocess.mean, std=preprocess.std, image_size=preprocess.image_size,
+                         channels=preprocess.channels)
+        data: dict[str, Any] = state.to_dict()
         if optimizer is not None:
             structure, tensors = flatten_state(optimizer.state_dict(), "optimizer")
-            save_safetensors(tmp / "optimizer.safetensors", tensors)
-            state["optimizer"] = structure
+            save_safetensors(tmp / OPTIMIZER, tensors)
+            data["optimizer"] = structure
         if ema is not None:
-            save_safetensors(tmp / "ema.safetensors", ema.state_dict())
+            save_safetensors(tmp / EMA, ema.state_dict())
         rng_meta, rng_tensors = capture_rng()
-        save_safetensors(tmp / "rng.safetensors", rng_tensors)
-        state["rng"] = rng_meta
-        write_json(tmp / STATE_NAME, state)
-        _swap_in(tmp, directory)
+        save_safetensors(tmp / RNG, rng_tensors)
+        data["rng"] = rng_meta
+        write_json(tmp / STATE, data)
+        swap_in(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -150,10 +121,10 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, preprocess
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """Copy a checkpoint folder to ``dst`` atomically (used to make ``best/`` from ``last/``)."""
     src, dst = Path(src), Path(dst)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_sibling(dst)
     try:
         shutil.copytree(src, tmp)
-        _swap_in(tmp, dst)
+        swap_in(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -162,33 +133,20 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
 
 def load_training_state(directory: str | Path, *, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer | None = None,
-                        ema: torch.nn.Module | None = None, map_location: str | torch.device = "cpu") -> dict:
-    """Load weights, optimiser, EMA and RNG states of a checkpoint folder in place; return ``state.json``."""
-    from vitlab.models import load_state_dict_strict
-    from vitlab.models.vit import WEIGHTS_NAME
-
+                        ema: torch.nn.Module | None = None, map_location: str | torch.device = "cpu") -> RunState:
+    """Load weights, optimizer, EMA and RNG states of a checkpoint folder in place; return its :class:`RunState`."""
     directory = Path(directory)
-    state = read_json(directory / STATE_NAME)
-    load_state_dict_strict(model, load_safetensors(directory / WEIGHTS_NAME, device=str(map_location)),
-                           source=str(directory / WEIGHTS_NAME))
+    data = read_json(directory / STATE)
+    load_state_dict_strict(model, load_safetensors(directory / WEIGHTS, device=str(map_location)),
+                           source=str(directory / WEIGHTS))
     if optimizer is not None:
-        if "optimizer" not in state:
-            raise CheckpointError(f"{directory / STATE_NAME}: no optimizer state; this checkpoint cannot resume")
-        tensors = load_safetensors(directory / "optimizer.safetensors", device=str(map_location))
-        optimizer.load_state_dict(unflatten_state(state["optimizer"], tensors))
+        if "optimizer" not in data:
+            raise CheckpointError(f"{directory / STATE}: no optimizer state; this checkpoint cannot resume")
+        tensors = load_safetensors(directory / OPTIMIZER, device=str(map_location))
+        optimizer.load_state_dict(unflatten_state(data["optimizer"], tensors))
     if ema is not None:
-        if not (directory / "ema.safetensors").is_file():
-            raise CheckpointError(f"{directory}: no ema.safetensors, but ema_decay is set; resume with the "
-                                  "run's own config")
-        ema.load_state_dict(load_safetensors(directory / "ema.safetensors", device=str(map_location)))
-    restore_rng(state["rng"], load_safetensors(directory / "rng.safetensors"))
-    return state
-
-
-# ---------------------------------------------------------------- using a trained model
-def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
-    """The trained :class:`~vitlab.models.VisionTransformer` of a run or checkpoint folder, in eval mode."""
-    from vitlab.models import VisionTransformer
-
-    model = VisionTransformer.from_pretrained(resolve_checkpoint(path), map_location=str(map_location))
-    return model.eval()
+        if not (directory / EMA).is_file():
+            raise CheckpointError(f"{directory}: no {EMA}, but ema_decay is set; resume with the run's own config")
+        ema.load_state_dict(load_safetensors(directory / EMA, device=str(map_location)))
+    restore_rng(data["rng"], load_safetensors(directory / RNG))
+    return RunState.from_dict(data, str(directory / STATE))

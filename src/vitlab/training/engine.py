@@ -1,0 +1,488 @@
+"""``fit()``: train a ViT as a :class:`~vitlab.config.TrainConfig` says and write its run folder.
+
+:func:`_prepare` makes everything a run needs (device, data, model, the training step, the run folder and, when
+resuming, the state it stopped in); :func:`_train` is the epoch loop, which reads top to bottom; the training step
+itself is :class:`~vitlab.training.step.TrainStep`, the time limit :class:`~vitlab.training.budget.TimeBudget`.
+
+One process or many (``torchrun`` sets ``WORLD_SIZE``; we then use DistributedDataParallel, gloo on CPU and
+nccl on CUDA): every rank trains on its shard of each global batch, rank 0 logs and writes the files, metrics
+are summed across ranks. ``TrainConfig.batch_size`` is the global batch, so 1 and N processes train alike.
+
+Exact resume: the batch order is a function of (seed, epoch), the augmentation and dropout generators are
+re-seeded from (seed, epoch, rank) at each epoch start, and the checkpoint holds everything else (weights,
+AdamW moments, schedule step, grad scaler, EMA, RNG states, metrics so far), so ``1 epoch + resume 1`` gives
+the same weights bit for bit as 2 epochs straight.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from vitlab._device import default_precision, resolve_device, sum_dtype
+from vitlab._files import atomic_write_text, ensure_folder, write_json
+from vitlab.config import TrainConfig, dump_yaml, to_dict
+from vitlab.data import BatchLoader, DatasetSplits, Preprocess, load_data
+from vitlab.data.transforms import IMAGENET_MEAN_STD, INCEPTION_MEAN_STD
+from vitlab.errors import ConfigError, VitlabError
+from vitlab.evaluation import evaluate_model
+from vitlab.interop import load_pretrained
+from vitlab.models import VisionTransformer, create_model, get_config
+from vitlab.models.finetune import prepare_finetune
+from vitlab.plots import plot_run_files
+from vitlab.runs import BEST, CONFIG_YAML, EVAL, LAST, STATE, RunState, recover_run, require_run_folder, write_metrics
+from vitlab.training.budget import TimeBudget
+from vitlab.training.checkpoint import copy_checkpoint, load_training_state, save_checkpoint
+from vitlab.training.step import TrainStep, make_train_step, schedule_steps
+
+log = logging.getLogger("vitlab.training")
+
+
+class DivergedError(VitlabError):
+    """The training loss became NaN or infinite; the run folder keeps the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns: the run folder, the per-epoch metrics, and the final and best accuracy."""
+
+    run_dir: Path
+    history: list[dict]
+    top1: float | None  # test top-1 of the last evaluated epoch
+    best_top1: float | None
+    best_epoch: int | None
+    wall_time: float  # seconds of training (all sessions of a resumed run)
+    stopped: str  # "completed", "time_limit" or "stop_after_epoch"
+    final_eval: dict | None = field(default=None, repr=False)  # per-class accuracy and confusion, last epoch
+
+
+def fit(config: TrainConfig, *, data: DatasetSplits | None = None, model: VisionTransformer | None = None,
+        progress=None) -> TrainResult:
+    """Train as ``config`` says and write the run folder; return a :class:`TrainResult`.
+
+    The model is, in this order: the run's own when ``config.resume`` names a run with a checkpoint; ``model``
+    (a ready, e.g. pretrained, VisionTransformer); the pretrained weights ``config.init`` names (any format
+    :func:`vitlab.interop.load_pretrained` reads); else a fresh ``config.model`` preset. A pretrained model's head
+    is reset to the dataset's classes and its position embedding resized to ``config.image_size``. ``data``: a
+    ready ``DatasetSplits`` (else ``config.data`` is loaded). ``progress``: an object with ``start/update/end``
+    (see :class:`~vitlab.training.progress.ProgressBar`), used on rank 0.
+    """
+    d = _setup_distributed(config.device)
+    try:
+        return _train(_prepare(config, data, model, d), progress)
+    finally:
+        if d.owns_group:
+            gc.collect()  # free the DDP reducer's pending work while the process group still exists
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the epoch loop
+def _train(r: "_Run", progress) -> TrainResult:
+    config, state, step = r.config, r.state, r.step
+    writer = _tensorboard(r.dir) if r.d.is_main else None
+    spent, started, stopped, final_eval = state.wall_time, time.perf_counter(), "completed", None
+    budget = None if config.time_limit_minutes is None else TimeBudget.for_run(
+        config.time_limit_minutes, eval_every=config.eval_every, most_epochs=config.epochs,
+        steps_per_epoch=r.steps_per_epoch, spent=spent, started=started, resuming=r.resuming)
+    while state.epoch < state.planned_epochs:
+        t_epoch = time.perf_counter()
+        train_loss = _train_epoch(r, budget, progress)
+        train_time = time.perf_counter() - t_epoch
+        state.epoch += 1
+        row: dict[str, Any] = {"epoch": state.epoch, "train_loss": train_loss, "test_loss": None, "top1": None,
+                               "top5": None, "lr": step.scheduler.current_lr(),
+                               "images_per_s": r.steps_per_epoch * config.batch_size / train_time}
+        out_of_time = False
+        if budget is not None:  # plan before evaluating, so that the epoch the limit makes the last is evaluated
+            out_of_time = _replan(r, budget.epoch_done(train_time, done=state.epoch, planned=state.planned_epochs,
+                                                       evaluating_now=state.epoch % config.eval_every == 0))
+        if (state.epoch % config.eval_every == 0 or state.epoch in (state.planned_epochs, config.stop_after_epoch)
+                or out_of_time or (budget is not None and budget.eval_time is None)):
+            t_eval = time.perf_counter()
+            final_eval = _evaluate(r, row)
+            if budget is not None:  # the first evaluation measures what one costs, and plans with it
+                out_of_time |= _replan(r, budget.evaluation_done(time.perf_counter() - t_eval, done=state.epoch,
+                                                                 planned=state.planned_epochs))
+        state.wall_time = row["wall_time"] = spent + time.perf_counter() - started
+        state.history.append(row)
+        _save(r, row, best=state.record_best(row), writer=writer)
+        if config.stop_after_epoch is not None and state.planned_epochs > state.epoch >= config.stop_after_epoch:
+            stopped = "stop_after_epoch"
+            break
+        if out_of_time:
+            stopped = "time_limit"
+            break
+    if writer is not None:
+        writer.close()
+    if r.d.is_main and state.history:
+        if final_eval is not None:
+            write_json(r.dir / EVAL, final_eval)
+        if config.plots:
+            plot_run_files(r.dir, state.history, final_eval)
+    _barrier(r.d)
+    tested = [row for row in state.history if row["top1"] is not None]
+    return TrainResult(run_dir=r.dir, history=state.history, top1=tested[-1]["top1"] if tested else None,
+                       best_top1=state.best_top1, best_epoch=state.best_epoch, wall_time=state.wall_time,
+                       stopped=stopped, final_eval=final_eval)
+
+
+def _train_epoch(r: "_Run", budget: TimeBudget | None, progress) -> float:
+    """Train one epoch (``r.state.epoch``, 0-based, not yet done); return its mean training loss."""
+    config, epoch, d = r.config, r.state.epoch, r.d
+    r.loader.set_epoch(epoch)
+    r.generator.manual_seed(_epoch_seed(config.seed, epoch, d.rank))
+    torch.manual_seed(_epoch_seed(config.seed, epoch, d.rank) + 1)  # dropout, drop path
+    r.step.model.train()
+    loss_sum = torch.zeros((), dtype=sum_dtype(r.device), device=r.device)
+    if progress is not None and d.is_main:
+        progress.start(epoch + 1, r.state.planned_epochs, r.steps_per_epoch)
+    t_epoch = last_check = time.perf_counter()
+    batches = iter(r.loader)
+    for i in range(1, r.steps_per_epoch + 1):
+        loss = r.step([next(batches) for _ in range(config.accum_steps)], r.generator)
+        loss_sum += loss
+        planned = budget.step_done(i, t_epoch, done=epoch, planned=r.state.planned_epochs) if budget else None
+        if planned is not None:  # early in a fresh time-limited run: lay the schedule out for what fits
+            _replan(r, (planned, False))
+        now = time.perf_counter()
+        if now - last_check > 1.0 and d.is_main:  # the only host syncs inside an epoch: about 1 per second
+            last_check = now
+            current = float(loss) / (config.batch_size // d.world_size)
+            if d.world_size == 1 and not math.isfinite(current):
+                _diverged(r, epoch, i, current)
+            if progress is not None:
+                progress.update(i, current, i * config.batch_size / max(now - t_epoch, 1e-9))
+    if progress is not None and d.is_main:
+        progress.end()
+    if d.world_size > 1:
+        dist.all_reduce(loss_sum)
+    train_loss = float(loss_sum) / (r.steps_per_epoch * config.batch_size)
+    if not math.isfinite(train_loss):
+        _diverged(r, epoch, r.steps_per_epoch, train_loss)
+    return train_loss
+
+
+def _replan(r: "_Run", plan: tuple[int, bool]) -> bool:
+    """Apply a time-limit plan ``(planned epochs, out of time)``, the same on every rank (rank 0's: timings
+    differ between ranks, the schedule must not); return whether the run is out of time."""
+    planned, out_of_time = _agree(r.d, r.device, *plan)
+    if planned != r.state.planned_epochs:
+        r.step.scheduler.resize(*schedule_steps(r.config, planned, r.steps_per_epoch))
+        r.state.planned_epochs = planned
+        if r.d.is_main:
+            log.info("time limit %g min: the schedule now ends after epoch %d", r.config.time_limit_minutes, planned)
+    return out_of_time
+
+
+def _evaluate(r: "_Run", row: dict) -> dict:
+    """Evaluate the model (and its EMA) on the test split into ``row``; return the model's full result."""
+    kwargs = dict(mean=r.preprocess.mean, std=r.preprocess.std, image_size=r.preprocess.image_size,
+                  batch_size=r.config.eval_batch_size, device=r.device, precision=r.precision,
+                  classes=r.data.classes, tta_hflip=r.config.tta_hflip)
+    result = evaluate_model(r.step.model, r.data.test, **kwargs)
+    row.update(test_loss=result["test_loss"], top1=result["top1"], top5=result["top5"])
+    if r.step.ema is not None:
+        ema = evaluate_model(r.step.ema, r.data.test, **kwargs)
+        row.update(ema_test_loss=ema["test_loss"], ema_top1=ema["top1"], ema_top5=ema["top5"])
+    return result
+
+
+def _save(r: "_Run", row: dict, *, best: str | None, writer) -> None:
+    """Rank 0: ``last/`` (and ``best/`` when the epoch improved on it), metrics, TensorBoard, the log line."""
+    if not r.d.is_main:
+        return
+    state, step = r.state, r.step
+    state.scheduler, state.scaler = step.scheduler.state_dict(), step.scaler.state_dict()
+    save_checkpoint(r.dir / LAST, model=step.model, preprocess=r.preprocess, state=state, optimizer=step.optimizer,
+                    ema=step.ema)
+    write_metrics(r.dir, state.history)
+    if best == "ema":
+        save_checkpoint(r.dir / BEST, model=step.ema, preprocess=r.preprocess, state=state)
+    elif best == "model":
+        copy_checkpoint(r.dir / LAST, r.dir / BEST)
+    if writer is not None:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                writer.add_scalar(key, value, row["epoch"])
+        writer.flush()
+    tested = (f"  test loss {row['test_loss']:.4f}  top-1 {100 * row['top1']:.2f}%  top-5 {100 * row['top5']:.2f}%"
+              if row["top1"] is not None else "")
+    log.info("epoch %d/%d  train loss %.4f%s  lr %.2e  %.0f img/s  %s", row["epoch"], state.planned_epochs,
+             row["train_loss"], tested, row["lr"], row["images_per_s"],
+             time.strftime("%H:%M:%S", time.gmtime(row["wall_time"])))
+
+
+def _diverged(r: "_Run", epoch: int, step: int, value: float):
+    last = r.dir / LAST
+    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+    raise DivergedError(f"training loss became {value} in epoch {epoch + 1} (step {step}); stopped, {kept}. "
+                        f"Lower lr (now {r.config.lr:g}), raise warmup_epochs, set clip_grad, or use precision=fp32")
+
+
+# ---------------------------------------------------------------- everything a run needs
+@dataclass
+class _Run:
+    config: TrainConfig
+    d: "_Dist"
+    device: torch.device
+    precision: str
+    dir: Path
+    resuming: bool
+    data: DatasetSplits
+    preprocess: Preprocess  # what checkpoints record: size, channels, the normalisation the run trains with
+    loader: BatchLoader
+    steps_per_epoch: int
+    step: TrainStep
+    state: RunState
+    generator: torch.Generator
+
+
+def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTransformer | None, d: "_Dist") -> _Run:
+    """Everything the loop needs, in dependency order; a resumed run gets its model, normalisation and state back."""
+    device = resolve_device(config.device, d.local_rank)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)  # process-wide: on a busy CPU one thread can be much faster
+    # "auto": bf16 autocast where the device has fast bf16 matmul (recent x86 CPUs, GPUs), else fp32
+    precision = default_precision(device) if config.precision == "auto" else config.precision
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"TrainConfig.precision='fp16' needs a CUDA GPU (device is {device.type}): use bf16 "
+                          "or fp32")
+    run, resuming = _resumed_run(config, d)
+    if run is None and config.out:  # a bad --out is named before the data is loaded
+        run = _new_run(config, "", d)
+    if resuming:  # the run's own architecture and normalisation, as its checkpoint records them
+        model = load_pretrained(run / LAST, format="vitlab", **_model_overrides(config))
+    elif model is None and config.init:
+        model = load_pretrained(config.init, **_model_overrides(config))
+    image_size, channels = _input_spec(config, model)
+    if data is None:
+        data = load_data(config.data, image_size=image_size, channels=channels, val_fraction=config.val_fraction,
+                         seed=config.seed, cache_dir=config.cache_dir, skip_bad_files=config.skip_bad_files,
+                         workers=config.workers)
+    mean, std = (resuming and model.pretrained_normalization) or _normalization(config, data, model, channels, d)
+    if run is None:
+        run = _new_run(config, getattr(data, "name", "data"), d)
+
+    per_step = d.world_size * config.accum_steps
+    if config.batch_size % per_step:
+        raise ConfigError(f"TrainConfig.batch_size={config.batch_size} must be divisible by world_size x "
+                          f"accum_steps = {d.world_size} x {config.accum_steps}")
+    loader = BatchLoader(data.train, batch_size=config.batch_size // per_step, shuffle=True, seed=config.seed,
+                         drop_last=True, device=device, rank=d.rank, world_size=d.world_size)
+    steps_per_epoch = len(loader) // config.accum_steps
+    if steps_per_epoch < 1:
+        raise ConfigError(f"TrainConfig.batch_size={config.batch_size} is larger than the training set "
+                          f"({len(data.train)} images): lower batch_size")
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = _build_model(config, list(data.classes), model).to(device)
+    step = make_train_step(model, config, device=device, precision=precision, steps_per_epoch=steps_per_epoch,
+                           num_classes=len(data.classes), image_size=image_size, mean=mean, std=std,
+                           **_forward(config, model, device, d))
+    state = RunState(planned_epochs=config.epochs, config_epochs=config.epochs,
+                     scheduler=step.scheduler.state_dict())
+    if resuming:
+        state = _resume_state(config, run, step, device, steps_per_epoch, d)
+    elif step.scheduler.warmup_steps >= step.scheduler.total_steps and d.is_main:
+        log.warning("warmup_epochs=%g >= epochs=%d: the learning rate never reaches lr=%g", config.warmup_epochs,
+                    config.epochs, config.lr)
+    if d.is_main:
+        saved = to_dict(config)
+        saved.update(out=None, resume=None)  # so `--recipe RUN/config.yaml` starts a new run
+        atomic_write_text(run / CONFIG_YAML, dump_yaml(saved))
+        log.info("training %s (%s parameters) on %s: %d train / %d test images, %d classes, %d steps/epoch, "
+                 "device %s x %d, %s, run folder %s", config.init or config.model, f"{model.num_parameters():,}",
+                 getattr(data, "name", config.data), len(data.train), len(data.test), len(data.classes),
+                 steps_per_epoch, device, d.world_size, precision, run)
+    return _Run(config=config, d=d, device=device, precision=precision, dir=run, resuming=resuming, data=data,
+                preprocess=Preprocess(image_size=tuple(image_size), channels=channels, mean=tuple(mean),
+                                      std=tuple(std)),
+                loader=loader, steps_per_epoch=steps_per_epoch, step=step, state=state,
+                generator=torch.Generator(device=device))
+
+
+def _resumed_run(config: TrainConfig, d: "_Dist") -> tuple[Path | None, bool]:
+    """(the run folder of ``config.resume``, whether it holds a checkpoint), or (None, False) for a new run."""
+    if not config.resume:
+        return None, False
+    run = require_run_folder(config.resume, "--resume")
+    if d.is_main:
+        recover_run(run)
+    _barrier(d)
+    return run, (run / LAST / STATE).is_file()
+
+
+def _resume_state(config: TrainConfig, run: Path, step: TrainStep, device: torch.device, steps_per_epoch: int,
+                  d: "_Dist") -> RunState:
+    """Load the checkpoint in ``run/last`` into the step; a changed ``epochs`` re-lays the cosine over it."""
+    state = load_training_state(run / LAST, model=step.model, optimizer=step.optimizer, ema=step.ema,
+                                map_location=device)
+    step.scheduler.load_state_dict(state.scheduler)
+    if state.scaler:
+        step.scaler.load_state_dict(state.scaler)
+    if config.epochs != state.config_epochs:  # the user extended or shortened the run
+        state.planned_epochs = state.config_epochs = config.epochs
+        step.scheduler.resize(config.epochs * steps_per_epoch, step.scheduler.warmup_steps)
+    if d.is_main:
+        write_metrics(run, state.history)  # drop lines of an epoch the checkpoint does not hold
+        log.info("resuming %s at epoch %d/%d", run, state.epoch + 1, state.planned_epochs)
+    return state
+
+
+def _new_run(config: TrainConfig, data_name: str, d: "_Dist") -> Path:
+    """The folder of a new run (``config.out``, else ``runs/<recipe-or-model>-<data>-<time>``), created."""
+    if config.out:
+        run = Path(config.out)
+        if (run / "metrics.jsonl").exists() or (run / LAST).exists():
+            raise ConfigError(f"TrainConfig.out={str(run)!r} already holds a run: continue it with "
+                              f"--resume {run}, or pick another --out")
+    else:
+        names = [str(_unused_run_name(config, data_name)) if d.is_main else None]
+        if d.world_size > 1:
+            dist.broadcast_object_list(names, src=0)
+        run = Path(names[0])
+    if d.is_main:
+        ensure_folder(run, "TrainConfig.out" if config.out else "run folder")
+    return run
+
+
+def _unused_run_name(config: TrainConfig, data_name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{config.recipe or config.model}-{data_name}-{stamp}".replace("/", "_")
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    return path
+
+
+# ---------------------------------------------------------------- the model and its input
+def _model_overrides(config: TrainConfig) -> dict[str, Any]:
+    """The ViTConfig fields the run sets: ``model_overrides`` and the dropouts."""
+    overrides = dict(config.model_overrides)
+    overrides.update({k: getattr(config, k) for k in ("drop_path", "dropout") if getattr(config, k) is not None})
+    return overrides
+
+
+def _build_model(config: TrainConfig, classes: list[str], model: VisionTransformer | None) -> VisionTransformer:
+    if model is None:
+        overrides = _model_overrides(config)
+        if config.image_size is not None:
+            overrides["image_size"] = tuple(config.image_size)
+        model = create_model(get_config(config.model, **overrides, num_classes=len(classes), labels=list(classes)))
+    else:  # a pretrained model: a new head for these classes (the whole old one, as the paper fine-tunes)
+        model = prepare_finetune(model, labels=classes, image_size=config.image_size)
+    if config.grad_checkpointing:
+        model.set_gradient_checkpointing(True)
+    if config.linear_probe:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+    return model
+
+
+def _input_spec(config: TrainConfig, model: VisionTransformer | None) -> tuple[tuple[int, int], int]:
+    """(image size, channels) the data must be loaded at."""
+    model_config = model.config if model is not None else get_config(config.model, **_model_overrides(config))
+    size = config.image_size if config.image_size is not None else model_config.image_size
+    return tuple(size), model_config.in_channels
+
+
+def _normalization(config: TrainConfig, data, model: VisionTransformer | None, channels: int,
+                   d: "_Dist") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the run normalises its inputs with (``TrainConfig.normalize``)."""
+    choice = config.normalize
+    if choice == "auto":
+        pretrained = getattr(model, "pretrained_normalization", None) if model is not None else None
+        if pretrained is not None:
+            if d.is_main:
+                log.info("normalising with the pretrained weights' mean %s / std %s (normalize=data: this "
+                         "dataset's)", [round(x, 4) for x in pretrained[0]], [round(x, 4) for x in pretrained[1]])
+            return tuple(pretrained[0]), tuple(pretrained[1])
+        if model is not None and d.is_main:
+            log.info("the pretrained checkpoint does not say how its inputs were normalised: using this dataset's "
+                     "mean/std (set normalize=imagenet or inception if you know)")
+        choice = "data"
+    if choice == "data":
+        return tuple(data.mean), tuple(data.std)
+    if channels != 3:
+        raise ConfigError(f"TrainConfig.normalize={choice!r} is for RGB images, but the model takes {channels} "
+                          "channel(s): use normalize=data")
+    return IMAGENET_MEAN_STD if choice == "imagenet" else INCEPTION_MEAN_STD
+
+
+def _forward(config: TrainConfig, model: VisionTransformer, device: torch.device, d: "_Dist") -> dict[str, Any]:
+    """What the step's inputs go through: the model, its DDP wrapper (with its no_sync), compiled if asked."""
+    forward: Any = model
+    no_sync = None
+    if d.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        no_sync = forward.no_sync
+    if config.compile:
+        forward = torch.compile(forward)
+    return {"forward": forward, "no_sync": no_sync}
+
+
+# ---------------------------------------------------------------- processes, seeds, TensorBoard
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device_name: str) -> _Dist:
+    """Join the process group that ``torchrun`` describes in the environment (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    owns = False
+    if not dist.is_initialized():
+        use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        owns = True
+    return _Dist(rank=rank, world_size=world, local_rank=local_rank, owns_group=owns)
+
+
+def _agree(d: _Dist, device: torch.device, *values: int) -> tuple[int, ...]:
+    """Rank 0's integers on every rank."""
+    if d.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return tuple(int(v) for v in t.tolist())
+
+
+def _barrier(d: _Dist) -> None:
+    if d.world_size > 1:
+        dist.barrier()
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2 ** 63)
+
+
+def _tensorboard(run: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(run / "tensorboard"))

@@ -1,0 +1,131 @@
+"""THE training step: what ``fit()`` runs for every batch and ``vitlab bench --mode train`` times.
+
+One optimizer step over ``accum_steps`` micro-batches of uint8 images: augment and normalise on the device
+(soft targets: label smoothing, Mixup/CutMix), forward under autocast, soft-target cross-entropy, backward (the
+GradScaler scales fp16 losses on a GPU), gradient clipping, the optimizer step, the learning-rate schedule step
+and the EMA update. Nothing in it waits for the device (no ``.item()``, no data-dependent Python branch), so a
+GPU runs ahead of the host, and the whole step can be handed to ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab._device import autocast, sum_dtype
+from vitlab.config import TrainConfig
+from vitlab.data import TrainTransform
+from vitlab.training.optim import WarmupCosine, build_optimizer
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy against soft targets ``(B, K)`` (label smoothing, Mixup/CutMix), computed in fp32."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, or ``.logits`` (vitlab's ViTOutput, Hugging Face)."""
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * model`` for the parameters; buffers (BatchNorm statistics of a conv
+    stem) are copied, so the EMA model normalises with the trained model's statistics."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+class TrainStep:
+    """One training step; call it with the step's micro-batches and the augmentation generator.
+
+    ``forward`` is what the inputs go through (``model`` itself, its DistributedDataParallel wrapper, or a
+    compiled module); ``no_sync`` is DDP's context that skips the gradient all-reduce on all micro-batches but
+    the last. The state a checkpoint must hold is here: ``model``, ``optimizer``, ``scheduler``, ``scaler``,
+    ``ema``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: WarmupCosine, *,
+                 transform: TrainTransform, device: torch.device, precision: str, clip_grad: float | None = None,
+                 ema: nn.Module | None = None, ema_decay: float | None = None, forward: Callable | None = None,
+                 no_sync: Callable | None = None):
+        self.model, self.optimizer, self.scheduler, self.transform = model, optimizer, scheduler, transform
+        self.device, self.precision, self.clip_grad = device, precision, clip_grad
+        self.ema, self.ema_decay = ema, ema_decay
+        self.forward = model if forward is None else forward  # (a compiled module has no truth value)
+        self.no_sync = no_sync
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 only (a GPU)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Train on ``micro_batches`` (uint8 images ``(B, C, H, W)`` and int labels ``(B,)`` on the device) as one
+        optimizer step; return the sum of the images' losses, a float64 tensor on the device."""
+        loss_sum = torch.zeros((), dtype=sum_dtype(self.device), device=self.device)
+        for i, (images, labels) in enumerate(micro_batches):
+            inputs, targets = self.transform(images, labels, generator)  # -> float (B, C, H, W), soft (B, K)
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
+                with autocast(self.device, self.precision):
+                    logits = logits_of(self.forward(inputs))
+                loss = soft_cross_entropy(logits, targets)
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            loss_sum += loss.detach().to(loss_sum.dtype) * labels.shape[0]
+        if self.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            ema_update(self.ema, self.model, self.ema_decay)
+        return loss_sum
+
+
+def train_transform(config: TrainConfig, *, mean, std, image_size, num_classes: int) -> TrainTransform:
+    """The run's on-device augmentation and normalisation, from ``config``'s augmentation fields."""
+    return TrainTransform(
+        mean=tuple(mean), std=tuple(std), image_size=tuple(image_size), num_classes=num_classes,
+        crop_padding=config.crop_padding, hflip=config.hflip,
+        random_resized_crop=tuple(config.random_resized_crop) if config.random_resized_crop else None,
+        auto_augment=config.auto_augment, random_erasing=config.random_erasing, mixup_alpha=config.mixup_alpha,
+        cutmix_alpha=config.cutmix_alpha, mix_prob=config.mix_prob, label_smoothing=config.label_smoothing)
+
+
+def schedule_steps(config: TrainConfig, epochs: int, steps_per_epoch: int) -> tuple[int, int]:
+    """(total steps, warmup steps) of a schedule that ends after ``epochs``: the warmup lasts
+    ``warmup_epochs``, or less when a time limit shortens the run, keeping its share of ``config.epochs``."""
+    warmup = min(round(config.warmup_epochs * steps_per_epoch),
+                 round(config.warmup_epochs / config.epochs * epochs * steps_per_epoch))
+    return epochs * steps_per_epoch, warmup
+
+
+def make_train_step(model: nn.Module, config: TrainConfig, *, device: torch.device, precision: str,
+                    steps_per_epoch: int, num_classes: int, image_size, mean, std,
+                    forward: Callable | None = None, no_sync: Callable | None = None) -> TrainStep:
+    """The :class:`TrainStep` that ``config`` describes, for ``model`` on ``device``: AdamW parameter groups
+    (weight decay, layer decay, betas), warmup + cosine over ``config.epochs``, gradient clipping, EMA (a copy of
+    the model, made now), and the augmentation of the run on images normalised with ``mean``/``std``."""
+    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
+                                layer_decay=config.layer_decay)
+    total, warmup = schedule_steps(config, config.epochs, steps_per_epoch)
+    scheduler = WarmupCosine(optimizer, lr=config.lr, min_lr=config.min_lr, total_steps=total, warmup_steps=warmup)
+    ema = None
+    if config.ema_decay is not None:
+        ema = copy.deepcopy(model).eval()
+        ema.requires_grad_(False)
+    transform = train_transform(config, mean=mean, std=std, image_size=image_size, num_classes=num_classes)
+    return TrainStep(model, optimizer, scheduler, transform=transform, device=device, precision=precision,
+                     clip_grad=config.clip_grad, ema=ema, ema_decay=config.ema_decay, forward=forward,
+                     no_sync=no_sync)
+
+
+__all__ = ["TrainStep", "make_train_step", "train_transform", "schedule_steps", "soft_cross_entropy",
+           "ema_update", "logits_of"]
