@@ -8,6 +8,7 @@ The same generator state gives the same batch, so a run is reproducible.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -47,10 +48,19 @@ def _rand(g: torch.Generator | None, *shape, device) -> torch.Tensor:
     return torch.rand(*shape, generator=g, device=device)
 
 
-def _beta(g: torch.Generator | None, alpha: float, device) -> float:
-    """One Beta(alpha, alpha) draw, determined by ``g`` (torch has no seeded Beta sampler)."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=g, device=device).item())
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
+def _host_rng(g: torch.Generator | None, device) -> np.random.Generator:
+    """A NumPy generator for a batch's choices that the host must know (which op each image gets, whether and
+    how much to mix, where to cut), seeded from ``g``'s state and advancing ``g``.
+
+    A generator's state lives on the host for every device (a CUDA generator's is a seed and an offset), so
+    nothing is read back from the device: a GPU never waits for these choices. ``g`` then draws once, so the
+    next batch's choices differ; the same ``g`` state gives the same choices (exact resume).
+    """
+    if g is None:  # the global CPU generator, on the host
+        return np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
+    digest = hashlib.blake2b(g.get_state().numpy().tobytes(), digest_size=8).digest()
+    _rand(g, 1, device=device)
+    return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
 def one_hot_targets(labels: torch.Tensor, num_classes: int, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -258,19 +268,20 @@ class AutoAugment:
     def _one_round(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
         b, dev = x.shape[0], x.device
         wide = 1 if self.kind == "trivial" else 0
-        op = (_rand(g, b, device=dev) * len(OPS)).long().clamp_(max=len(OPS) - 1)
+        # Each image's op is chosen on the host (no device sync), and the images are sorted by op: each op then
+        # runs on a contiguous slice (a view), and the batch is gathered and scattered once per round.
+        ops = _host_rng(g, dev).integers(0, len(OPS), b)
+        order_np = np.argsort(ops, kind="stable")
+        ends = np.cumsum(np.bincount(ops, minlength=len(OPS))).tolist()
+        order = torch.as_tensor(order_np, device=dev)
+        op = torch.as_tensor(ops[order_np], device=dev)
         if self.magnitude is None:
             mag = _rand(g, b, device=dev)
         else:
             mag = torch.full((b,), self.magnitude / 10, device=dev)
         sign = torch.where(_rand(g, b, device=dev) < 0.5, -1.0, 1.0)
-        # Sort the images by op: each op then runs on a contiguous slice (a view), and the batch is
-        # gathered and scattered once per round instead of once per op.
-        order = torch.argsort(op, stable=True)
         xs = x.index_select(0, order)
-        op, mag, sign = op[order], mag[order], sign[order]
-        counts = torch.bincount(op, minlength=len(OPS)).tolist()
-        ends = np.cumsum(counts).tolist()
+        mag, sign = mag[order], sign[order]
         pieces = []
         start = 0
         for k, name in enumerate(OPS[:len(OPS) - len(_GEOMETRIC)]):
@@ -352,27 +363,26 @@ def mixup_cutmix(x: torch.Tensor, targets: torch.Tensor, g: torch.Generator | No
     With both alphas > 0 each batch uses Mixup or CutMix with equal chance. CutMix's weight is the exact
     area kept. Targets that sum to one stay summing to one.
     """
-    dev = x.device
     if mix_prob <= 0 or (mixup_alpha <= 0 and cutmix_alpha <= 0):
         return x, targets
-    u = _rand(g, 2, device=dev).tolist()
-    if u[0] >= mix_prob:
+    rng = _host_rng(g, x.device)  # the batch-level choices, known to the host without a device sync
+    if rng.random() >= mix_prob:
         return x, targets
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or u[1] < 0.5)
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
     other = x.flip(0)
     if use_cutmix:
-        lam = _beta(g, cutmix_alpha, dev)
+        lam = float(rng.beta(cutmix_alpha, cutmix_alpha))
         h, w = x.shape[-2:]
         cut = math.sqrt(1 - lam)
         ch, cw = int(h * cut), int(w * cut)
-        cy, cx = (_rand(g, 2, device=dev) * torch.tensor([h, w], device=dev)).long().tolist()
+        cy, cx = int(rng.random() * h), int(rng.random() * w)
         y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
         x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
         x = x.clone()
         x[:, :, y0:y1, x0:x1] = other[:, :, y0:y1, x0:x1]
         lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
     else:
-        lam = _beta(g, mixup_alpha, dev)
+        lam = float(rng.beta(mixup_alpha, mixup_alpha))
         x = x * lam + other * (1 - lam)
     return x, targets * lam + targets.flip(0) * (1 - lam)
 

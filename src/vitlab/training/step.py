@@ -80,13 +80,19 @@ class TrainStep:
         if self.clip_grad:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        self._optimizer_step()
+        if self.ema is not None:
+            ema_update(self.ema, self.model, self.ema_decay)
+        return loss_sum
+
+    @torch.compiler.disable
+    def _optimizer_step(self) -> None:
+        # Run as it is under torch.compile: the fused AdamW kernel is already one kernel, and the schedule's
+        # learning rate is a new Python number every step, which a compiled graph would be rebuilt for.
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if self.ema is not None:
-            ema_update(self.ema, self.model, self.ema_decay)
-        return loss_sum
 
 
 def train_transform(config: TrainConfig, *, mean, std, image_size, num_classes: int) -> TrainTransform:
