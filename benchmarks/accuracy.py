@@ -48,7 +48,7 @@ def data_spec(recipe: str, root: Path, cache_dir: Path) -> str:
     """The data spec of ``recipe`` on the shared copy of its dataset."""
     if recipe.startswith("mnist"):
         return f"mnist:{root / 'mnist'}"
-    if recipe.startswith(("cifar10", "seed-cifar10")):
+    if recipe.startswith(("cifar10", "tintn-cifar10")):
         return f"folder:{_unpack_cifar(root, cache_dir)}"
     if recipe.startswith("fruits"):
         return f"folder:{root / 'fruits360-subset'}"

@@ -37,3 +37,29 @@ def test_yaml_round_trip(tmp_path):
         load_yaml(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="missing.yaml: file not found"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+def test_a_recipe_file_reads_numbers_as_the_command_line_does(tmp_path):
+    from vitlab.config import load_train_config
+
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("lr: 1e-3\nmin_lr: 1e-5\nweight_decay: 5.0e-2\nwarmup_epochs: 2\nbetas: [0.9, 0.95]\n")
+    config = load_train_config(recipe)
+    assert (config.lr, config.min_lr, config.weight_decay, config.warmup_epochs) == (1e-3, 1e-5, 0.05, 2)
+    assert config.lr == load_train_config(None, ["lr=1e-3"]).lr
+    assert parse_override("note=1e-3x") == ("note", "1e-3x")  # not a number: still text
+
+
+def test_a_bad_value_in_a_file_names_the_file(tmp_path):
+    import json
+
+    from vitlab import VisionTransformer, create_model
+
+    folder = create_model("vit-digits-p2", depth=1).save_pretrained(tmp_path / "model")
+    data = json.loads((folder / "config.json").read_text())
+    data["hidden_dim"] = "128"
+    (folder / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"model/config.json: ViTConfig.hidden_dim='128' must be a positive integer"):
+        VisionTransformer.from_pretrained(folder)
+    with pytest.raises(ConfigError, match=r"^ViTConfig.hidden_dim='128'"):  # no file: the field alone
+        config_from_dict(ViTConfig, {"hidden_dim": "128"})

@@ -413,3 +413,19 @@ def test_data_cache_lists_and_clears_the_decoded_folders(tmp_path, capsys):
     assert folder_source.cache_files(cache) == [] and (tmp_path / "photos").is_dir()
     again = load_data(f"folder:{tmp_path / 'photos'}", image_size=8, cache_dir=cache)  # decoded again
     assert len(again.train) + len(again.test) == 10 and len(folder_source.cache_files(cache)) == 1
+
+
+def test_idx_label_out_of_range_names_the_labels_file(tmp_path):
+    write_mnist(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([3, 12] + [0] * 8))  # MNIST has 10 classes
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: label 12 but mnist has 10 classes"):
+        load_data(f"mnist:{tmp_path}")
+
+
+@pytest.mark.parametrize("layout", ["flat", "split"])
+def test_a_folder_with_one_class_is_refused(tmp_path, layout):
+    root = tmp_path / "photos"
+    write_image_folder(root / "train" if layout == "split" else root, classes=("apple",))
+    with pytest.raises(DataError, match=r"only one class folder \(apple/\); a classifier needs at least two class "
+                                        "folders"):
+        load_data(f"folder:{root}")

@@ -115,3 +115,16 @@ def test_vitlab_and_run_folders_load_with_overrides(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("command", ["export", "predict", "eval"])
+def test_a_corrupt_config_json_in_a_run_is_named(tmp_path, capsys, command):
+    run = tmp_path / "run"
+    VisionTransformer(CFG).save_pretrained(run / "best")
+    (run / "config.yaml").write_text("data: digits\n")
+    (run / "best" / "config.json").write_text('{"hidden_dim": 24, "depth":')  # cut off mid-write
+    args = {"export": ["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")],
+            "predict": ["predict", str(run), str(tmp_path)], "eval": ["eval", str(run), "--data", "digits"]}[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"vitlab: error: {run / 'best' / 'config.json'}: not valid JSON") and "\n" not in err

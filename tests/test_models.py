@@ -23,7 +23,7 @@ def count_on_meta(name: str) -> int:
         return create_model(name).num_parameters()
 
 
-# The paper's and DeiT's counts agree with timm's vit_*_224 models; the showcase count is the seed's.
+# The paper's and DeiT's counts agree with timm's vit_*_224 models; the showcase count is the showcase notebook's.
 @pytest.mark.parametrize("name,expected", [
     ("vit-b16", 86_567_656),
     ("vit-b32", 88_224_232),

@@ -11,6 +11,8 @@ import pytest
 import torch
 from _train_fixtures import TINY_MODEL, tiny_config, tiny_folder, tiny_splits
 
+from vitlab._files import load_safetensors
+
 import vitlab
 import vitlab.training
 from vitlab.cli import main
@@ -48,7 +50,7 @@ def test_recipe_then_keywords_then_overrides():
 def test_every_recipe_builds_and_its_model_exists():
     rows = vitlab.list_recipes()
     names = {r["name"] for r in rows}
-    assert {"digits", "mnist", "cifar10-cpu", "cifar10-gpu", "fruits", "seed-cifar10"} <= names
+    assert {"digits", "mnist", "cifar10-cpu", "cifar10-gpu", "fruits", "tintn-cifar10"} <= names
     for row in rows:
         config = load_train_config(row["name"])
         vitlab.get_config(config.model, **config.model_overrides)
@@ -60,9 +62,18 @@ def test_default_config_is_the_digits_recipe():
         {k: v for k, v in to_dict(TrainConfig()).items() if k != "recipe"}
 
 
-def test_seed_recipe_is_a_constant_learning_rate():
-    c = load_train_config("seed-cifar10")
-    assert {lr_at(s, total_steps=1000, warmup_steps=0, lr=c.lr, min_lr=c.min_lr) for s in (0, 500, 999)} == {0.01}
+def test_the_tintn_recipe_trains_at_a_constant_learning_rate():
+    from vitlab.training.step import make_train_step
+
+    config = load_train_config("tintn-cifar10")
+    model = vitlab.create_model(config.model)
+    step = make_train_step(model, config, device=torch.device("cpu"), precision="fp32", steps_per_epoch=195,
+                           num_classes=10, image_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)  # 50,000 / 256
+    lrs = set()
+    for _ in range(config.epochs * 195):  # the whole run's schedule, as the step sets it
+        lrs.update(group["lr"] for group in step.optimizer.param_groups)
+        step.scheduler.step()
+    assert lrs == {0.01}
 
 
 # ---------------------------------------------------------------- optimiser and schedule
@@ -212,7 +223,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_cli_recipes_lists_them(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
-    assert "cifar10-cpu:" in out and "seed-cifar10:" in out and "model vit-mnist-hybrid" in out
+    assert "cifar10-cpu:" in out and "tintn-cifar10:" in out and "model vit-mnist-hybrid" in out
     assert "note:     goal 80% reached" in out  # what the number means is said where it is
 
 
@@ -340,3 +351,63 @@ def test_finetuning_normalises_as_the_pretrained_weights_were(tmp_path):
         vitlab.train(tiny_config(tmp_path, "rgb", epochs=1, normalize="imagenet"), data=data)
     with pytest.raises(ConfigError, match="TrainConfig.normalize='mine' is not one of"):
         tiny_config(tmp_path, normalize="mine")
+
+
+# ---------------------------------------------------------------- defects found by trying vitlab as a new user
+def test_fit_starts_from_the_weights_that_init_names(tmp_path):
+    start = vitlab.train(tiny_config(tmp_path, "start", epochs=1), data=tiny_splits())
+    other = tiny_splits(classes=3)
+    tuned = vitlab.training.fit(tiny_config(tmp_path, "tuned", epochs=1, init=str(start.run_dir / "last"), lr=1e-9,
+                                            min_lr=0.0, weight_decay=0.0), data=other)
+    before, after = vitlab.load(start.run_dir / "last").model, vitlab.load(tuned.run_dir / "last").model
+    assert after.config.labels == ["c0", "c1", "c2"]  # a new head for the new classes ...
+    # ... on the pretrained body (lr ~ 0), not on a fresh preset's
+    torch.testing.assert_close(after.blocks[0].mlp.fc1.weight, before.blocks[0].mlp.fc1.weight, atol=1e-6, rtol=0)
+
+
+def test_resume_applies_the_fields_the_caller_passes_even_at_their_defaults(tmp_path):
+    data = tiny_splits()
+    assert TrainConfig().epochs == 30
+    first = vitlab.train(tiny_config(tmp_path, "run", epochs=50, stop_after_epoch=1), data=data)
+    resumed = vitlab.train(resume=str(first.run_dir), epochs=30, stop_after_epoch=2, data=data)
+    state = json.loads((first.run_dir / "last/state.json").read_text())
+    assert resumed.stopped == "stop_after_epoch" and state["epoch"] == 2
+    assert state["planned_epochs"] == 30 and state["scheduler"]["total_steps"] == 30 * 4
+    assert "epochs: 30" in (first.run_dir / "config.yaml").read_text()
+
+
+def test_state_json_says_which_weights_best_holds_on_every_epoch(tmp_path, monkeypatch):
+    import vitlab.training.engine as engine
+
+    real, calls = engine.evaluate_model, []
+
+    def scripted(model, dataset, **kwargs):  # epoch 1: the EMA wins; epoch 2: neither improves on it
+        result = real(model, dataset, **kwargs)
+        calls.append(model)
+        result["top1"] = [0.5, 0.7, 0.6, 0.6][len(calls) - 1]  # model, EMA, model, EMA
+        return result
+
+    monkeypatch.setattr(engine, "evaluate_model", scripted)
+    result = vitlab.train(tiny_config(tmp_path, epochs=2, ema_decay=0.9), data=tiny_splits())
+    assert (result.best_top1, result.best_epoch) == (0.7, 1)
+    for name in ("last", "best"):
+        state = json.loads((result.run_dir / name / "state.json").read_text())
+        assert (state["best_source"], state["best_epoch"]) == ("ema", 1), name
+    ema_epoch1 = load_safetensors(result.run_dir / "best/model.safetensors")
+    assert not torch.equal(ema_epoch1["head.weight"],
+                           load_safetensors(result.run_dir / "last/ema.safetensors")["head.weight"])  # epoch 2 moved on
+
+
+def test_cli_names_an_output_path_that_cannot_be_a_folder(tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    train = ["train", "--epochs", "1", "--quiet", "--set", "threads=1"]
+    for out, why in ((a_file, "exists and is not a folder"), ("/proc/vitlab-run", "cannot create this folder")):
+        assert main(train + ["--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vitlab: error: TrainConfig.out {out}: {why}") and err.count("\n") == 1, err
+    run = vitlab.train(tiny_config(tmp_path, "run", epochs=1, data="digits"), data=tiny_splits()).run_dir
+    assert main(["eval", str(run), "--data", "digits", "--out", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vitlab: error: --out {a_file}: exists and is not a folder") and err.count("\n") == 1
+    assert a_file.read_text() == "keep me"

@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from vitlab import __version__
+    from vitlab._version import __version__
 
     return f"vitlab {__version__}"
 

@@ -6,6 +6,7 @@ A preset is data: a :class:`ViTConfig` with a name. Defaults live here and nowhe
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -213,6 +214,33 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str | None = No
         return cls(**data)
     except TypeError as e:
         raise ConfigError(f"{where}{cls.__name__}: {e}") from None
+    except ConfigError as e:  # a value that cannot work: say which file it came from
+        if not source:
+            raise
+        raise ConfigError(f"{where}{e}") from None
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does: ``1e-3`` is a float (YAML 1.1, which PyYAML
+    follows, wants ``1.0e-3`` and reads ``1e-3`` as a string), so recipes and ``--set`` agree."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+    return Loader
+
+
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+                           r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$")
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text safely (no Python objects), with YAML 1.2 numbers (see :func:`_yaml_loader`)."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -226,17 +254,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {text!r} has no key before '='")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    # YAML 1.1 reads "3e-4" as a string; a user means a number.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else int(value)
-            if isinstance(value, float) and math.isnan(value):
-                raise ValueError
-        except ValueError:
-            pass
     return key, value
 
 
@@ -263,7 +283,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is None:

@@ -5,8 +5,8 @@ path computes ``softmax(q k^T / sqrt(d)) v`` itself and returns the probabilitie
 
 Which path a plain forward takes is ``Attention.impl``: "sdpa", "explicit", or "auto" (the default): SDPA on
 GPUs, where its fused kernels win, and on CPU in fp32; the explicit path on CPU under bf16 autocast or with
-bf16/fp16 inputs, where PyTorch's CPU SDPA kernel is about 3x slower than two bf16 matmuls and a softmax
-(measured in docs/performance.md).
+bf16/fp16 inputs, where PyTorch's CPU SDPA kernel is slower than two bf16 matmuls and a softmax
+(docs/performance.md has the measurements).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Patchify: cut the image into patches and project each to ``hidden_dim``.
 
-Two seed styles with the same maths: a strided convolution, or unfold + linear. Given the same weights
+The two styles of the from-scratch tutorials, with the same maths: a strided convolution, or unfold + linear. Given the same weights
 (the conv kernel reshaped to ``(D, C*ph*pw)``) they give equal outputs.
 
 A third, ``conv_stem``, is the convolutional stem of Xiao et al., "Early Convolutions Help Transformers See

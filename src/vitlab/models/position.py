@@ -13,7 +13,7 @@ def sincos_2d(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0
 
     Channels are ``[sin(x w), cos(x w), sin(y w), cos(y w)]`` with ``dim/4`` frequencies each, as in
     lucidrains' simple ViT and MoCo v3. A ``dim`` that is not a multiple of 4 takes ``ceil(dim/4)``
-    frequencies and drops the last channels, so small seed models (hidden 9) work too.
+    frequencies and drops the last channels, so the tiny models of the from-scratch notebooks (hidden 9) work too.
     """
     gh, gw = grid_size
     y, x = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),

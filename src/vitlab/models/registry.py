@@ -32,22 +32,23 @@ _PRESETS = [
     # DeiT (Touvron et al. 2021) sizes, the usual small ViTs.
     Preset("vit-ti16", "ViT-Ti/16 of DeiT (192 hidden, 3 heads), 224 px, 1000 classes", _paper(192, 12, 3, 768, 16)),
     Preset("vit-s16", "ViT-S/16 of DeiT (384 hidden, 6 heads), 224 px, 1000 classes", _paper(384, 12, 6, 1536, 16)),
-    # The seed implementations vitlab replaces.
-    Preset("vit-tiny-4h-p16", "seed 'ViT-Tiny': 12 layers, 192 hidden, MLP 768, 4 heads, patch 16 at 224 px",
-           _paper(192, 12, 4, 768, 16)),
-    Preset("vit-small-6h-p16", "seed 'ViT-Small': 12 layers, 384 hidden, MLP 1536, 6 heads, patch 16 at 224 px "
-           "(same shape as DeiT's ViT-S/16)", _paper(384, 12, 6, 1536, 16)),
-    Preset("vit-small-12h-p16", "seed 'ViT-Small-12': 12 layers, 384 hidden, MLP 1536, 12 heads, patch 16 at "
-           "224 px", _paper(384, 12, 12, 1536, 16)),
-    Preset("vit-cifar-tiny-p4", "seed article's CIFAR-10 tiny ViT: 32 px, patch 4, 4 layers, 48 hidden, "
-           "4 heads, MLP 192, 10 classes",
+    # The models of the from-scratch tutorials and notebooks vitlab replaces.
+    Preset("vit-tiny-4h-p16", "the 12-layer 'ViT-Tiny' of the from-scratch tutorials: 192 hidden, MLP 768, 4 heads "
+           "(DeiT's has 3), patch 16 at 224 px", _paper(192, 12, 4, 768, 16)),
+    Preset("vit-small-6h-p16", "the 'ViT-Small' of the from-scratch tutorials: 12 layers, 384 hidden, MLP 1536, "
+           "6 heads, patch 16 at 224 px (same shape as DeiT's ViT-S/16)", _paper(384, 12, 6, 1536, 16)),
+    Preset("vit-small-12h-p16", "the 'ViT-Small' of the from-scratch tutorials with 12 heads: 12 layers, 384 "
+           "hidden, MLP 1536, patch 16 at 224 px", _paper(384, 12, 12, 1536, 16)),
+    Preset("vit-cifar-tiny-p4", "the CIFAR-10 ViT of Tin Nguyen's 'Vision Transformer from Scratch' "
+           "(tintn/vision-transformer-from-scratch): 32 px, patch 4, 4 layers, 48 hidden, 4 heads, MLP 192, "
+           "10 classes",
            dict(image_size=32, patch_size=4, num_classes=10, hidden_dim=48, depth=4, num_heads=4, mlp_dim=192)),
-    Preset("vit-cifar-showcase-p8", "seed CIFAR-10 showcase ViT: 32 px, patch 8, 2 blocks, 256 hidden, 2 heads, "
-           "MLP 256, mean pooling, no class token, no final norm, 10 classes",
+    Preset("vit-cifar-showcase-p8", "the CIFAR-10 showcase ViT of a from-scratch notebook: 32 px, patch 8, "
+           "2 blocks, 256 hidden, 2 heads, MLP 256, mean pooling, no class token, no final norm, 10 classes",
            dict(image_size=32, patch_size=8, num_classes=10, hidden_dim=256, depth=2, num_heads=2, mlp_dim=256,
                 class_token=False, pool="mean", final_norm=False)),
-    Preset("vit-mnist-notebook-p16", "seed MNIST notebook ViT: 32 px (MNIST resized), 1 channel, patch 16, "
-           "3 layers, 9 hidden, 3 heads, MLP 36, fixed sin-cos positions, 10 classes",
+    Preset("vit-mnist-notebook-p16", "the MNIST ViT of a from-scratch notebook: 32 px (MNIST resized), 1 channel, "
+           "patch 16, 3 layers, 9 hidden, 3 heads, MLP 36, fixed sin-cos positions, 10 classes",
            dict(image_size=32, patch_size=16, in_channels=1, num_classes=10, hidden_dim=9, depth=3, num_heads=3,
                 mlp_dim=36, pos_embed="sincos")),
     # vitlab's own small models for its recipes.
@@ -87,7 +88,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 
 
 def list_models() -> list[str]:
-    """The preset names, in the order of the table (paper, DeiT, seeds, vitlab's own)."""
+    """The preset names, in the order of the table (paper, DeiT, the tutorials', vitlab's own)."""
     return list(PRESETS)
 
 
@@ -114,6 +115,3 @@ def create_model(name: str | ViTConfig, **overrides: Any) -> VisionTransformer:
         config = get_config(name, **overrides)
     return VisionTransformer(config)
 
-
-def describe(name: str) -> str:
-    return PRESETS[name].description

@@ -43,8 +43,8 @@ def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float | 
 
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.999),
                     layer_decay: float | None = None) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; the fused kernel where PyTorch has one for the parameters' device
-    (CPU and CUDA: 3.5x faster than the default step for vit-digits-p2 on one CPU thread, measured)."""
+    """AdamW over :func:`param_groups`; the fused kernel where PyTorch has one for the parameters' device (CPU
+    and CUDA), one kernel for the whole update (docs/performance.md measures it against the default)."""
     groups = param_groups(model, weight_decay=weight_decay, layer_decay=layer_decay)
     for g in groups:
         g.pop("names")

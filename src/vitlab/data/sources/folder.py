@@ -109,6 +109,9 @@ def list_splits(root: Path) -> tuple[list[str], dict[str, FolderListing]]:
     listed = {split: list_class_folder(d) for split, d in split_dirs.items()}
     main = "train" if "train" in listed else "all"
     classes = listed[main][0]
+    if len(classes) < 2:
+        raise DataError(f"{split_dirs[main]}: only one class folder ({classes[0]}/); a classifier needs at least "
+                        f"two class folders, {split_dirs[main]}/<class>/*.jpg for each class")
     index = {c: i for i, c in enumerate(classes)}
     out = {}
     for split, (names, per_class) in listed.items():

@@ -113,13 +113,14 @@ def load_idx(path: str | Path, kind: str = "idx") -> dict[str, ArrayDataset]:
         if len(images) != len(labels):
             raise DataError(f"{img_path}: {len(images)} images but {lab_path.name} has {len(labels)} labels; "
                             f"the files do not belong together")
-        arrays[split] = (images, labels.astype(np.int64), img_path)
+        arrays[split] = (images, labels.astype(np.int64), img_path, lab_path)
     num_classes = int(max(a[1].max(initial=0) for a in arrays.values())) + 1
     classes = KNOWN_CLASSES.get(kind) or [str(i) for i in range(num_classes)]
     out = {}
-    for split, (images, labels, img_path) in arrays.items():
+    for split, (images, labels, img_path, lab_path) in arrays.items():
         if len(labels) and labels.max() >= len(classes):
-            raise DataError(f"{img_path}: label {labels.max()} but {kind} has {len(classes)} classes")
+            raise DataError(f"{lab_path}: label {labels.max()} but {kind} has {len(classes)} classes; the labels "
+                            "file is corrupt or belongs to another dataset")
         if images.shape[1:] != arrays["train"][0].shape[1:]:
             raise DataError(f"{img_path}: images are {images.shape[1:]}, the train images "
                             f"{arrays['train'][0].shape[1:]}")

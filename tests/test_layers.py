@@ -1,0 +1,97 @@
+"""The imports of src/vitlab run downwards only, as the README's Layout section (and ../shared/DESIGN.md) draw it.
+
+Every module belongs to a layer; it may import its own layer and the layers below it, never a layer above nor
+another layer of the same rank (training and explain do not import each other). An import inside a function
+counts as one at the top of the file: a lazy import must not hide a loop.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "vitlab"
+
+# the first name under vitlab/ -> its layer; the layers' ranks, bottom first
+LAYER = {"errors": "ground", "_files": "ground", "_device": "ground", "_version": "ground"}
+RANKS = {
+    "ground": 0, "config": 1,
+    "models": 2,  # the network only
+    "runs": 3, "data": 3,  # run folders; images and batches
+    "plots": 4,  # every figure
+    "interop": 5,  # other formats in and out, and vitlab.load
+    "evaluation": 6,  # scoring a model or a checkpoint
+    "training": 7, "explain": 7,  # the loop; what a trained model learned
+    "bench": 8,  # times training's step
+    "api": 9, "cli": 10, "package": 11, "__main__": 12,  # package: vitlab/__init__.py
+}
+
+
+def _layer(module: str) -> str:
+    """``vitlab.training.step`` -> ``training``; ``vitlab`` -> ``package``."""
+    parts = module.split(".")
+    return "package" if len(parts) == 1 else LAYER.get(parts[1], parts[1])
+
+
+def _module(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, module: str):
+    """(line, vitlab module) of every import in the file, at any depth; ``from vitlab.x import y`` gives
+    ``vitlab.x``."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package, up level - 1
+                up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            names = [base]
+        else:
+            continue
+        yield from ((node.lineno, name) for name in names if name == "vitlab" or name.startswith("vitlab."))
+
+
+def violations(root: Path = SRC) -> list[str]:
+    """``file:line: layer imports module (layer)`` for each import that runs against the layers."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        module = _module(path, root)
+        own = _layer(module)
+        for line, target in _imports(path, module):
+            other = _layer(target)
+            if other != own and RANKS[other] >= RANKS[own]:
+                found.append(f"{path.relative_to(root.parent)}:{line}: {own} imports {target} ({other})")
+    return found
+
+
+def test_every_module_has_a_layer():
+    layers = {_layer(_module(p, SRC)) for p in SRC.rglob("*.py")}
+    assert layers <= set(RANKS), sorted(layers - set(RANKS))
+
+
+def test_imports_run_downwards_only():
+    assert violations() == []
+
+
+@pytest.mark.parametrize("source, target", [
+    ("models/vit.py", "vitlab.data"), ("training/engine.py", "vitlab.explain"), ("training/step.py", "vitlab.bench"),
+    ("explain/report.py", "vitlab.training"), ("interop/hf.py", "vitlab.evaluation"), ("data/load.py", "vitlab.cli"),
+    ("runs.py", "vitlab.plots"), ("config.py", "vitlab"),
+])
+def test_the_check_names_an_import_against_the_layers(tmp_path, source, target):
+    """A copy of the package with one upward import added inside a function: the check names exactly that one."""
+    copy = tmp_path / "vitlab"
+    shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    file = copy / source
+    lines = len(file.read_text(encoding="utf-8").splitlines())
+    file.write_text(file.read_text(encoding="utf-8") + f"\n\ndef _late():\n    import {target}  # noqa\n")
+    assert violations(copy) == [f"vitlab/{source}:{lines + 4}: {_layer(_module(file, copy))} imports {target} "
+                                f"({_layer(target)})"]
