@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from vitlab.bench import (LiveTensorBytes, PRECISIONS, _device_name, _state_bytes, _tensor_bytes,
+from vitlab.bench import (LiveTensorBytes, _device_name, _state_bytes, _tensor_bytes,
                           default_precision, make_step, matmul_peak, time_alternating, TRAIN_FLOPS_FACTOR)
 from vitlab.interop.hf import convert_hf_state_dict
 from vitlab.models import create_model, load_state_dict_strict

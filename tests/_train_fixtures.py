@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from vitlab.config import TrainConfig
@@ -39,7 +38,6 @@ def tiny_config(tmp_path, name: str = "run", **changes) -> TrainConfig:
 def tiny_folder(root, **kwargs):
     """:func:`tiny_splits` written as an image-folder dataset (``root/train/c0/0.png``, ``root/test/...``), loaded
     back with the data spec ``folder:root``: the same images, with the folder's own mean/std (``.spec`` names it)."""
-    import numpy as np
     from PIL import Image
 
     from vitlab.data import load_data

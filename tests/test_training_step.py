@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from _train_fixtures import TINY_MODEL, tiny_config, tiny_splits
+from _train_fixtures import tiny_config, tiny_splits
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitlab

@@ -9,7 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from vitlab.errors import CheckpointError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from vitlab.errors import CheckpointError, ConfigError
 
 
 @contextmanager
@@ -70,17 +73,12 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Save a dict of tensors as safetensors, atomically. Tensors are made contiguous and moved to CPU."""
-    from safetensors.torch import save
-
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write_bytes(path, save(flat, metadata=metadata))
 
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
     """Load a safetensors file (never unpickles), raising :class:`CheckpointError` naming a bad file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
@@ -93,8 +91,6 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
 def ensure_folder(path: str | os.PathLike, what: str) -> Path:
     """Create folder ``path`` (with its parents) unless it exists, before any work is done; a
     :class:`ConfigError` naming ``what`` and the path when it is a file or cannot be created there."""
-    from vitlab.errors import ConfigError
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what} {path}: exists and is not a folder; pass the path of a folder (new or existing)")

@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from vitlab._files import read_json
 from vitlab.config import RECIPE_META_KEYS, RECIPES_DIR, TrainConfig, config_from_dict, load_yaml, to_dict
 from vitlab.data import DatasetSplits
 from vitlab.errors import DataError
@@ -57,8 +58,6 @@ def resume_config(run: str | Path, changes: dict[str, Any] | None = None) -> Tra
 def plot_run(run: str | Path) -> list[Path]:
     """Draw ``curves.png`` (train and test loss, test accuracy per epoch) into run folder ``run`` and, when it
     has ``eval.json``, ``confusion_matrix.png``; return the files written."""
-    from vitlab._files import read_json
-
     run = Path(run)
     history = read_metrics(run)
     if not history:

@@ -8,21 +8,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
+from vitlab._version import __version__
+from vitlab.api import evaluate, list_recipes, plot_run, resume_config, train
+from vitlab.bench import benchmark, format_result
+from vitlab.config import apply_overrides, load_train_config, parse_override
+from vitlab.data import dataset_info
+from vitlab.data.download import download_dataset
+from vitlab.data.sources.folder import cache_files, clear_cache, default_cache_dir
 from vitlab.errors import VitlabError
+from vitlab.explain.attention import plot_attention
+from vitlab.explain.predict import format_table, predict
+from vitlab.explain.report import write_report
+from vitlab.interop import convert, export, load
+from vitlab.models import PRESETS, create_model, get_config
+from vitlab.training.progress import ProgressBar
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Print the presets: name, image size, patch (+ "stem": a convolutional stem), layers, hidden, heads,
     parameters, GFLOPs per image."""
-    from vitlab.models import PRESETS, create_model, get_config
-
     rows = []
     for name, preset in PRESETS.items():
         cfg = get_config(name)
-        with _meta_device():
+        with torch.device("meta"):  # counting ViT-H/14's parameters should not allocate 2.5 GB
             params = create_model(cfg).num_parameters()
         rows.append(dict(name=name, image_size=list(cfg.image_size), patch=list(cfg.patch_size),
                          patch_embed=cfg.patch_embed, layers=cfg.depth,
@@ -46,15 +62,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _load_overrides(args: argparse.Namespace) -> dict:
-    from vitlab.config import parse_override
-
     return dict(parse_override(text) for text in (args.set or []))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert any supported checkpoint to a vitlab save_pretrained folder."""
-    from vitlab.interop import convert, load
-
     loaded = load(args.checkpoint, format=args.format, num_heads=args.num_heads, **_load_overrides(args))
     out = convert(loaded.model, args.out)
     c = loaded.model.config
@@ -66,8 +78,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a checkpoint (any format vitlab.load reads) to ONNX or a Hugging Face folder."""
-    from vitlab.interop import export, load
-
     loaded = load(args.checkpoint, format=args.input_format, num_heads=args.num_heads)
     out = export(loaded.model, args.out, format=args.format)
     print(f"{args.checkpoint} -> {out} ({args.format})")
@@ -82,8 +92,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Top-k classes for image files and folders; a table or JSON lines. Exit 1 if a file could not be read."""
-    from vitlab.explain.predict import format_table, predict
-
     results = predict(args.checkpoint, args.paths, top_k=args.top_k, batch_size=args.batch_size)
     if args.json:
         for r in results:
@@ -98,8 +106,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_attention(args: argparse.Namespace) -> int:
     """One figure of attention maps over the images; exit 1 if a file could not be read."""
-    from vitlab.explain.attention import plot_attention
-
     items = plot_attention(args.checkpoint, args.paths, args.output, method=args.method, heads=args.heads,
                            head_fusion=args.head_fusion, discard_ratio=args.discard_ratio, data=args.data,
                            num_images=args.num_images, dpi=args.dpi)
@@ -116,8 +122,6 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """One self-contained HTML report of a training run."""
-    from vitlab.explain.report import write_report
-
     path = write_report(args.run, args.output, num_images=args.num_images, method=args.method,
                         checkpoint=args.checkpoint)
     print(f"wrote {path}")
@@ -126,8 +130,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_data_cache(args: argparse.Namespace) -> int:
     """List (or with --clear delete) the decoded-image cache files of folder datasets."""
-    from vitlab.data.sources.folder import cache_files, clear_cache, default_cache_dir
-
     where = args.cache_dir or str(default_cache_dir())
     if args.clear:
         removed, freed = clear_cache(args.cache_dir)
@@ -144,8 +146,6 @@ def cmd_data_cache(args: argparse.Namespace) -> int:
 
 def cmd_data_info(args: argparse.Namespace) -> int:
     """Print a dataset's images per split, classes, image size and channels (``vitlab.data.dataset_info``)."""
-    from vitlab.data import dataset_info
-
     info = dataset_info(args.spec, image_size=args.image_size, channels=args.channels,
                         val_fraction=args.val_fraction, seed=args.seed, cache_dir=args.cache_dir,
                         skip_bad_files=args.skip_bad_files, workers=args.workers)
@@ -154,9 +154,9 @@ def cmd_data_info(args: argparse.Namespace) -> int:
         return 0
     h, w = info["image_size"]
     print(f"dataset   {info['name']}  ({info['spec']})")
-    print(f"images    " + ", ".join(f"{k} {v:,}" for k, v in info["splits"].items()))
+    print("images    " + ", ".join(f"{k} {v:,}" for k, v in info["splits"].items()))
     print(f"size      {h}x{w}, {info['channels']} channel{'s' if info['channels'] > 1 else ''}")
-    print(f"mean/std  " + ", ".join(f"{m:.4f}" for m in info["mean"]) + " / "
+    print("mean/std  " + ", ".join(f"{m:.4f}" for m in info["mean"]) + " / "
           + ", ".join(f"{s:.4f}" for s in info["std"]))
     counts = info["class_counts"]["train"]
     names = ", ".join(f"{c} ({n})" for c, n in zip(info["classes"], counts))
@@ -170,8 +170,6 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
 def cmd_data_download(args: argparse.Namespace) -> int:
     """Download a dataset from its official address, checked against the official md5s."""
-    from vitlab.data.download import download_dataset
-
     spec = download_dataset(args.name, args.root, base_url=args.base_url)
     print(f"ok: {args.name} is in {args.root}; use it as --data {spec}")
     return 0
@@ -189,23 +187,8 @@ def _image_size_arg(text: str) -> tuple[int, int]:
     return (parts[0], parts[1])
 
 
-class _meta_device:
-    """Build models on the meta device: counting ViT-H/14's parameters should not allocate 2.5 GB."""
-
-    def __enter__(self):
-        import torch
-
-        self._ctx = torch.device("meta")
-        self._ctx.__enter__()
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time training steps or inference batches of a preset; print images/s, FLOP/s and utilisation."""
-    from vitlab.bench import benchmark, format_result
-
     result = benchmark(args.model, batch=args.batch, mode=args.mode, precision=args.precision,
                        compile=args.compile, device=args.device, repeats=args.repeats, warmup=args.warmup,
                        threads=args.threads, gradient_checkpointing=args.gradient_checkpointing,
@@ -216,10 +199,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (default: the small digits ViT on the built-in digits), print the test accuracy and run folder."""
-    from vitlab.api import resume_config, train
-    from vitlab.config import apply_overrides, load_train_config
-    from vitlab.training.progress import ProgressBar
-
     given = {"model": args.model, "data": args.data, "out": args.out, "epochs": args.epochs, "device": args.device,
              "init": args.init}
     if args.resume:
@@ -228,8 +207,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = load_train_config(args.recipe, args.set, **given)
     result = train(config, progress=None if args.quiet else ProgressBar(sys.stdout))
-    import os
-
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     if result.top1 is not None:
@@ -246,10 +223,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a run or checkpoint on a dataset's test split; write eval.json and confusion_matrix.png."""
-    from pathlib import Path
-
-    from vitlab.api import evaluate
-
     given = Path(args.checkpoint)
     out = args.out or str(given / "eval" if given.is_dir() else given.with_name(f"{given.stem}-eval"))
     result = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device,
@@ -269,8 +242,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Draw a run's curves (train/test loss, test accuracy per epoch) and confusion matrix as PNG."""
-    from vitlab.api import plot_run
-
     for path in plot_run(args.run):
         print(path)
     return 0
@@ -278,8 +249,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     """List the packaged training recipes with the accuracy each reached and the command that measured it."""
-    from vitlab.api import list_recipes
-
     rows = list_recipes()
     if args.json:
         for row in rows:
@@ -453,8 +422,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from vitlab._version import __version__
-
     return f"vitlab {__version__}"
 
 
@@ -466,8 +433,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 0
-    import logging
-
     logging.basicConfig(level=logging.INFO if not getattr(args, "quiet", False) else logging.WARNING,
                         format="%(message)s")
     try:

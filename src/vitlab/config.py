@@ -5,11 +5,12 @@ A preset is data: a :class:`ViTConfig` with a name. Defaults live here and nowhe
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
+
+import yaml
 
 from vitlab.errors import ConfigError
 
@@ -223,8 +224,6 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str | None = No
 def _yaml_loader():
     """PyYAML's safe loader, reading numbers as YAML 1.2 does: ``1e-3`` is a float (YAML 1.1, which PyYAML
     follows, wants ``1.0e-3`` and reads ``1e-3`` as a string), so recipes and ``--set`` agree."""
-    import yaml
-
     class Loader(yaml.SafeLoader):
         pass
 
@@ -238,15 +237,11 @@ _YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|
 
 def parse_yaml(text: str) -> Any:
     """Parse YAML text safely (no Python objects), with YAML 1.2 numbers (see :func:`_yaml_loader`)."""
-    import yaml
-
     return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``"lr=3e-4" -> ("lr", 0.0003)``: the value is parsed as YAML, so numbers, booleans, lists and null work."""
-    import yaml
-
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value")
     key, raw = text.split("=", 1)
@@ -277,8 +272,6 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, raising :class:`ConfigError` naming the file when it is missing or malformed."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
@@ -295,8 +288,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def dump_yaml(data: dict[str, Any]) -> str:
     """A dict as YAML text, keys in their given order."""
-    import yaml
-
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 

@@ -17,10 +17,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vitlab._device import autocast, default_precision, resolve_device, sum_dtype
+from vitlab._files import ensure_folder, write_json
 from vitlab.data import BatchLoader, DatasetSplits, EvalTransform, load_data
 from vitlab.errors import ConfigError, DataError
 from vitlab.interop import LoadedModel, load
-from vitlab.runs import EVAL, is_run_folder, read_run_config
+from vitlab.plots import RUN_FIGURE_DPI, confusion_figure, save_figure
+from vitlab.runs import CONFUSION, EVAL, is_run_folder, read_run_config
 
 
 class ClassificationTally:
@@ -159,10 +161,6 @@ def evaluate(checkpoint: str | Path | LoadedModel, data: str | None = None, *, b
     probabilities (None: as the run evaluated). With ``out``, writes ``eval.json`` and ``confusion_matrix.png``
     (class names on the axes) into that folder.
     """
-    from vitlab._files import ensure_folder, write_json
-    from vitlab.plots import confusion_figure, save_figure
-    from vitlab.runs import CONFUSION
-
     if out is not None:
         ensure_folder(out, "--out")  # before the work: a bad folder is named at once
     dev = resolve_device(device)
@@ -174,7 +172,8 @@ def evaluate(checkpoint: str | Path | LoadedModel, data: str | None = None, *, b
         out = Path(out)
         write_json(out / EVAL, result)
         title = f"{loaded.path}: top-1 {100 * result['top1']:.2f}%"
-        save_figure(confusion_figure(result["confusion"], result["classes"], title=title), out / CONFUSION, dpi=110)
+        save_figure(confusion_figure(result["confusion"], result["classes"], title=title), out / CONFUSION,
+                    dpi=RUN_FIGURE_DPI)
     return result
 
 

@@ -17,6 +17,7 @@ import torch
 
 from vitlab._files import atomic_write_bytes
 from vitlab.errors import ConfigError
+from vitlab.runs import CONFUSION, CURVES
 
 FIGURE_FORMATS = ("png", "svg", "pdf", "jpg")
 RUN_FIGURE_DPI = 110
@@ -113,8 +114,6 @@ def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str],
 
 def plot_run_files(run: str | Path, history: list[dict], final_eval: dict | None) -> list[Path]:
     """A run folder's figures: ``curves.png`` and, given the last evaluation, ``confusion_matrix.png``."""
-    from vitlab.runs import CONFUSION, CURVES
-
     run = Path(run)
     paths = [save_figure(curves_figure(history, title=run.name), run / CURVES, dpi=RUN_FIGURE_DPI)]
     if final_eval is not None:

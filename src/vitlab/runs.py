@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vitlab._files import atomic_write_text, read_json, write_json
+from vitlab.config import load_yaml
 from vitlab.errors import CheckpointError
 from vitlab.models.vit import CONFIG_NAME as CONFIG_JSON
 from vitlab.models.vit import WEIGHTS_NAME as WEIGHTS
@@ -65,8 +66,6 @@ def require_run_folder(path: str | Path, command: str) -> Path:
 
 def read_run_config(run: str | Path) -> dict[str, Any]:
     """A run's ``config.yaml`` as a dict (its TrainConfig fields)."""
-    from vitlab.config import load_yaml
-
     return load_yaml(Path(run) / CONFIG_YAML)
 
 

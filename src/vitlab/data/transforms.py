@@ -318,7 +318,7 @@ class AutoAugment:
     @staticmethod
     def _geometric(xs: torch.Tensor, op: torch.Tensor, signed: torch.Tensor, wide: int) -> torch.Tensor:
         """Rotate / shear / translate images (one op each, given by ``op``) with one affine resampling."""
-        n, dev = xs.shape[0], xs.device
+        n = xs.shape[0]
         h, w = xs.shape[-2:]
         is_op = {name: op == OPS.index(name) for name in _GEOMETRIC}
         angle = signed * math.radians(_MAX_LEVEL["rotate"][wide])
