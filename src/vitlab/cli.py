@@ -29,6 +29,7 @@ from vitlab.explain.predict import format_table, predict
 from vitlab.explain.report import write_report
 from vitlab.interop import convert, export, load
 from vitlab.models import PRESETS, create_model, get_config
+from vitlab.runs import BEST, LAST
 from vitlab.training.progress import ProgressBar
 
 
@@ -342,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="HTML file to write (default RUN/report.html)")
     p.add_argument("--num-images", type=int, default=16, help="test images in the attention grid (default 16)")
     p.add_argument("--method", choices=("rollout", "last"), default="rollout", help="attention map method")
-    p.add_argument("--checkpoint", choices=("best", "last"), default=None,
+    p.add_argument("--checkpoint", choices=(BEST, LAST), default=None,
                    help="which checkpoint of the run to report on (default best/, else last/)")
     p.set_defaults(func=cmd_report)
 

@@ -35,18 +35,13 @@ from vitlab.errors import CheckpointError
 from vitlab.models.vit import CONFIG_NAME as CONFIG_JSON
 from vitlab.models.vit import WEIGHTS_NAME as WEIGHTS
 
-CONFIG_YAML = "config.yaml"
-METRICS = "metrics.jsonl"
-EVAL = "eval.json"
-CURVES = "curves.png"
-CONFUSION = "confusion_matrix.png"
+# in a run folder
+CONFIG_YAML, METRICS, EVAL = "config.yaml", "metrics.jsonl", "eval.json"
+CURVES, CONFUSION = "curves.png", "confusion_matrix.png"
 LAST, BEST = "last", "best"
-# inside a checkpoint folder, besides CONFIG_JSON and WEIGHTS
-PREPROCESS = "preprocess.json"
-STATE = "state.json"
-OPTIMIZER = "optimizer.safetensors"
-RNG = "rng.safetensors"
-EMA = "ema.safetensors"
+# in a checkpoint folder, besides CONFIG_JSON and WEIGHTS (a save_pretrained folder's)
+PREPROCESS, STATE = "preprocess.json", "state.json"
+OPTIMIZER, RNG, EMA = "optimizer.safetensors", "rng.safetensors", "ema.safetensors"
 
 
 # ---------------------------------------------------------------- finding things

@@ -11,5 +11,5 @@ from vitlab.data.loader import ArrayDataset, BatchLoader, DatasetSplits, channel
 from vitlab.data.transforms import EvalTransform, Preprocess, TrainTransform
 
 __all__ = ["ArrayDataset", "DatasetSplits", "BatchLoader", "TrainTransform", "EvalTransform", "Preprocess",
-           "load_data", "decode_image", "list_image_files", "dataset_info", "parse_data_spec", "DATA_KINDS", "channel_mean_std",
-           "stratified_split"]
+           "load_data", "decode_image", "list_image_files", "dataset_info", "parse_data_spec", "DATA_KINDS",
+           "channel_mean_std", "stratified_split"]

@@ -22,7 +22,7 @@ from vitlab.evaluation import evaluate_held_out
 from vitlab.explain.attention import attention_panels
 from vitlab.interop import LoadedModel, load
 from vitlab.plots import attention_figure, confusion_figure, curves_figure, figure_bytes
-from vitlab.runs import (CONFIG_JSON, CONFIG_YAML, EVAL, METRICS, read_metrics, read_run_config, read_state,
+from vitlab.runs import (BEST, CONFIG_JSON, LAST, CONFIG_YAML, EVAL, METRICS, read_metrics, read_run_config, read_state,
                          require_run_folder)
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def write_report(run: str | Path, output: str | Path | None = None, *, num_image
     output = Path(output) if output is not None else run / "report.html"
     config_text = (run / CONFIG_YAML).read_text(encoding="utf-8")
     run_config = read_run_config(run)
-    if checkpoint is not None and checkpoint not in ("best", "last"):
+    if checkpoint is not None and checkpoint not in (BEST, LAST):
         raise ConfigError(f"checkpoint={checkpoint!r} must be 'best' or 'last' (a folder of the run)")
     loaded = load(run / checkpoint if checkpoint else run)
     state = read_state(loaded.path)

@@ -277,5 +277,5 @@ def export(model_or_path: VisionTransformer | str | Path, out: str | Path, *, fo
     raise ConfigError(f"export format {format!r} is not one of onnx, hf")
 
 
-__all__ = ["FORMATS", "detect_format", "load", "LoadedModel", "load_pretrained", "convert", "export", "export_onnx", "export_hf",
-           "load_hf_folder", "load_timm", "load_torchvision", "load_jax_npz"]
+__all__ = ["FORMATS", "detect_format", "load", "LoadedModel", "load_pretrained", "convert", "export", "export_onnx",
+           "export_hf", "load_hf_folder", "load_timm", "load_torchvision", "load_jax_npz"]

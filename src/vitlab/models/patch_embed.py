@@ -1,7 +1,7 @@
 """Patchify: cut the image into patches and project each to ``hidden_dim``.
 
-The two styles of the from-scratch tutorials, with the same maths: a strided convolution, or unfold + linear. Given the same weights
-(the conv kernel reshaped to ``(D, C*ph*pw)``) they give equal outputs.
+The two styles of the from-scratch tutorials, with the same maths: a strided convolution, or unfold + linear.
+Given the same weights (the conv kernel reshaped to ``(D, C*ph*pw)``) they give equal outputs.
 
 A third, ``conv_stem``, is the convolutional stem of Xiao et al., "Early Convolutions Help Transformers See
 Better" (NeurIPS 2021): for a patch of ``2**k`` pixels, ``k`` stride-2 3x3 convolutions, each followed by

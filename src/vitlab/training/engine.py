@@ -39,7 +39,8 @@ from vitlab.interop import load_pretrained
 from vitlab.models import VisionTransformer, create_model, get_config
 from vitlab.models.finetune import prepare_finetune
 from vitlab.plots import plot_run_files
-from vitlab.runs import BEST, CONFIG_YAML, EVAL, LAST, STATE, RunState, recover_run, require_run_folder, write_metrics
+from vitlab.runs import (BEST, CONFIG_YAML, EVAL, LAST, METRICS, STATE, RunState, recover_run, require_run_folder,
+                         write_metrics)
 from vitlab.training.budget import TimeBudget
 from vitlab.training.checkpoint import copy_checkpoint, load_training_state, save_checkpoint
 from vitlab.training.step import TrainStep, make_train_step, schedule_steps
@@ -342,7 +343,7 @@ def _new_run(config: TrainConfig, data_name: str, d: "_Dist") -> Path:
     """The folder of a new run (``config.out``, else ``runs/<recipe-or-model>-<data>-<time>``), created."""
     if config.out:
         run = Path(config.out)
-        if (run / "metrics.jsonl").exists() or (run / LAST).exists():
+        if (run / METRICS).exists() or (run / LAST).exists():
             raise ConfigError(f"TrainConfig.out={str(run)!r} already holds a run: continue it with "
                               f"--resume {run}, or pick another --out")
     else:
