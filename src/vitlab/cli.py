@@ -270,11 +270,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers that train well.")
-    parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _training_commands(sub) -> None:
+    """The parsers of ``vitlab train, eval, plot, recipes``."""
     p = sub.add_parser("train", help="train a ViT (no arguments: the small default model on the built-in digits)")
     p.add_argument("--model", help="model preset (`vitlab models`); default vit-digits-p2")
     p.add_argument("--data", help="data spec: digits, mnist:DIR, cifar10:DIR, folder:DIR, ...; default digits")
@@ -312,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_recipes)
 
+
+def _explain_commands(sub) -> None:
+    """The parsers of ``vitlab predict, attention, report``."""
     p = sub.add_parser("predict", help="name what is in photos: top-k classes with probabilities")
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder (uses best/, else last/) or a "
                    "checkpoint folder")
@@ -347,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which checkpoint of the run to report on (default best/, else last/)")
     p.set_defaults(func=cmd_report)
 
+
+def _model_and_data_commands(sub) -> None:
+    """The parsers of ``vitlab models, data info|cache|download``."""
     p = sub.add_parser("models", help="list the model presets")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_models)
@@ -375,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--base-url", default=None, help="a mirror to use instead of the official address")
     q.set_defaults(func=cmd_data_download)
 
+
+def _pretrained_commands(sub) -> None:
+    """The parsers of ``vitlab finetune, convert, export``."""
     p = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint: `vitlab train --init CHECKPOINT ...`")
     p.add_argument("checkpoint", help="any file or folder `vitlab convert` reads")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments of `vitlab train` (--data SPEC ...)")
@@ -400,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-heads", type=int, default=None)
     p.set_defaults(func=cmd_export)
 
+
+def _bench_command(sub) -> None:
+    """The parsers of ``vitlab bench``."""
     p = sub.add_parser("bench", help="time training steps or inference of a model: images/s, FLOP/s, utilisation")
     p.add_argument("--model", required=True, help="preset name (see `vitlab models`)")
     p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
@@ -419,6 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_bench)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vitlab`` argument parser: one sub-parser a command, each with its ``cmd_*`` function."""
+    parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers that train well.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _training_commands(sub)
+    _explain_commands(sub)
+    _model_and_data_commands(sub)
+    _pretrained_commands(sub)
+    _bench_command(sub)
     return parser
 
 

@@ -83,6 +83,57 @@ def _evaluate(loaded: LoadedModel, num_images: int, method: str):
     return result, figure_bytes(attention_figure(panels, title=title)), result["data"]
 
 
+def _curves_html(history: list[dict]) -> list[str]:
+    parts = ["<h2>Loss and accuracy</h2>"]
+    if not history:
+        return parts + ['<p class="note">no metrics.jsonl in the run folder.</p>']
+    last = history[-1]
+    return parts + [_img(figure_bytes(curves_figure(history)), "training curves"),
+                    f'<p class="note">{len(history)} epochs logged; last: train loss '
+                    f"{last.get('train_loss', float('nan')):.4f}"
+                    + (f", test loss {last['test_loss']:.4f}, top-1 {100 * last['top1']:.2f}%"
+                       if last.get("top1") is not None else "") + "</p>"]
+
+
+def _results_html(run: Path, loaded: LoadedModel, num_images: int, method: str) -> list[str]:
+    """Test accuracy, confusion matrix, per-class accuracy, most confused pairs and the image grid: from a fresh
+    evaluation on the run's test split, else from the run's eval.json (and no grid)."""
+    grid_png = None
+    try:
+        result, grid_png, spec = _evaluate(loaded, num_images, method)
+        note = (f"The checkpoint above evaluated now on the test split of <code>{html.escape(spec)}</code> "
+                f"({result['count']:,} images).")
+    except VitlabError as e:
+        if not (run / EVAL).is_file():
+            raise
+        log.warning("cannot evaluate on the run's data (%s); using %s", e, run / EVAL)
+        result = read_json(run / EVAL)
+        note = (f"The run's data could not be loaded ({html.escape(str(e))}); these numbers are the run's "
+                "<code>eval.json</code> (its last evaluated epoch) and the image grid is left out.")
+    classes, confusion = list(result["classes"]), result["confusion"]
+    totals = [sum(row) for row in confusion]
+    rows = [(name, totals[i], confusion[i][i], f"{100 * result['per_class'][name]:.1f}%")
+            for i, name in enumerate(classes)]
+    pairs = most_confused_pairs(confusion, classes)
+    return [
+        "<h2>Test accuracy</h2>",
+        f'<p>top-1 <b>{100 * result["top1"]:.2f}%</b>, top-5 {100 * result["top5"]:.2f}%, '
+        f'test loss {result["test_loss"]:.4f}. <span class="note">{note}</span></p>',
+        "<h2>Confusion matrix</h2>", _img(figure_bytes(confusion_figure(confusion, classes)), "confusion matrix"),
+        "<h2>Per-class accuracy</h2>",
+        _table(("class", "test images", "correct", "accuracy"), rows, (False, True, True, True)),
+        "<h2>Most confused pairs</h2>",
+        _table(("true class", "predicted as", "images", "of the true class"),
+               [(t, p, c, f"{100 * f:.1f}%") for t, p, c, f in pairs], (False, False, True, True)) if pairs
+        else "<p>No test image was misclassified.</p>",
+        "<h2>Test images: predictions and attention</h2>",
+        *(['<p class="note">Each image with its attention map (red: most attended); caption: predicted class and '
+           "probability, the true class below it (green: right, red: wrong).</p>",
+           _img(grid_png, "test images with attention maps")] if grid_png is not None
+          else ['<p class="note">left out: the run\'s data could not be loaded.</p>']),
+    ]
+
+
 def write_report(run: str | Path, output: str | Path | None = None, *, num_images: int = 16,
                  method: str = "rollout", checkpoint: str | None = None) -> Path:
     """Write ``output`` (default ``RUN/report.html``): a self-contained HTML report of training run ``run``.
@@ -108,56 +159,8 @@ def write_report(run: str | Path, output: str | Path | None = None, *, num_image
              f"data <code>{html.escape(str(run_config.get('data', '?')))}</code>; written "
              f"{time.strftime('%Y-%m-%d %H:%M')}</p>"]
 
-    parts.append("<h2>Loss and accuracy</h2>")
-    if history:
-        parts.append(_img(figure_bytes(curves_figure(history)), "training curves"))
-        last = history[-1]
-        parts.append(f'<p class="note">{len(history)} epochs logged; last: train loss '
-                     f"{last.get('train_loss', float('nan')):.4f}"
-                     + (f", test loss {last['test_loss']:.4f}, top-1 {100 * last['top1']:.2f}%"
-                        if last.get("top1") is not None else "") + "</p>")
-    else:
-        parts.append('<p class="note">no metrics.jsonl in the run folder.</p>')
-
-    grid_png, note = None, ""
-    try:
-        result, grid_png, spec = _evaluate(loaded, num_images, method)
-        note = (f"The checkpoint above evaluated now on the test split of <code>{html.escape(spec)}</code> "
-                f"({result['count']:,} images).")
-    except VitlabError as e:
-        if not (run / EVAL).is_file():
-            raise
-        log.warning("cannot evaluate on the run's data (%s); using %s", e, run / EVAL)
-        result = read_json(run / EVAL)
-        note = (f"The run's data could not be loaded ({html.escape(str(e))}); these numbers are the run's "
-                "<code>eval.json</code> (its last evaluated epoch) and the image grid is left out.")
-
-    classes = list(result["classes"])
-    confusion = result["confusion"]
-    parts.append("<h2>Test accuracy</h2>")
-    parts.append(f'<p>top-1 <b>{100 * result["top1"]:.2f}%</b>, top-5 {100 * result["top5"]:.2f}%, '
-                 f'test loss {result["test_loss"]:.4f}. <span class="note">{note}</span></p>')
-    parts.append("<h2>Confusion matrix</h2>")
-    parts.append(_img(figure_bytes(confusion_figure(confusion, classes)), "confusion matrix"))
-    parts.append("<h2>Per-class accuracy</h2>")
-    totals = [sum(row) for row in confusion]
-    rows = [(name, totals[i], confusion[i][i], f"{100 * result['per_class'][name]:.1f}%")
-            for i, name in enumerate(classes)]
-    parts.append(_table(("class", "test images", "correct", "accuracy"), rows, (False, True, True, True)))
-    parts.append("<h2>Most confused pairs</h2>")
-    pairs = most_confused_pairs(confusion, classes)
-    if pairs:
-        parts.append(_table(("true class", "predicted as", "images", "of the true class"),
-                            [(t, p, c, f"{100 * f:.1f}%") for t, p, c, f in pairs], (False, False, True, True)))
-    else:
-        parts.append("<p>No test image was misclassified.</p>")
-    parts.append("<h2>Test images: predictions and attention</h2>")
-    if grid_png is not None:
-        parts.append('<p class="note">Each image with its attention map (red: most attended); caption: predicted '
-                     "class and probability, the true class below it (green: right, red: wrong).</p>")
-        parts.append(_img(grid_png, "test images with attention maps"))
-    else:
-        parts.append('<p class="note">left out: the run\'s data could not be loaded.</p>')
+    parts += _curves_html(history)
+    parts += _results_html(run, loaded, num_images, method)
     parts.append("<h2>Configuration</h2>")
     parts.append(f"<pre>{html.escape(config_text)}</pre>")
     parts.append("<h3>Model</h3>")
