@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +130,30 @@ def test_a_corrupt_config_json_in_a_run_is_named(tmp_path, capsys, command):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"vitlab: error: {run / 'best' / 'config.json'}: not valid JSON") and "\n" not in err
+
+
+def test_every_command_loads_any_checkpoint_the_same_way(tmp_path, capsys):
+    """`vitlab predict` and `vitlab attention` take a timm file as they take a run: one loading path (vitlab.load)."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    import vitlab
+    from vitlab.interop.timm import to_timm_state_dict
+
+    # hidden 192: the standard ViT-Ti size, whose 3 heads a timm file needs no --num-heads for
+    model = randomise(VisionTransformer(CFG.replace(hidden_dim=192, depth=1, mlp_dim=96)))
+    save_file(to_timm_state_dict(model), tmp_path / "vit.safetensors")
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)  # the model's size: no resize
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    assert main(["predict", str(tmp_path / "vit.safetensors"), str(tmp_path / "a.png"), "--json", "--top-k", "2"]) == 0
+    top = json.loads(capsys.readouterr().out)["top"]
+    loaded = vitlab.load(tmp_path / "vit.safetensors")
+    assert loaded.format == "timm" and loaded.preprocess.mean == (0.5, 0.5, 0.5)  # a timm file does not say: 0.5
+    x = loaded.preprocess(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+    assert [t["label"] for t in top] == [f"class_{i}" for i in probs.topk(2).indices.tolist()]
+    assert [t["probability"] for t in top] == pytest.approx(probs.topk(2).values.tolist(), abs=1e-5)
+    assert main(["attention", str(tmp_path / "vit.safetensors"), str(tmp_path / "a.png"), "-o",
+                 str(tmp_path / "a-attention.png")]) == 0
+    assert (tmp_path / "a-attention.png").read_bytes()[:4] == b"\x89PNG"

@@ -410,3 +410,12 @@ def test_cli_names_an_output_path_that_cannot_be_a_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"vitlab: error: --out {a_file}: exists and is not a folder") and err.count("\n") == 1
     assert a_file.read_text() == "keep me"
+
+
+def test_vitlab_train_is_a_function_with_its_real_signature():
+    import inspect
+
+    assert inspect.isfunction(vitlab.train) and vitlab.train.__module__ == "vitlab.api"
+    assert list(inspect.signature(vitlab.train).parameters) == ["config", "data", "progress", "changes"]
+    assert vitlab.evaluate is not vitlab.evaluate_model  # a checkpoint on a data spec; a model on a dataset split
+    assert list(inspect.signature(vitlab.evaluate_model).parameters)[:2] == ["model", "dataset"]
