@@ -89,14 +89,15 @@ def test_fine_tuning_drops_the_distillation_head_and_keeps_the_token():
     torch.testing.assert_close(again(X), m.eval()(X))
 
 
-def test_fine_tuning_keeps_or_drops_clips_projection():
+def test_fine_tuning_drops_clips_projection_unless_asked_to_keep_it():
     m = randomise(VisionTransformer(tiny(**FAMILIES["clip"])))
+    m.reset_classifier(4, keep_projection=True)
+    assert m.config.projection_dim == 12 and m.head.weight.shape == (4, 12)  # the head reads the embedding
     m.reset_classifier(4)
-    assert m.config.projection_dim == 12 and m.head.weight.shape == (4, 12)  # kept: the head reads the embedding
-    m.reset_classifier(4, keep_pre_logits=False)
     assert m.config.projection_dim is None and isinstance(m.projection, torch.nn.Identity)
     assert m.head.weight.shape == (4, 24) and "projection.weight" not in m.state_dict()
-    assert m(X).shape == (3, 4)
+    tokens = m.forward_features(X)
+    torch.testing.assert_close(m(X), m.head(tokens[:, 0]))  # the pooled class token, as timm's CLIP fine-tunes
 
 
 def test_registers_are_hidden_states_but_never_pooled():
@@ -233,7 +234,7 @@ def test_fine_tuning_surgery_trains_every_family(family):
     torch.manual_seed(3)
     m = VisionTransformer(tiny(**FAMILIES[family])).train()
     m.resize_image_size(24)
-    m.reset_classifier(2, keep_pre_logits=False)
+    m.reset_classifier(2)
     assert m.config.grid_size == (6, 6) and m.head.out_features == 2 and m.head_dist is None
     assert m.pos_embed.shape[1] == m.config.num_pos_prefix_tokens + 36
     x, y = torch.randn(8, 3, 24, 24, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 2

@@ -155,14 +155,6 @@ def test_attention_pool_probabilities_are_timms(tmp_path):
     torch.testing.assert_close(out.pool_attention, peer.attn_pool.last_attention, atol=1e-6, rtol=0)
 
 
-def test_a_token_the_positions_do_not_cover_is_named(tmp_path):
-    # A classic file (one class-token position) with a stray DeiT token: the positions say it is not the model's.
-    state = randomise(TimmFamilyViT()).state_dict()
-    save_file({**state, "dist_token": torch.zeros(1, 1, 24)}, tmp_path / "bad.safetensors")
-    with pytest.raises(CheckpointError, match=r"bad.safetensors: unexpected key 'dist_token' of shape \(1, 1, 24\)"):
-        load_pretrained(tmp_path / "bad.safetensors", num_heads=3)
-
-
 def test_the_image_size_settles_what_the_positions_cannot(tmp_path):
     # 5 prefix tokens and a 3x3 grid without their positions (9) could be a 2x2 grid with them (4 + 5).
     peer = randomise(TimmFamilyViT(img=24, reg_tokens=4, no_embed_class=True), seed=5)

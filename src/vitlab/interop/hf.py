@@ -255,9 +255,8 @@ def _unsupported(family: str, config: ViTConfig) -> str | None:
         (not c.final_norm, "final_norm=False (Hugging Face's ViTs always have the final layernorm)"),
         (c.norm_after_pool, "norm_after_pool=True (timm's fc_norm)"),
         ((c.layer_scale is not None) != dinov2,
-         "layer_scale (Hugging Face's ViT and DeiT have no layer scale; its DINOv2 classifier reads the class token "
-         "and the mean patch token side by side, which vitlab's head does not: export the backbone, "
-         "reset_classifier(0), for a Dinov2Model)" if vit_like else f"layer_scale={c.layer_scale} (Hugging Face's "
+         "layer_scale (Hugging Face's ViT and DeiT have none; its DINOv2 takes a layer-scale backbone without a "
+         "head: reset_classifier(0) first)" if vit_like else f"layer_scale={c.layer_scale} (Hugging Face's "
          f"{name} has " + ("layer scale)" if dinov2 else "none)")),
         (c.representation_dim is not None, "representation_dim (Hugging Face's ViTs have no pre-logits layer)"),
         (vit_like and c.num_classes == 0, "num_classes=0 (export needs a classifier; call reset_classifier "

@@ -231,21 +231,27 @@ class VisionTransformer(nn.Module):
                 self.register_buffer("pos_embed", pe.detach().clone(), persistent=False)
         self.config = new
 
-    def reset_classifier(self, num_classes: int, labels: list[str] | None = None, *,
-                         keep_pre_logits: bool = True) -> None:
+    def reset_classifier(self, num_classes: int, labels: list[str] | None = None, *, keep_pre_logits: bool = True,
+                         keep_projection: bool = False) -> None:
         """Replace the head with a freshly initialised one for ``num_classes`` classes.
 
-        A DeiT distillation head goes with the old head: without a teacher it would learn what the class
-        token's head learns (Hugging Face's ``DeiTForImageClassification`` fine-tunes so too); the distillation
-        token stays, as part of the pretrained encoder. ``keep_pre_logits=False`` also removes the layers between
-        the pooled vector and the head that served the pretraining task: the in21k pre-logits layer (the paper
-        fine-tunes without it) and CLIP's image-text projection (timm's and Hugging Face's CLIP classifiers
-        read the pooled vector); the head then reads the pooled vector.
+        What served only the pretraining task goes with the old head, so the new head reads the pretrained
+        features directly:
+
+        - DeiT's distillation head: without a teacher it would learn what the class token's head learns
+          (Hugging Face's ``DeiTForImageClassification`` fine-tunes so too). The distillation token stays, as
+          part of the pretrained encoder.
+        - CLIP's image-text projection (a linear map to 512 or 768 dimensions, kept with ``keep_projection``):
+          timm's and Hugging Face's CLIP classifiers read the pooled vector, not its projection.
+        - The in21k pre-logits layer (Linear + tanh) only with ``keep_pre_logits=False``, as the paper fine-tunes.
         """
         changes: dict = dict(num_classes=num_classes, labels=labels, distillation_head=False)
+        if not keep_projection:
+            changes["projection_dim"] = None
+            self.projection = nn.Identity()
         if not keep_pre_logits:
-            changes.update(representation_dim=None, projection_dim=None)
-            self.pre_logits, self.projection = nn.Identity(), nn.Identity()
+            changes["representation_dim"] = None
+            self.pre_logits = nn.Identity()
         self.config = self.config.replace(**changes)
         ref = next(self.parameters())
         self._build_heads()
