@@ -157,15 +157,21 @@ def _read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
                           "file that save_pretrained wrote into this folder")
 
 
+# What the image classifiers of these families read, which vitlab's head (one pooled vector) does not.
+_CLASSIFIERS = {
+    "dinov2": "Dinov2ForImageClassification, whose classifier reads the class token and the mean patch token side "
+              "by side",
+    "clip": "CLIPForImageClassification, whose classifier reads the mean of the un-normalised patch tokens",
+    "siglip": "SiglipForImageClassification, whose classifier reads the mean of the tokens, not its attention pool",
+}
+
+
 def _classes(state: dict[str, torch.Tensor], hf: dict[str, Any], family: str, source: str) -> dict[str, Any]:
     """``num_classes``, ``labels``, DeiT's ``distillation_head`` and CLIP's ``projection_dim`` from the heads."""
-    if family in ("dinov2", "dinov2_with_registers", "clip", "siglip") and "classifier.weight" in state:
-        name = {"clip": "CLIP", "siglip": "Siglip"}.get(family, "Dinov2")
-        raise CheckpointError(f"{source}: a Hugging Face {name}ForImageClassification, whose classifier reads "
-                              + ("the class token and the mean patch token side by side"
-                                 if name == "Dinov2" else "the mean of the " + ("un-normalised patch tokens"
-                                                                                if name == "CLIP" else "tokens"))
-                              + ", which vitlab's head does not; load the backbone's folder and fine-tune a new head")
+    reads = _CLASSIFIERS.get(family.replace("_with_registers", ""))
+    if reads and "classifier.weight" in state:
+        raise CheckpointError(f"{source}: a Hugging Face {reads}, which vitlab's head does not; load the "
+                              "backbone's folder (its *Model) and fine-tune a new head")
     distilled = "cls_classifier.weight" in state
     classifier = state.get("cls_classifier.weight" if distilled else "classifier.weight")
     num_classes = int(classifier.shape[0]) if classifier is not None else 0
