@@ -226,8 +226,8 @@ def test_a_head_count_no_rule_can_guess_is_asked_for(tmp_path):
     peer = randomise(TimmFamilyViT(dim=8, heads=2, mlp=16))
     save_file(peer.state_dict(), tmp_path / "w8.safetensors")
     with pytest.raises(CheckpointError, match=r"w8.safetensors: hidden size 8 is not a standard ViT size and the file "
-                                              r"does not store the number of attention heads \(the usual rule "
-                                              r"\(64-wide heads\) gives 0 heads\); pass num_heads=N \(CLI: "
+                                              r"does not store the number of attention heads \(the usual rule, "
+                                              r"64-wide heads, gives 0 heads\); pass num_heads=N \(CLI: "
                                               r"--num-heads N\)"):
         load_pretrained(tmp_path / "w8.safetensors")
     assert load_pretrained(tmp_path / "w8.safetensors", num_heads=2).config.num_heads == 2

@@ -66,8 +66,8 @@ def num_heads_for(hidden_dim: int, source: str, override: int | None) -> int:
         # Guessing would be wrong more often than right: the usual rule (64-wide heads) gives no head at all
         # below 64, and a model of an unusual width was often trained with an unusual head count too.
         rule = hidden_dim // 64
-        guess = (f"the usual rule (64-wide heads) would give {rule}, which may well be wrong" if rule
-                 else "the usual rule (64-wide heads) gives 0 heads")
+        guess = (f"the usual rule, 64-wide heads, would give {rule}, which may well be wrong" if rule
+                 else "the usual rule, 64-wide heads, gives 0 heads")
         raise CheckpointError(f"{source}: hidden size {hidden_dim} is not a standard ViT size and the file does not "
                               f"store the number of attention heads ({guess}); pass num_heads=N (CLI: --num-heads "
                               "N), the head count the model was trained with")

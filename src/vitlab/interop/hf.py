@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vitlab.config import ViTConfig, to_dict
+from vitlab.config import ViTConfig
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.interop._common import check_num_heads, patch_weight
 from vitlab.interop.hf_layouts import (FAMILIES, MODEL_TYPES, REFUSED_MODEL_TYPES, Rule, backbone_rules,
@@ -104,14 +104,20 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor], config: ViTConfig, fam
     does not use (poolers, the mask token, a text tower) are left out; a missing key raises a
     :class:`CheckpointError` naming it. Unexpected keys are not checked here (:func:`load_hf_folder` does).
     """
-    state = _file_names(state)
+    return _to_vitlab(_file_names(state), config, family, source)[0]
+
+
+def _to_vitlab(state: dict[str, torch.Tensor], config: ViTConfig, family: str,
+               source: str) -> tuple[dict[str, torch.Tensor], set[str], str]:
+    """vitlab's weights from a state dict with the files' names, the keys read, and the backbone's prefix
+    (the family's wrapper, as in a task model's folder, or none)."""
     wrapper = FAMILIES[family].wrapper
     prefix = wrapper if any(k.startswith(wrapper) for k in state) else ""
     used: set[str] = set()
     out = _read_rules(backbone_rules(family, config), state, prefix, source, used)
     out.update(_read_rules(head_rules(family, config), state, "", source, used))
     out["patch_embed.proj.weight"] = patch_weight(out["patch_embed.proj.weight"], config)
-    return out
+    return out, used, prefix
 
 
 # ---------------------------------------------------------------------------- save_pretrained folders
@@ -209,16 +215,11 @@ def load_hf_folder(directory: str | Path, **overrides: Any) -> "VisionTransforme
     fields = {**config_fields(family, hf, str(directory / HF_CONFIG)), **_classes(state, hf, family, source)}
     check_num_heads(overrides, fields["num_heads"], str(directory / HF_CONFIG), "num_attention_heads")
     config = make_config(fields, overrides, source)
-    wrapper = FAMILIES[family].wrapper
-    prefix = wrapper if any(k.startswith(wrapper) for k in state) else ""
-    used: set[str] = set()
-    weights = _read_rules(backbone_rules(family, config), state, prefix, source, used)
-    weights.update(_read_rules(head_rules(family, config), state, "", source, used))
+    weights, used, prefix = _to_vitlab(state, config, family, source)
     ignored = tuple(prefix + p for p in FAMILIES[family].ignored) + FAMILIES[family].ignored
     for key, value in state.items():
         if key not in used and not key.startswith(ignored):
             raise CheckpointError(f"{source}: unexpected key {key!r} of shape {tuple(value.shape)}")
-    weights["patch_embed.proj.weight"] = patch_weight(weights["patch_embed.proj.weight"], config)
     return build_and_load(config, weights, source)
 
 

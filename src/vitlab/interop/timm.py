@@ -224,7 +224,7 @@ def timm_model(state: dict[str, torch.Tensor], source: str, *, num_heads: int | 
     fields = timm_config_fields(state, source, num_heads, image_size=overrides.get("image_size"))
     if fields["norm_before_blocks"] and "mlp_activation" not in overrides:
         log.warning("%s: a CLIP image tower; timm files do not say the MLP's activation: GELU is used, as in "
-                    "OpenCLIP's weights; OpenAI's (timm's *_quickgelu models) need mlp_activation='quick_gelu' "
-                    "(CLI: --set mlp_activation=quick_gelu)", source)
+                    "OpenCLIP's weights; OpenAI's (timm's *_quickgelu models) need mlp_activation='quick_gelu'",
+                    source)
     config = make_config(fields, overrides, source)
     return build_and_load(config, convert_timm_state_dict(state, config), source)
