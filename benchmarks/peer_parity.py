@@ -241,6 +241,7 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     print(machine())
+    torch.manual_seed(0)  # the peers' own initialisation too, so that a rerun prints the same numbers
     start = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
