@@ -419,3 +419,11 @@ def test_vitlab_train_is_a_function_with_its_real_signature():
     assert list(inspect.signature(vitlab.train).parameters) == ["config", "data", "progress", "changes"]
     assert vitlab.evaluate is not vitlab.evaluate_model  # a checkpoint on a data spec; a model on a dataset split
     assert list(inspect.signature(vitlab.evaluate_model).parameters)[:2] == ["model", "dataset"]
+
+
+def test_normalize_clip_is_openai_clips_mean_and_std(tmp_path):
+    data = tiny_splits(channels=3)
+    result = vitlab.train(tiny_config(tmp_path, epochs=1, normalize="clip",
+                                      model_overrides=dict(TINY_MODEL, in_channels=3)), data=data)
+    pre = json.loads((result.run_dir / "last/preprocess.json").read_text())
+    assert pre["mean"] == [0.48145466, 0.4578275, 0.40821073] and pre["std"] == [0.26862954, 0.26130258, 0.27577711]

@@ -18,7 +18,10 @@ T = TypeVar("T")
 
 PATCH_EMBEDS = ("conv", "linear", "conv_stem")
 POS_EMBEDS = ("learned", "sincos", "none")
-POOLS = ("cls", "mean")
+POOLS = ("cls", "mean", "map")
+# The MLP's nonlinearity: exact GELU; its tanh approximation (SigLIP, the JAX ViTs); QuickGELU, x * sigmoid(1.702 x)
+# (OpenAI's CLIP). Peers name them gelu / gelu_pytorch_tanh / quick_gelu (Hugging Face), nn.GELU / quick_gelu (timm).
+MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 
 
 def conv_stem_channels(hidden_dim: int, patch_size: int) -> list[int]:
@@ -62,9 +65,23 @@ class ViTConfig:
     # (3x3 stride-2 convolutions + BatchNorm + ReLU, then 1x1: Xiao et al. 2021; square power-of-2 patches)
     stem_extra_convs: int = 0  # conv_stem only: stride-1 3x3 conv + BatchNorm + ReLU layers after the stride-2
     # ones, at the token grid's resolution (a small hybrid ViT, in the spirit of the paper's ResNet hybrids)
+    patch_embed_bias: bool = True  # False: the patch projection has no bias (CLIP)
     class_token: bool = True
+    distillation_token: bool = False  # DeiT's second learned token, after the class token
+    register_tokens: int = 0  # learned tokens after the class (and distillation) token that no output reads
+    # ("Vision Transformers Need Registers", DINOv2 with registers); they are in the hidden states, not in maps
     pos_embed: str = "learned"  # "learned", "sincos" (fixed 2-D) or "none"
-    pool: str = "cls"  # "cls" (class token) or "mean" (mean of the patch tokens)
+    pos_embed_patches_only: bool = False  # positions for the patches only, none for the tokens before them
+    # (timm's no_embed_class: DeiT III, DINOv2 with registers); False: one per token, class token first
+    pos_resize_antialias: bool = False  # resizing the position grid to a new image size: antialiased bicubic
+    # (as timm does) instead of plain bicubic (as Hugging Face's ViT, DeiT, DINOv2, CLIP and SigLIP do)
+    norm_before_blocks: bool = False  # a LayerNorm on the tokens before the first block (CLIP's ln_pre)
+    pool: str = "cls"  # "cls" (class token), "mean" (mean of the patch tokens) or "map" (multi-head attention
+    # pooling: a learned probe attends over the patch tokens, then a residual MLP; SigLIP, timm's global_pool='map')
+    distillation_head: bool = False  # DeiT: a second head reads the distillation token; the logits are the mean
+    # of the two heads' (without classes: the mean of the two tokens)
+    mlp_activation: str = "gelu"  # "gelu" (exact), "gelu_tanh" (tanh approximation) or "quick_gelu": see
+    # MLP_ACTIVATIONS
     dropout: float = 0.0
     attention_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth rate of the last block; linear from 0 over the blocks
@@ -74,6 +91,8 @@ class ViTConfig:
     final_norm: bool = True
     norm_after_pool: bool = False  # final norm on the pooled vector instead of every token (timm's fc_norm)
     representation_dim: int | None = None  # the paper's pre-logits layer (Linear + tanh), None = off
+    projection_dim: int | None = None  # CLIP's projection of the pooled vector into the image-text embedding
+    # space (Linear without bias), before the head; None = off
     labels: list[str] | None = None  # class names, index = class id
 
     def __post_init__(self) -> None:
@@ -94,7 +113,13 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return 1 if self.class_token else 0
+        """Tokens before the patches: class, distillation, registers (in that order)."""
+        return int(self.class_token) + int(self.distillation_token) + self.register_tokens
+
+    @property
+    def num_pos_prefix_tokens(self) -> int:
+        """How many of the prefix tokens have a position embedding: all of them, or none."""
+        return 0 if self.pos_embed_patches_only else self.num_prefix_tokens
 
     @property
     def head_dim(self) -> int:
@@ -139,6 +164,7 @@ class ViTConfig:
                               f"{self.patch_embed!r}): set patch_embed='conv_stem' or stem_extra_convs=0")
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("ViTConfig.pool='cls' needs class_token=True: set pool='mean' or class_token=True")
+        self._validate_families()
         for name in ("dropout", "attention_dropout", "drop_path"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -154,6 +180,31 @@ class ViTConfig:
         if self.labels is not None and len(self.labels) != self.num_classes:
             raise ConfigError(f"ViTConfig.labels has {len(self.labels)} names but num_classes={self.num_classes}")
 
+    def _validate_families(self) -> None:
+        """The fields of today's pretrained families (DeiT, registers, CLIP, SigLIP) and how they combine."""
+        regs = self.register_tokens
+        if not isinstance(regs, int) or isinstance(regs, bool) or regs < 0:
+            raise ConfigError(f"ViTConfig.register_tokens={regs!r} must be a non-negative integer")
+        if self.distillation_token and not self.class_token:
+            raise ConfigError("ViTConfig.distillation_token=True needs class_token=True (DeiT puts it after the "
+                              "class token)")
+        if self.distillation_head:
+            if not self.distillation_token:
+                raise ConfigError("ViTConfig.distillation_head=True needs distillation_token=True (it reads that "
+                                  "token)")
+            if self.pool != "cls" or self.norm_after_pool or self.representation_dim or self.projection_dim:
+                raise ConfigError("ViTConfig.distillation_head=True needs pool='cls' and no norm_after_pool, "
+                                  "representation_dim or projection_dim (DeiT's heads read the two tokens directly)")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ConfigError(f"ViTConfig.mlp_activation={self.mlp_activation!r} is not one of "
+                              f"{', '.join(MLP_ACTIVATIONS)}")
+        if self.projection_dim is not None and (not isinstance(self.projection_dim, int)
+                                                or isinstance(self.projection_dim, bool) or self.projection_dim < 1):
+            raise ConfigError(f"ViTConfig.projection_dim={self.projection_dim!r} must be a positive integer or null")
+        if self.projection_dim and self.representation_dim:
+            raise ConfigError("ViTConfig.projection_dim and representation_dim are both a layer before the head; "
+                              "set one of them")
+
     def replace(self, **changes: Any) -> "ViTConfig":
         """A copy with some fields changed (validated). Changing ``num_classes`` drops stale ``labels``."""
         if "num_classes" in changes and "labels" not in changes and changes["num_classes"] != self.num_classes:
@@ -164,8 +215,8 @@ class ViTConfig:
         """Forward multiply-adds x 2 for one image, counted from the architecture.
 
         Counts the patch projection (or the convolutions of a conv stem), qkv, attention scores and weighted
-        sum, output projection, MLP, pre-logits and head; ignores norms, activations, softmax and additions
-        (a few percent).
+        sum, output projection, MLP, an attention pool, the projection, pre-logits and head(s); ignores norms,
+        activations, softmax and additions (a few percent).
         """
         d, n = self.hidden_dim, self.num_patches + self.num_prefix_tokens
         if self.patch_embed == "conv_stem":
@@ -181,11 +232,15 @@ class ViTConfig:
             macs = self.num_patches * patch_in * d
         per_block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * self.mlp_dim
         macs += self.depth * per_block
+        if self.pool == "map":  # the probe's query, keys and values of the patches, scores and sum, output, MLP
+            n_pool = self.num_patches
+            macs += d * d + n_pool * d * 2 * d + 2 * n_pool * d + d * d + 2 * d * self.mlp_dim
         head_in = d
-        if self.representation_dim:
-            macs += d * self.representation_dim
-            head_in = self.representation_dim
-        macs += head_in * self.num_classes
+        for extra in (self.projection_dim, self.representation_dim):
+            if extra:
+                macs += head_in * extra
+                head_in = extra
+        macs += head_in * self.num_classes * (2 if self.distillation_head else 1)
         return 2 * macs
 
 
@@ -292,7 +347,7 @@ def dump_yaml(data: dict[str, Any]) -> str:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-NORMALIZATIONS = ("auto", "data", "imagenet", "inception")
+NORMALIZATIONS = ("auto", "data", "imagenet", "inception", "clip")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -332,7 +387,7 @@ class TrainConfig:
     stop_after_epoch: int | None = None  # stop cleanly after this epoch (schedule still laid out for `epochs`)
     # input normalisation: "auto" = with `init`, the pretrained weights' mean/std where the checkpoint says
     # (vitlab.interop.load_pretrained), else the training split's per-channel mean/std ("data");
-    # "imagenet" = (0.485, 0.456, 0.406)/(0.229, 0.224, 0.225); "inception" = 0.5/0.5
+    # "imagenet" = (0.485, 0.456, 0.406)/(0.229, 0.224, 0.225); "inception" = 0.5/0.5; "clip" = OpenAI CLIP's
     normalize: str = "auto"
     # augmentation (the keyword arguments of vitlab.data.TrainTransform)
     crop_padding: int = 0

@@ -26,6 +26,9 @@ from vitlab.errors import ConfigError
 # torchvision's weights use the first; google-research's JAX checkpoints scale inputs to [-1, 1], the second.
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INCEPTION_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # OpenAI's CLIP
+# TrainConfig.normalize -> (mean, std), for the choices that name one
+NAMED_MEAN_STD = {"imagenet": IMAGENET_MEAN_STD, "inception": INCEPTION_MEAN_STD, "clip": CLIP_MEAN_STD}
 
 
 def resize_float(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -31,8 +31,8 @@ def compute_attention_maps(model: VisionTransformer, images: torch.Tensor, metho
     """Maps for ``images`` (normalised float ``(B, C, H, W)`` at the model's size).
 
     ``method="rollout"``: attention rollout over all blocks; ``"last"``: the last block's attention,
-    heads fused with ``head_fusion``. The read-out row follows the model: class token, or the mean over
-    the patches for mean-pooled models.
+    heads fused with ``head_fusion``. The read-out row follows the model: class token, the mean over
+    the patches for mean-pooled models, the probe's attention for an attention pool (SigLIP).
     """
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not one of {', '.join(METHODS)}")
@@ -43,7 +43,9 @@ def compute_attention_maps(model: VisionTransformer, images: torch.Tensor, metho
     finally:
         model.train(was_training)
     c = model.config
-    kwargs = dict(pool=c.pool, num_prefix_tokens=c.num_prefix_tokens, grid_size=c.grid_size)
+    # registers and a distillation token are prefix tokens: never in a map, which stays a patch grid
+    kwargs = dict(pool=c.pool, num_prefix_tokens=c.num_prefix_tokens, grid_size=c.grid_size,
+                  pool_attention=out.pool_attention)
     heads = last_layer_attention(out.attentions, **kwargs)  # (B, H, gh, gw)
     if method == "rollout":
         maps = attention_rollout(out.attentions, head_fusion=head_fusion, discard_ratio=discard_ratio, **kwargs)

@@ -1,9 +1,15 @@
 """Attention maps from the attention probabilities a ViT returns: rollout and the last layer's raw attention.
 
 Pure tensor functions over the ``attentions`` tuple of ``VisionTransformer(x, return_attentions=True)``
-(one ``(B, H, N, N)`` tensor per block, ``N = num_prefix_tokens + gh * gw``). Every map they return is a
-distribution over the patches: non-negative, summing to one over the ``gh x gw`` grid (uniform when the
-read-out row puts no weight on any patch, e.g. a class token that only ever attends to itself).
+(one ``(B, H, N, N)`` tensor per block, ``N = num_prefix_tokens + gh * gw``; the prefix tokens are the class,
+distillation and register tokens). Every map they return is a distribution over the patches: non-negative,
+summing to one over the ``gh x gw`` grid (uniform when the read-out row puts no weight on any patch, e.g. a class
+token that only ever attends to itself). Prefix tokens never appear in a map: a register's column is dropped
+like the class token's, so a model with registers gives the same patch grid.
+
+The read-out follows the model's pooling: the class token's row, the mean of the patch rows, or, for an
+attention pool (``pool="map"``, SigLIP), its probe's attention over the patch tokens (the model's
+``pool_attention``), which weighs the patch rows.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 from vitlab.errors import ConfigError
 
 HEAD_FUSIONS = ("mean", "max", "min")
-POOLS = ("cls", "mean")
+POOLS = ("cls", "mean", "map")
 
 
 def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
@@ -57,27 +63,41 @@ def _grid(num_patches: int, grid_size: Sequence[int] | None) -> tuple[int, int]:
     return side, side
 
 
-def _check(attentions: Sequence[torch.Tensor], pool: str, num_prefix_tokens: int) -> None:
+def _check(attentions: Sequence[torch.Tensor], pool: str, num_prefix_tokens: int,
+           pool_attention: torch.Tensor | None) -> None:
     if len(attentions) == 0:
         raise ConfigError("attentions is empty: call the model with return_attentions=True")
     if pool not in POOLS:
         raise ConfigError(f"pool={pool!r} is not one of {', '.join(POOLS)}")
     if pool == "cls" and num_prefix_tokens < 1:
         raise ConfigError("pool='cls' needs a class token (num_prefix_tokens >= 1); use pool='mean'")
+    n_patches = attentions[0].shape[-1] - num_prefix_tokens
+    if pool == "map" and (pool_attention is None or pool_attention.ndim != 4
+                          or pool_attention.shape[-1] != n_patches):
+        raise ConfigError(f"pool='map' needs pool_attention (B, H, 1, {n_patches}), the attention pool's "
+                          "probabilities: the model's output with return_attentions=True has them")
     for i, a in enumerate(attentions):
         if a.ndim != 4 or a.shape[-1] != a.shape[-2] or a.shape != attentions[0].shape:
             raise ConfigError(f"attentions[{i}] has shape {tuple(a.shape)}; expected (B, H, N, N) like "
                               f"attentions[0] {tuple(attentions[0].shape)}")
 
 
-def _read_out(matrix: torch.Tensor, pool: str, num_prefix_tokens: int,
-              grid_size: Sequence[int] | None) -> torch.Tensor:
-    """``(..., N, N)`` token-to-token weights -> ``(..., gh, gw)`` map normalised over the patches."""
+def _read_out(matrix: torch.Tensor, pool: str, num_prefix_tokens: int, grid_size: Sequence[int] | None,
+              probe: torch.Tensor | None = None) -> torch.Tensor:
+    """``(..., N, N)`` token-to-token weights -> ``(..., gh, gw)`` map normalised over the patches. ``probe``:
+    the attention pool's ``(..., gh*gw)`` weights over the patch rows (``pool="map"``)."""
     p = num_prefix_tokens
     if pool == "cls":
         row = matrix[..., 0, p:]  # the class token's row, patch columns: (..., gh*gw)
-    else:
+    elif pool == "mean":
         row = matrix[..., p:, p:].mean(dim=-2)  # mean-pooled output: average of the patch rows
+    else:
+        row = (probe.unsqueeze(-2) @ matrix[..., p:, p:]).squeeze(-2)  # the probe's mix of the patch rows
+    return _to_grid(row, grid_size)
+
+
+def _to_grid(row: torch.Tensor, grid_size: Sequence[int] | None) -> torch.Tensor:
+    """``(..., gh*gw)`` weights on the patches -> ``(..., gh, gw)``, summing to one."""
     total = row.sum(dim=-1, keepdim=True)
     # A class token that never reads a patch (identity attention) says nothing about where: map uniformly.
     row = torch.where(total > 1e-12, row / total.clamp_min(1e-12), torch.full_like(row, 1.0 / row.shape[-1]))
@@ -107,26 +127,34 @@ def rollout_matrix(attentions: Sequence[torch.Tensor], head_fusion: str = "mean"
 
 
 def attention_rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0,
-                      pool: str = "cls", num_prefix_tokens: int = 1,
-                      grid_size: Sequence[int] | None = None) -> torch.Tensor:
+                      pool: str = "cls", num_prefix_tokens: int = 1, grid_size: Sequence[int] | None = None,
+                      pool_attention: torch.Tensor | None = None) -> torch.Tensor:
     """Attention rollout maps ``(B, gh, gw)``, each summing to one over the patches.
 
     ``attentions``: the model's per-block ``(B, H, N, N)`` probabilities, first block first. ``pool="cls"``
     reads the class token's row of the rolled-out matrix, ``pool="mean"`` (mean-pooled models without a
-    class token) the mean over the patch rows. ``grid_size`` defaults to a square grid.
+    class token) the mean over the patch rows, ``pool="map"`` the patch rows weighted by the attention pool's
+    ``pool_attention`` ``(B, H, 1, gh*gw)``, heads fused as the blocks' are. ``num_prefix_tokens``: class,
+    distillation and register tokens. ``grid_size`` defaults to a square grid.
     """
-    _check(attentions, pool, num_prefix_tokens)
-    return _read_out(rollout_matrix(attentions, head_fusion, discard_ratio), pool, num_prefix_tokens, grid_size)
+    _check(attentions, pool, num_prefix_tokens, pool_attention)
+    probe = fuse_heads(pool_attention.float(), head_fusion)[:, 0] if pool == "map" else None  # (B, gh*gw)
+    return _read_out(rollout_matrix(attentions, head_fusion, discard_ratio), pool, num_prefix_tokens, grid_size,
+                     probe)
 
 
 def last_layer_attention(attentions: Sequence[torch.Tensor], pool: str = "cls", num_prefix_tokens: int = 1,
-                         grid_size: Sequence[int] | None = None) -> torch.Tensor:
-    """The last block's raw attention to the patches, per head: ``(B, H, gh, gw)``, each summing to one.
+                         grid_size: Sequence[int] | None = None,
+                         pool_attention: torch.Tensor | None = None) -> torch.Tensor:
+    """The last attention the read-out goes through, per head: ``(B, H, gh, gw)``, each summing to one.
 
-    The class token's row (``pool="cls"``) or the mean over the patch rows (``pool="mean"``); no residual
-    and no fusion, so each head can be looked at on its own.
+    The last block's class-token row (``pool="cls"``) or mean over the patch rows (``pool="mean"``); for an
+    attention pool (``pool="map"``), its probe's attention over the patches. No residual and no fusion, so
+    each head can be looked at on its own.
     """
-    _check(attentions, pool, num_prefix_tokens)
+    _check(attentions, pool, num_prefix_tokens, pool_attention)
+    if pool == "map":
+        return _to_grid(pool_attention[:, :, 0].float(), grid_size)
     return _read_out(attentions[-1].float(), pool, num_prefix_tokens, grid_size)
 
 

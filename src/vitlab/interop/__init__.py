@@ -3,10 +3,10 @@
 ``load_pretrained(path)`` reads, from local files only:
 
 - a vitlab ``save_pretrained`` folder, or a run folder (its ``best/``, else ``last/``);
-- a Hugging Face ``ViTModel`` / ``ViTForImageClassification`` folder (``config.json`` + ``model.safetensors``
-  or ``pytorch_model.bin``);
+- a Hugging Face folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``) of ViT, DeiT
+  (distilled too), DINOv2 (with registers too), CLIP's or SigLIP's image tower;
 - a timm ``vision_transformer`` state dict (``.safetensors``, ``.pth``, ``.pt``, ``.bin``), including the
-  ``fc_norm`` / global-average-pool variants;
+  ``fc_norm`` / global-average-pool variants, DeiT (distilled), DeiT III, registers, DINOv2, CLIP and SigLIP;
 - a torchvision ``vit_b_16``-style state dict (``.pth``);
 - a google-research ``.npz`` checkpoint (``ViT-B_16.npz`` and friends, with or without ``opt/target/``).
 """
@@ -54,9 +54,10 @@ def _detect(path: Path) -> tuple[str, dict[str, torch.Tensor] | None]:
     """:func:`detect_format`, plus the state dict when telling the format meant reading the whole file (a
     pickled ``.pth/.pt/.bin/.ckpt``), so that the loader need not read it again; else None."""
     from vitlab.interop._common import read_state_dict
-    from vitlab.interop.hf import is_hf_folder
+    from vitlab.interop.hf import hf_refusal, is_hf_folder
+    from vitlab.interop.hf_layouts import MODEL_TYPES
     from vitlab.interop.jax_npz import is_jax_npz, read_npz_keys
-    from vitlab.interop.timm import is_timm_state_dict
+    from vitlab.interop.timm import is_timm_state_dict, unsupported_family
     from vitlab.interop.torchvision import is_torchvision_state_dict
 
     if not path.exists():
@@ -67,8 +68,9 @@ def _detect(path: Path) -> tuple[str, dict[str, torch.Tensor] | None]:
             return "vitlab", None
         if is_hf_folder(path):
             return "hf", None
-        raise CheckpointError(f"{path}: a folder, but neither a vitlab save_pretrained/run folder nor a Hugging "
-                              "Face ViT folder (config.json with model_type 'vit'); pass the weights file itself")
+        raise CheckpointError(hf_refusal(path) or f"{path}: a folder, but neither a vitlab save_pretrained/run "
+                              "folder nor a Hugging Face folder vitlab reads (config.json with model_type "
+                              f"{', '.join(MODEL_TYPES)}); pass the weights file itself")
     if path.suffix == ".npz":
         if is_jax_npz(read_npz_keys(path)):
             return "jax", None
@@ -90,6 +92,8 @@ def _detect(path: Path) -> tuple[str, dict[str, torch.Tensor] | None]:
     if keys is None:
         state = read_state_dict(path)
         keys = set(state)
+    if "patch_embed.proj.weight" in keys and unsupported_family(keys, str(path)):
+        raise CheckpointError(unsupported_family(keys, str(path)))
     if is_timm_state_dict(keys):
         return "timm", state
     if is_torchvision_state_dict(keys):
@@ -119,7 +123,7 @@ def load_pretrained(path: str | Path, *, format: str | None = None, num_heads: i
 
     ``format`` skips detection (one of :data:`FORMATS`). The architecture is read from the file; where the
     format does not store the number of heads (timm, torchvision), ``num_heads`` gives it, else the standard
-    table by hidden size is used (192->3, 384->6, 768->12, 1024->16, 1280->16); where it does (vitlab, Hugging
+    table by hidden size is used (:data:`vitlab.interop._common.STANDARD_HEADS`); where it does (vitlab, Hugging
     Face, JAX), a different ``num_heads`` raises :class:`~vitlab.errors.ConfigError`. ``overrides`` set other
     :class:`~vitlab.config.ViTConfig` fields (e.g. ``dropout=0.1``, ``drop_path=0.1``, ``pool="mean"``).
     A file whose keys or shapes do not fit raises :class:`CheckpointError` naming the file and the key.

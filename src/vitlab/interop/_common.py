@@ -13,8 +13,11 @@ from vitlab.errors import CheckpointError, ConfigError
 from vitlab.models import VisionTransformer
 
 # Heads are not stored in a timm or torchvision state dict (the qkv weight has the same shape for any head
-# count), so they come from the standard sizes: ViT-Ti, S, B, L and H.
-STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+# count), so they come from the standard sizes: ViT-Ti, S, B, L and H (64-wide heads, 80 for H); DeiT III
+# Medium (512 -> 8); SigLIP So400m (1152 -> 16); the giant CLIP towers (1408, 1664 -> 16). Checked against every
+# ViT of timm 1.0.31: the models vitlab can express have these counts, except vit_base_patch16_gap_224 (768 wide,
+# 16 heads). 1536 is left out on purpose: SigLIP 2's giant has 16 heads, DINOv2's giant 24.
+STANDARD_HEADS = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1152: 16, 1280: 16, 1408: 16, 1664: 16}
 
 # Containers that training scripts wrap a state dict in (DeiT: "model", Lightning: "state_dict").
 _WRAPPERS = ("state_dict", "model", "model_state", "module", "state_dict_ema", "model_ema")
@@ -56,12 +59,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def num_heads_for(hidden_dim: int, source: str, override: int | None) -> int:
-    """The override, else the standard head count of that hidden size (192->3, 384->6, 768->12, 1024/1280->16)."""
+    """The override, else the standard head count of that hidden size (:data:`STANDARD_HEADS`)."""
     if override is not None:
         return int(override)
     if hidden_dim not in STANDARD_HEADS:
-        raise CheckpointError(f"{source}: hidden size {hidden_dim} is not a standard ViT size, so the number of "
-                              "attention heads cannot be inferred; pass num_heads=N (CLI: --num-heads N)")
+        # Guessing would be wrong more often than right: the usual rule (64-wide heads) gives no head at all
+        # below 64, and a model of an unusual width was often trained with an unusual head count too.
+        rule = hidden_dim // 64
+        guess = (f"the usual rule, 64-wide heads, would give {rule}, which may well be wrong" if rule
+                 else "the usual rule, 64-wide heads, gives 0 heads")
+        raise CheckpointError(f"{source}: hidden size {hidden_dim} is not a standard ViT size and the file does not "
+                              f"store the number of attention heads ({guess}); pass num_heads=N (CLI: --num-heads "
+                              "N), the head count the model was trained with")
     return STANDARD_HEADS[hidden_dim]
 
 

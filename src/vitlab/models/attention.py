@@ -49,20 +49,28 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, D/H)
         dropout = self.attn_drop if self.training else 0.0
-        probs = None
-        if return_attention:
-            probs = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-            probs = probs.softmax(dim=-1)
-            x = F.dropout(probs, dropout, self.training) @ v
-        elif use_sdpa(self.impl, x, self.head_dim):
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        else:
-            # Same maths in q's dtype. Under CPU autocast q is already bf16; autocast would run the softmax in
-            # fp32 and cast (B, H, N, N) twice, which costs more than both matmuls at small head sizes. The
-            # softmax kernel accumulates in fp32 either way; only its output is rounded, as p @ v would be.
-            with torch.autocast("cpu", enabled=False):
-                scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-                x = F.dropout(scores.softmax(dim=-1), dropout, self.training) @ v
+        x, probs = attend(q, k, v, scale=self.scale, impl=self.impl, dropout=dropout, return_attention=return_attention)
         x = x.transpose(1, 2).reshape(B, N, D)  # (B, H, N, D/H) -> (B, N, D)
         x = self.proj_drop(self.proj(x))
         return (x, probs) if return_attention else x
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, impl: str = "auto",
+           dropout: float = 0.0, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``softmax(q k^T * scale) v`` for ``(B, H, Nq, d)`` queries and ``(B, H, Nk, d)`` keys and values ->
+    ``(B, H, Nq, d)``, with the ``(B, H, Nq, Nk)`` probabilities when ``return_attention`` (else None).
+
+    ``dropout`` applies to the probabilities (pass 0 in eval mode); ``impl`` picks the kernel as
+    :func:`use_sdpa` says, unless the probabilities are wanted (then the explicit path).
+    """
+    if return_attention:
+        probs = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, Nq, Nk)
+        return F.dropout(probs, dropout, dropout > 0) @ v, probs
+    if use_sdpa(impl, q, q.shape[-1]):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale), None
+    # Same maths in q's dtype. Under CPU autocast q is already bf16; autocast would run the softmax in
+    # fp32 and cast (B, H, N, N) twice, which costs more than both matmuls at small head sizes. The
+    # softmax kernel accumulates in fp32 either way; only its output is rounded, as p @ v would be.
+    with torch.autocast("cpu", enabled=False):
+        scores = (q * scale) @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
+        return F.dropout(scores.softmax(dim=-1), dropout, dropout > 0) @ v, None

@@ -8,13 +8,27 @@ from torch import nn
 from vitlab.models.attention import Attention
 
 
-class Mlp(nn.Module):
-    """Linear -> GELU -> dropout -> Linear -> dropout."""
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the GELU approximation OpenAI's CLIP was trained with."""
 
-    def __init__(self, *, dim: int, hidden_dim: int, dropout: float = 0.0):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation_layer(name: str) -> nn.Module:
+    """The MLP nonlinearity a :data:`~vitlab.config.MLP_ACTIVATIONS` name stands for."""
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
+class Mlp(nn.Module):
+    """Linear -> activation (GELU by default) -> dropout -> Linear -> dropout."""
+
+    def __init__(self, *, dim: int, hidden_dim: int, dropout: float = 0.0, activation: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
+        self.act = activation_layer(activation)
         self.drop1 = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(dropout)
@@ -57,14 +71,14 @@ class Block(nn.Module):
 
     def __init__(self, *, dim: int, num_heads: int, mlp_dim: int, qkv_bias: bool = True, dropout: float = 0.0,
                  attention_dropout: float = 0.0, drop_path: float = 0.0, layer_scale: float | None = None,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, activation: str = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias,
                               attention_dropout=attention_dropout, proj_dropout=dropout)
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim=dim, hidden_dim=mlp_dim, dropout=dropout)
+        self.mlp = Mlp(dim=dim, hidden_dim=mlp_dim, dropout=dropout, activation=activation)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path = DropPath(drop_path)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from torch import nn
 
 from vitlab.config import pair
 from vitlab.models.vit import VisionTransformer
@@ -44,10 +43,7 @@ def prepare_finetune(model: VisionTransformer, *, num_classes: int | None = None
         if num_classes is None:
             raise ValueError("reset_head=True needs num_classes or labels")
         log.info("new head: %d classes (the checkpoint had %d)", num_classes, c.num_classes)
-        if c.representation_dim and not keep_pre_logits:
-            model.config = model.config.replace(representation_dim=None)
-            model.pre_logits = nn.Identity()
-        model.reset_classifier(num_classes, labels)
+        model.reset_classifier(num_classes, labels, keep_pre_logits=keep_pre_logits)
     for name, p in model.named_parameters():
         p.requires_grad_(not linear_probe or name.startswith("head."))
     return model

@@ -25,12 +25,12 @@ class PatchEmbed(nn.Module):
     """``(B, C, H, W) -> (B, N, D)`` with ``N = (H/ph) * (W/pw)`` patches in row-major order."""
 
     def __init__(self, *, in_channels: int, hidden_dim: int, patch_size: tuple[int, int], style: str = "conv",
-                 extra_convs: int = 0):
+                 extra_convs: int = 0, bias: bool = True):
         super().__init__()
         self.patch_size = patch_size
         self.style = style
         if style == "conv":
-            self.proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=patch_size, stride=patch_size)
+            self.proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
         elif style == "conv_stem":
             layers: list[nn.Module] = []
             c_in = in_channels
@@ -42,9 +42,9 @@ class PatchEmbed(nn.Module):
                 layers += [nn.Conv2d(c_in, c_in, kernel_size=3, stride=1, padding=1, bias=False),
                            nn.BatchNorm2d(c_in), nn.ReLU(inplace=True)]
             self.stem = nn.Sequential(*layers)
-            self.proj = nn.Conv2d(c_in, hidden_dim, kernel_size=1)
+            self.proj = nn.Conv2d(c_in, hidden_dim, kernel_size=1, bias=bias)
         else:
-            self.proj = nn.Linear(in_channels * patch_size[0] * patch_size[1], hidden_dim)
+            self.proj = nn.Linear(in_channels * patch_size[0] * patch_size[1], hidden_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.style == "conv":

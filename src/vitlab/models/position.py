@@ -27,17 +27,19 @@ def sincos_2d(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0
 
 
 def resize_grid_embedding(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
-                          num_prefix_tokens: int) -> torch.Tensor:
+                          num_prefix_tokens: int, antialias: bool = False) -> torch.Tensor:
     """Resize a learned ``(1, prefix + gh*gw, D)`` position embedding to a new patch grid.
 
-    The patch part is interpolated bicubically on its 2-D grid (as timm and Hugging Face do); the prefix
-    (class token) embedding is kept as it is.
+    The patch part is interpolated bicubically on its 2-D grid; the prefix (class token) embeddings are kept
+    as they are. Hugging Face's ViT, DeiT, DINOv2, CLIP and SigLIP use plain bicubic; timm (and Hugging Face's
+    DINOv2 with registers) ``antialias=True``, which PyTorch computes with another cubic kernel (a = -0.5,
+    not -0.75), so the two differ even when enlarging the grid.
     """
     if tuple(old_grid) == tuple(new_grid):
         return pos
     prefix, grid = pos[:, :num_prefix_tokens], pos[:, num_prefix_tokens:]
     dim = grid.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # (1, D, gh, gw)
-    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=antialias)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos.dtype)
     return torch.cat((prefix, grid), dim=1)

@@ -22,6 +22,52 @@ def _paper(hidden: int, depth: int, heads: int, mlp: int, patch: int) -> dict[st
                 num_heads=heads, mlp_dim=mlp)
 
 
+_DEIT_DISTILLED = dict(distillation_token=True, distillation_head=True)
+_DEIT3 = dict(pos_embed_patches_only=True, layer_scale=1e-6)
+_DINOV2 = dict(image_size=518, num_classes=0, layer_scale=1e-5)
+_REG4 = dict(register_tokens=4, pos_embed_patches_only=True)
+_CLIP = dict(num_classes=0, norm_before_blocks=True, patch_embed_bias=False, mlp_activation="quick_gelu",
+             norm_eps=1e-5)
+_SIGLIP = dict(num_classes=0, class_token=False, pool="map", mlp_activation="gelu_tanh")
+
+# The pretrained families practitioners fine-tune today, shaped as their published checkpoints (classes, image
+# size, layer-scale init), so that `vitlab models` says what each is; their parameter counts are timm's.
+_FAMILY_PRESETS = [
+    Preset("deit-ti16-distilled", "DeiT-Ti/16 distilled (Touvron et al. 2021): distillation token and head, logits "
+           "the mean of both heads; 224 px, 1000 classes", {**_paper(192, 12, 3, 768, 16), **_DEIT_DISTILLED}),
+    Preset("deit-s16-distilled", "DeiT-S/16 distilled: distillation token and head; 224 px, 1000 classes",
+           {**_paper(384, 12, 6, 1536, 16), **_DEIT_DISTILLED}),
+    Preset("deit-b16-distilled", "DeiT-B/16 distilled: distillation token and head; 224 px, 1000 classes",
+           {**_paper(768, 12, 12, 3072, 16), **_DEIT_DISTILLED}),
+    Preset("deit3-s16", "DeiT III S/16 (Touvron et al. 2022): positions for the patches only, layer scale; 224 px, "
+           "1000 classes", {**_paper(384, 12, 6, 1536, 16), **_DEIT3}),
+    Preset("deit3-b16", "DeiT III B/16: positions for the patches only, layer scale; 224 px, 1000 classes",
+           {**_paper(768, 12, 12, 3072, 16), **_DEIT3}),
+    Preset("dinov2-s14", "DINOv2 ViT-S/14 (Oquab et al. 2023): layer scale, 37x37 position grid (518 px), "
+           "no head (features)", {**_paper(384, 12, 6, 1536, 14), **_DINOV2}),
+    Preset("dinov2-b14", "DINOv2 ViT-B/14: layer scale, 518 px, no head", {**_paper(768, 12, 12, 3072, 14), **_DINOV2}),
+    Preset("dinov2-l14", "DINOv2 ViT-L/14: layer scale, 518 px, no head",
+           {**_paper(1024, 24, 16, 4096, 14), **_DINOV2}),
+    Preset("dinov2-s14-reg4", "DINOv2 ViT-S/14 with 4 registers (Darcet et al. 2024): positions for the patches "
+           "only, 518 px, no head", {**_paper(384, 12, 6, 1536, 14), **_DINOV2, **_REG4}),
+    Preset("dinov2-b14-reg4", "DINOv2 ViT-B/14 with 4 registers, 518 px, no head",
+           {**_paper(768, 12, 12, 3072, 14), **_DINOV2, **_REG4}),
+    Preset("dinov2-l14-reg4", "DINOv2 ViT-L/14 with 4 registers, 518 px, no head",
+           {**_paper(1024, 24, 16, 4096, 14), **_DINOV2, **_REG4}),
+    Preset("clip-b32", "OpenAI CLIP ViT-B/32 image tower (Radford et al. 2021): pre-norm, no patch bias, QuickGELU, "
+           "projection to the 512-d image-text space; 224 px, outputs the image embedding",
+           {**_paper(768, 12, 12, 3072, 32), **_CLIP, "projection_dim": 512}),
+    Preset("clip-b16", "OpenAI CLIP ViT-B/16 image tower: pre-norm, QuickGELU, 512-d projection; 224 px",
+           {**_paper(768, 12, 12, 3072, 16), **_CLIP, "projection_dim": 512}),
+    Preset("clip-l14", "OpenAI CLIP ViT-L/14 image tower: pre-norm, QuickGELU, 768-d projection; 224 px",
+           {**_paper(1024, 24, 16, 4096, 14), **_CLIP, "projection_dim": 768}),
+    Preset("siglip-b16", "SigLIP ViT-B/16 image tower (Zhai et al. 2023): no class token, attention-pool head, "
+           "tanh GELU; 224 px, outputs the pooled embedding", {**_paper(768, 12, 12, 3072, 16), **_SIGLIP}),
+    Preset("siglip-so400m14", "SigLIP So400m/14 image tower (Alabdulmohsin et al. 2023): 1152 wide, 27 blocks, "
+           "16 heads, MLP 4304, attention pool; 224 px", {**_paper(1152, 27, 16, 4304, 14), **_SIGLIP}),
+]
+
+
 _PRESETS = [
     # The paper (Dosovitskiy et al. 2021, Table 1), ImageNet heads at 224 px.
     Preset("vit-b16", "ViT-Base/16 of the paper (Table 1), 224 px, 1000 classes", _paper(768, 12, 12, 3072, 16)),
@@ -84,11 +130,12 @@ _PRESETS = [
            "MLP 1152 (recipe cifar10-gpu)",
            dict(image_size=32, patch_size=4, num_classes=10, hidden_dim=384, depth=9, num_heads=6, mlp_dim=1152)),
 ]
-PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
+PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS + _FAMILY_PRESETS}
 
 
 def list_models() -> list[str]:
-    """The preset names, in the order of the table (paper, DeiT, the tutorials', vitlab's own)."""
+    """The preset names, in the order of the table (paper, DeiT, the tutorials', vitlab's own, the pretrained
+    families)."""
     return list(PRESETS)
 
 

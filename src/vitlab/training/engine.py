@@ -32,7 +32,7 @@ from vitlab._device import default_precision, resolve_device, sum_dtype
 from vitlab._files import atomic_write_text, ensure_folder, write_json
 from vitlab.config import TrainConfig, dump_yaml, to_dict
 from vitlab.data import BatchLoader, DatasetSplits, Preprocess, load_data
-from vitlab.data.transforms import IMAGENET_MEAN_STD, INCEPTION_MEAN_STD
+from vitlab.data.transforms import NAMED_MEAN_STD
 from vitlab.errors import ConfigError, VitlabError
 from vitlab.evaluation import evaluate_model
 from vitlab.interop import load_pretrained
@@ -410,14 +410,14 @@ def _normalization(config: TrainConfig, data, model: VisionTransformer | None, c
             return tuple(pretrained[0]), tuple(pretrained[1])
         if model is not None and d.is_main:
             log.info("the pretrained checkpoint does not say how its inputs were normalised: using this dataset's "
-                     "mean/std (set normalize=imagenet or inception if you know)")
+                     "mean/std (set normalize=imagenet, inception or clip if you know)")
         choice = "data"
     if choice == "data":
         return tuple(data.mean), tuple(data.std)
     if channels != 3:
         raise ConfigError(f"TrainConfig.normalize={choice!r} is for RGB images, but the model takes {channels} "
                           "channel(s): use normalize=data")
-    return IMAGENET_MEAN_STD if choice == "imagenet" else INCEPTION_MEAN_STD
+    return NAMED_MEAN_STD[choice]
 
 
 def _forward(config: TrainConfig, model: VisionTransformer, device: torch.device, d: "_Dist") -> dict[str, Any]:

@@ -8,12 +8,12 @@ import math
 import torch
 from torch import nn
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token")
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")  # timm's no_weight_decay()
 
 
 def _layer_id(name: str, depth: int) -> int:
     """0 for the embedding, i + 1 for block i, depth + 1 for the final norm and the head."""
-    if name.startswith(("patch_embed", "cls_token", "pos_embed")):
+    if name.startswith(("patch_embed", "cls_token", "pos_embed", "dist_token", "reg_token", "norm_pre")):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
