@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-
 from vitlab.config import pair
 from vitlab.models.vit import VisionTransformer
 
