@@ -157,3 +157,19 @@ def test_every_command_loads_any_checkpoint_the_same_way(tmp_path, capsys):
     assert main(["attention", str(tmp_path / "vit.safetensors"), str(tmp_path / "a.png"), "-o",
                  str(tmp_path / "a-attention.png")]) == 0
     assert (tmp_path / "a-attention.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_export_a_run_as_a_timm_file_and_load_it_back(tmp_path, capsys):
+    import vitlab
+
+    model = randomise(VisionTransformer(CFG))
+    model.save_pretrained(tmp_path / "run" / "best")
+    out = tmp_path / "vit.safetensors"
+    assert main(["export", str(tmp_path / "run"), "--format", "timm", "--out", str(out)]) == 0
+    assert vitlab.interop.detect_format(out) == "timm"
+    back = vitlab.load(out, num_heads=3).model  # hidden 24: not a standard width, so the heads are given
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=0, rtol=0)
+    assert main(["export", str(tmp_path / "run"), "--format", "timm", "--out", str(tmp_path / "vit.pth")]) == 2
+    assert "a timm export is a .safetensors file" in capsys.readouterr().err

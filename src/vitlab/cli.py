@@ -398,9 +398,10 @@ def _pretrained_commands(sub) -> None:
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a ViTConfig field (repeatable)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", help="export a model to ONNX (dynamic batch) or a Hugging Face folder")
+    p = sub.add_parser("export", help="export a model to ONNX (dynamic batch), a Hugging Face folder or a timm file")
     p.add_argument("checkpoint", help="run folder, vitlab folder, or any file `vitlab convert` reads")
-    p.add_argument("--format", choices=["onnx", "hf"], default="onnx")
+    p.add_argument("--format", choices=["onnx", "hf", "timm"], default="onnx",
+                   help="onnx (a .onnx file), hf (a transformers folder), timm (a .safetensors state dict)")
     p.add_argument("--out", required=True, help="the .onnx file, or the folder for --format hf")
     p.add_argument("--input-format", choices=["vitlab", "hf", "timm", "torchvision", "jax"], default=None)
     p.add_argument("--num-heads", type=int, default=None)

@@ -26,7 +26,7 @@ from vitlab.errors import CheckpointError
 from vitlab.interop.hf import HF_PREPROCESSOR, export_hf, load_hf_folder
 from vitlab.interop.jax_npz import load_jax_npz
 from vitlab.interop.onnx_export import export_onnx
-from vitlab.interop.timm import load_timm, timm_model
+from vitlab.interop.timm import export_timm, load_timm, timm_model
 from vitlab.interop.torchvision import load_torchvision, torchvision_model
 from vitlab.models import VisionTransformer
 from vitlab.runs import CONFIG_JSON, WEIGHTS, read_preprocess, resolve_checkpoint, write_preprocess
@@ -268,18 +268,19 @@ def convert(src: str | Path | VisionTransformer, dst: str | Path, *, format: str
     return out
 
 
+EXPORT_FORMATS = {"onnx": export_onnx, "hf": export_hf, "timm": export_timm}
+
+
 def export(model_or_path: VisionTransformer | str | Path, out: str | Path, *, format: str = "onnx") -> Path:
-    """Export a model (or any checkpoint :func:`load_pretrained` reads) as ``onnx`` (a file) or ``hf`` (a
-    transformers folder)."""
+    """Export a model (or any checkpoint :func:`load_pretrained` reads) as ``onnx`` (a file), ``hf`` (a
+    transformers folder) or ``timm`` (a ``vision_transformer`` state dict, ``.safetensors``)."""
     from vitlab.errors import ConfigError
 
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     model = model_or_path if isinstance(model_or_path, VisionTransformer) else load_pretrained(model_or_path)
-    if format == "onnx":
-        return export_onnx(model, out)
-    if format == "hf":
-        return export_hf(model, out)
-    raise ConfigError(f"export format {format!r} is not one of onnx, hf")
+    return EXPORT_FORMATS[format](model, out)
 
 
 __all__ = ["FORMATS", "detect_format", "load", "LoadedModel", "load_pretrained", "convert", "export", "export_onnx",
-           "export_hf", "load_hf_folder", "load_timm", "load_torchvision", "load_jax_npz"]
+           "export_hf", "export_timm", "load_hf_folder", "load_timm", "load_torchvision", "load_jax_npz"]

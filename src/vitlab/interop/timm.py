@@ -200,6 +200,19 @@ def to_timm_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
     return out
 
 
+def export_timm(model: VisionTransformer, path: str | Path) -> Path:
+    """Write the model's weights as a timm ``vision_transformer`` state dict (``.safetensors``), atomically; a
+    timm user loads it with ``timm.create_model(name, pretrained=False)`` and ``load_state_dict``, and vitlab
+    with :func:`vitlab.load` (pass ``num_heads`` for a non-standard width: timm files do not store it)."""
+    from vitlab._files import save_safetensors
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"{path}: a timm export is a .safetensors file; give --out a name ending in .safetensors")
+    save_safetensors(path, to_timm_state_dict(model), metadata={"format": "pt"})
+    return path
+
+
 def load_timm(path: str | Path, *, num_heads: int | None = None, **overrides: Any) -> VisionTransformer:
     """Load a timm ``vision_transformer`` state dict (``.safetensors`` or ``.pth``) into a vitlab model.
 
