@@ -8,8 +8,9 @@ folder, never into the repository) and the Fruits-360 folder, it measures in ima
 - warm:  load_data again (the decoded arrays come from the cache) + one epoch, as the next run would;
 - epoch: the steady-state pipeline alone (cut batch by index + augment + normalise), data in memory,
          as every epoch after the first runs;
-- train: forward + backward + AdamW step of the small ViT (vit-cifar-tiny-p4 at the dataset's size and
-         channels) on the same augmented batches.
+- train: the training step `vitlab train` runs (vitlab.bench.make_step: the same augmentation inside it, then
+         forward, loss, backward, clipping, AdamW, the schedule) of the small ViT (vit-cifar-tiny-p4 at the
+         dataset's size and channels), on the same batches.
 
 It prints the ratio epoch/train: the goal is >= 10 for CIFAR-10, so the model is always the bottleneck.
 
@@ -27,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from vitlab import create_model
+from vitlab import TrainConfig, create_model
+from vitlab.bench import make_step
 from vitlab.data import BatchLoader, TrainTransform, load_data
 from vitlab.data.sources.folder import default_cache_dir
 
@@ -72,23 +74,19 @@ def run_epoch(data, transform, batch_size, device, seed=0, max_batches=None) -> 
     return n
 
 
-def train_throughput(data, transform, batch_size, device, steps) -> float:
+def train_throughput(data, augment: dict, batch_size, device, steps) -> float:
     model = create_model("vit-cifar-tiny-p4", image_size=data.image_size, in_channels=data.channels,
-                         num_classes=len(data.classes)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loader = BatchLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=True, device=device)
+                         num_classes=len(data.classes)).to(device).train()
     g = torch.Generator(device=device).manual_seed(0)
+    step = make_step(model, mode="train", precision="fp32", device=device, image_size=data.image_size,
+                     channels=data.channels, num_classes=len(data.classes), config=TrainConfig(**augment),
+                     mean=data.mean, std=data.std, generator=g)
+    loader = BatchLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=True, device=device)
     batches = []
     for images, labels in loader:
-        batches.append(transform(images, labels, g))
+        batches.append((images, labels))
         if len(batches) == steps + 2:
             break
-
-    def step(x, t):
-        loss = torch.sum(-t * torch.log_softmax(model(x), dim=-1), dim=-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
     for x, t in batches[:2]:  # warm-up
         step(x, t)
@@ -123,7 +121,7 @@ def measure(name, spec, image_size, args, device):
         start = time.perf_counter()
         n = run_epoch(data, tf, args.batch_size, device, seed=1)
         epoch = time.perf_counter() - start
-        train = train_throughput(data, tf, args.batch_size, device, args.steps)
+        train = train_throughput(data, aug, args.batch_size, device, args.steps)
         rows.append(dict(dataset=name, aug=aug_name, images=n_train, size=f"{data.image_size[0]}x{data.image_size[1]}",
                          cold=n_train / (load_cold + epoch), warm=n_train / (load_warm + epoch), epoch=n / epoch,
                          train=train, load_cold=load_cold, load_warm=load_warm))
