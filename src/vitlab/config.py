@@ -276,23 +276,21 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str | None = No
         raise ConfigError(f"{where}{e}") from None
 
 
-def _yaml_loader():
+class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML's safe loader, reading numbers as YAML 1.2 does: ``1e-3`` is a float (YAML 1.1, which PyYAML
     follows, wants ``1.0e-3`` and reads ``1e-3`` as a string), so recipes and ``--set`` agree."""
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
-    return Loader
 
 
-_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
-                           r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$")
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
 
 
 def parse_yaml(text: str) -> Any:
-    """Parse YAML text safely (no Python objects), with YAML 1.2 numbers (see :func:`_yaml_loader`)."""
-    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+    """Parse YAML text safely (no Python objects), with YAML 1.2 numbers (see :class:`_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

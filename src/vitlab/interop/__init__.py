@@ -19,15 +19,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from vitlab._files import read_json
+from vitlab._files import load_safetensors, read_json
 from vitlab.data.transforms import IMAGENET_MEAN_STD, INCEPTION_MEAN_STD, Preprocess
-from vitlab.errors import CheckpointError
-from vitlab.interop.hf import HF_PREPROCESSOR, export_hf, load_hf_folder
-from vitlab.interop.jax_npz import load_jax_npz
+from vitlab.errors import CheckpointError, ConfigError
+from vitlab.interop._common import build_and_load, check_num_heads, make_config, patch_weight, read_state_dict
+from vitlab.interop.hf import HF_PREPROCESSOR, export_hf, hf_refusal, is_hf_folder, load_hf_folder
+from vitlab.interop.hf_layouts import MODEL_TYPES
+from vitlab.interop.jax_npz import is_jax_npz, load_jax_npz, read_npz_keys
 from vitlab.interop.onnx_export import export_onnx
-from vitlab.interop.timm import export_timm, load_timm, timm_model
-from vitlab.interop.torchvision import load_torchvision, torchvision_model
+from vitlab.interop.timm import export_timm, is_timm_state_dict, load_timm, timm_model, unsupported_family
+from vitlab.interop.torchvision import is_torchvision_state_dict, load_torchvision, torchvision_model
 from vitlab.models import VisionTransformer
 from vitlab.runs import CONFIG_JSON, WEIGHTS, read_preprocess, resolve_checkpoint, write_preprocess
 
@@ -53,13 +56,6 @@ def _vitlab_folder(path: Path) -> Path | None:
 def _detect(path: Path) -> tuple[str, dict[str, torch.Tensor] | None]:
     """:func:`detect_format`, plus the state dict when telling the format meant reading the whole file (a
     pickled ``.pth/.pt/.bin/.ckpt``), so that the loader need not read it again; else None."""
-    from vitlab.interop._common import read_state_dict
-    from vitlab.interop.hf import hf_refusal, is_hf_folder
-    from vitlab.interop.hf_layouts import MODEL_TYPES
-    from vitlab.interop.jax_npz import is_jax_npz, read_npz_keys
-    from vitlab.interop.timm import is_timm_state_dict, unsupported_family
-    from vitlab.interop.torchvision import is_torchvision_state_dict
-
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder (not found); pass a run folder, a checkpoint folder "
                               "or a weights file")
@@ -82,8 +78,6 @@ def _detect(path: Path) -> tuple[str, dict[str, torch.Tensor] | None]:
     state: dict[str, torch.Tensor] | None = None
     keys: set[str] | None = None
     if path.suffix == ".safetensors":  # the header names the tensors: no tensor data is read
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 keys = set(f.keys())
@@ -92,8 +86,9 @@ def _detect(path: Path) -> tuple[str, dict[str, torch.Tensor] | None]:
     if keys is None:
         state = read_state_dict(path)
         keys = set(state)
-    if "patch_embed.proj.weight" in keys and unsupported_family(keys, str(path)):
-        raise CheckpointError(unsupported_family(keys, str(path)))
+    refusal = unsupported_family(keys, str(path)) if "patch_embed.proj.weight" in keys else None
+    if refusal:
+        raise CheckpointError(refusal)
     if is_timm_state_dict(keys):
         return "timm", state
     if is_torchvision_state_dict(keys):
@@ -158,13 +153,19 @@ def _normalization(path: Path, fmt: str, channels: int) -> tuple[tuple[float, ..
             found = (pre["mean"], pre["std"])
     if found is None:
         return None
-    mean, std = found
-    if isinstance(mean, (int, float)):  # a Hugging Face config may give one number for every channel
-        mean = [mean] * channels
-    if isinstance(std, (int, float)):
-        std = [std] * channels
-    mean, std = tuple(float(m) for m in mean), tuple(float(x) for x in std)
-    return (mean, std) if len(mean) == len(std) == channels else None
+    mean, std = (_per_channel(stats, channels) for stats in found)
+    return (mean, std) if mean is not None and std is not None else None
+
+
+def _per_channel(value: Any, channels: int) -> tuple[float, ...] | None:
+    """One float per channel from one number (a Hugging Face config may give one for every channel) or a
+    sequence of ``channels`` numbers; None for anything else."""
+    try:
+        stats = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    except (TypeError, ValueError):
+        return None
+    stats = stats * channels if len(stats) == 1 else stats
+    return stats if len(stats) == channels else None
 
 
 def _load(path: Path, fmt: str, state, num_heads: int | None, overrides: dict[str, Any]) -> VisionTransformer:
@@ -189,9 +190,6 @@ def _load(path: Path, fmt: str, state, num_heads: int | None, overrides: dict[st
     if folder is None:
         raise CheckpointError(f"{path}: not a vitlab save_pretrained folder (config.json + model.safetensors)")
     # VisionTransformer.from_pretrained's reading, with overrides (e.g. patch_embed='linear' on a conv model)
-    from vitlab._files import load_safetensors
-    from vitlab.interop._common import build_and_load, check_num_heads, make_config, patch_weight
-
     data = read_json(folder / CONFIG_JSON)
     data.pop("architecture", None)
     if "num_heads" in data:
@@ -232,26 +230,14 @@ def load(path: str | Path, *, format: str | None = None, num_heads: int | None =
         log.warning("%s: the checkpoint does not say how its inputs were normalised; using 0.5 per channel "
                     "(pass mean/std if it was trained with others)", path)
     known = normalization or ((0.5,) * c.in_channels, (0.5,) * c.in_channels)
-    preprocess = Preprocess(image_size=tuple(c.image_size), channels=c.in_channels,
-                            mean=_channel_stats(mean if mean is not None else known[0], c.in_channels, "mean"),
-                            std=_channel_stats(std if std is not None else known[1], c.in_channels, "std"))
+    given = {"mean": known[0] if mean is None else mean, "std": known[1] if std is None else std}
+    stats = {name: _per_channel(value, c.in_channels) for name, value in given.items()}
+    for name, value in stats.items():
+        if value is None:
+            raise ConfigError(f"{name}={given[name]!r} must be one number or {c.in_channels} (one per channel)")
+    preprocess = Preprocess(image_size=tuple(c.image_size), channels=c.in_channels, **stats)
     labels = list(c.labels) if c.labels else [f"class_{i}" for i in range(c.num_classes)]
     return LoadedModel(model=model.to(device).eval(), preprocess=preprocess, labels=labels, path=source, format=fmt)
-
-
-def _channel_stats(value: Any, channels: int, name: str) -> tuple[float, ...]:
-    """One number per channel from a number or a sequence; a :class:`ConfigError` naming ``name`` otherwise."""
-    from vitlab.errors import ConfigError
-
-    try:
-        stats = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r} must be numbers") from None
-    if len(stats) == 1:
-        stats *= channels
-    if len(stats) != channels:
-        raise ConfigError(f"{name} has {len(stats)} values but the model has {channels} channels")
-    return stats
 
 
 def convert(src: str | Path | VisionTransformer, dst: str | Path, *, format: str | None = None,
@@ -274,8 +260,6 @@ EXPORT_FORMATS = {"onnx": export_onnx, "hf": export_hf, "timm": export_timm}
 def export(model_or_path: VisionTransformer | str | Path, out: str | Path, *, format: str = "onnx") -> Path:
     """Export a model (or any checkpoint :func:`load_pretrained` reads) as ``onnx`` (a file), ``hf`` (a
     transformers folder) or ``timm`` (a ``vision_transformer`` state dict, ``.safetensors``)."""
-    from vitlab.errors import ConfigError
-
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"export format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     model = model_or_path if isinstance(model_or_path, VisionTransformer) else load_pretrained(model_or_path)

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vitlab._files import load_safetensors, read_json, save_safetensors, write_json
 from vitlab.config import ViTConfig
 from vitlab.errors import CheckpointError, ConfigError
-from vitlab.interop._common import check_num_heads, patch_weight
+from vitlab.interop._common import build_and_load, check_num_heads, make_config, patch_weight, read_state_dict
 from vitlab.interop.hf_layouts import (FAMILIES, MODEL_TYPES, REFUSED_MODEL_TYPES, Rule, backbone_rules,
                                        config_fields, config_json, head_rules)
 
@@ -146,9 +147,6 @@ def hf_refusal(path: str | Path) -> str | None:
 
 
 def _read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
-    from vitlab._files import load_safetensors, read_json
-    from vitlab.interop._common import read_state_dict
-
     if (directory / HF_SAFETENSORS).is_file():
         return load_safetensors(directory / HF_SAFETENSORS), str(directory / HF_SAFETENSORS)
     if (directory / HF_SAFETENSORS_INDEX).is_file():  # sharded: {"weight_map": {key: shard file}}
@@ -201,9 +199,6 @@ def load_hf_folder(directory: str | Path, **overrides: Any) -> "VisionTransforme
     ``pytorch_model.bin`` with ``weights_only=True``). A model without a classifier gives a model without a
     head; ``id2label`` becomes the class names. ``overrides`` set other :class:`ViTConfig` fields.
     """
-    from vitlab._files import read_json
-    from vitlab.interop._common import build_and_load, make_config
-
     directory = Path(directory)
     hf = read_json(directory / HF_CONFIG)
     family = MODEL_TYPES.get(hf.get("model_type"))
@@ -337,8 +332,6 @@ def export_hf(model: "VisionTransformer", directory: str | Path) -> Path:
     ``preprocessor_config.json``, so ``ViTImageProcessor`` prepares images as vitlab does (rescale to [0, 1],
     normalise; bilinear resize to the model's size).
     """
-    from vitlab._files import save_safetensors, write_json
-
     directory = Path(directory)
     state = to_hf_state_dict(model)
     directory.mkdir(parents=True, exist_ok=True)
