@@ -3,11 +3,15 @@
     PYTHONPATH=src python benchmarks/accuracy.py fruits
     PYTHONPATH=src python benchmarks/accuracy.py mnist --set time_limit_minutes=10
     PYTHONPATH=src python benchmarks/accuracy.py cifar10-cpu --data-root /path/to/shared/data
+    PYTHONPATH=src python benchmarks/accuracy.py cifar10-cpu --set precision=fp32 --target 80 85 --at 20 60
 
 Runs `vitlab.train` with the recipe, its data spec replaced by the copy under --data-root (CIFAR-10's
 JPEG tarball is unpacked once into --cache-dir and read as an image folder), then prints the test accuracy per
-epoch with the wall time, the final and best accuracy, the accuracy reached by given minutes (--at), and the
-machine. Not run by CI.
+epoch with the wall time, the final and best accuracy, the accuracy reached by given minutes (--at), the
+minutes it took to first reach given accuracies (--target: time to accuracy), and the machine with its CPU's
+matmul flags. Accuracies within a run come from its evaluations (every ``eval_every`` epochs, the first and the
+last), so "reached by" is the last evaluation before that minute and "minutes to" the first evaluation at or
+above the target. Not run by CI.
 """
 
 from __future__ import annotations
@@ -69,8 +73,38 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
-            f"{gpu}")
+    return (f"{cpu} ({cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads{gpu}")
+
+
+def cpu_flags() -> str:
+    """The CPU's matmul-relevant flags (bf16 speed depends on them): e.g. ``avx2 avx512f avx512_bf16 amx_bf16``,
+    or ``avx2, no AVX-512``."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return "flags unknown"
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return " ".join(wanted) + ("" if "avx512f" in flags else ", no AVX-512")
+
+
+def time_to_accuracy(history: list[dict], targets: list[float], ats: list[float], wall_time: float) -> list[str]:
+    """Lines "by M min: A%" (the last evaluation finished by minute M) and "to T%: M min" (the first evaluation at
+    or above T percent), from a run's history rows (``epoch``, ``wall_time`` in seconds, ``top1`` in [0, 1] or
+    None where the epoch was not evaluated)."""
+    scored = [r for r in history if r["top1"] is not None]
+    lines = []
+    for minutes in ats:
+        done = [r for r in scored if r["wall_time"] <= minutes * 60]
+        if done and minutes * 60 < wall_time + 1:
+            lines.append(f"by {minutes:g} min: {100 * done[-1]['top1']:.2f}% (epoch {done[-1]['epoch']}, "
+                         "mid-schedule)")
+    for target in targets:
+        hit = next((r for r in scored if 100 * r["top1"] >= target), None)
+        lines.append(f"to {target:g}%: {hit['wall_time'] / 60:.2f} min (epoch {hit['epoch']})" if hit else
+                     f"to {target:g}%: not reached in {wall_time / 60:.2f} min")
+    return lines
 
 
 def main() -> int:
@@ -82,6 +116,8 @@ def main() -> int:
     parser.add_argument("--out", help="run folder (default runs/accuracy-<recipe>-<time>)")
     parser.add_argument("--at", type=float, nargs="*", default=[5, 10, 20, 60],
                         help="also report the accuracy of the last epoch finished by these minutes")
+    parser.add_argument("--target", type=float, nargs="*", default=[],
+                        help="also report the minutes to the first evaluation at or above these accuracies (%%)")
     args = parser.parse_args()
 
     import vitlab
@@ -103,14 +139,12 @@ def main() -> int:
         if row["top1"] is not None:
             print(f"{row['epoch']:>5} {row['wall_time'] / 60:>8.2f} {row['train_loss']:>11.4f} "
                   f"{row['test_loss']:>10.4f} {100 * row['top1']:>7.2f}%")
-    for minutes in args.at:
-        done = [r for r in result.history if r["top1"] is not None and r["wall_time"] <= minutes * 60]
-        if done and minutes * 60 < result.wall_time + 1:
-            print(f"by {minutes:g} min: {100 * done[-1]['top1']:.2f}% (epoch {done[-1]['epoch']}, mid-schedule)")
+    for line in time_to_accuracy(result.history, args.target, args.at, result.wall_time):
+        print(line)
     print(f"final test accuracy: {100 * result.top1:.2f}%  best: {100 * result.best_top1:.2f}% (epoch "
           f"{result.best_epoch})  epochs: {len(result.history)}  stopped: {result.stopped}")
     if config.tta_hflip:  # the same final model scored on the images alone
-        plain = vitlab.evaluate(result.run_dir / "last", spec, hflip=False, cache_dir=config.cache_dir)
+        plain = vitlab.evaluate(result.run_dir / "last", spec, tta_hflip=False, cache_dir=config.cache_dir)
         print(f"final test accuracy without the flip test-time augmentation: {100 * plain['top1']:.2f}%")
     print(f"training wall time: {result.wall_time / 60:.2f} min (with data loading: {total / 60:.2f} min)")
     print(f"machine: {machine()}")

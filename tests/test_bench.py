@@ -53,25 +53,27 @@ def test_flops_per_image_hand_count():
     assert get_config("vit-b16").flops_per_image() == pytest.approx(35.15e9, rel=1e-3)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("autocast", [False, True])
-def test_attention_paths_agree(autocast):
+def test_attention_paths_agree(autocast, device):
     """SDPA, the fast explicit path and the probabilities path give the same outputs and gradients."""
     torch.manual_seed(0)
-    model = VisionTransformer(ViTConfig(**TINY)).train()
-    x = torch.randn(4, 3, 16, 16)
+    model = VisionTransformer(ViTConfig(**TINY)).to(device).train()
+    x = torch.randn(4, 3, 16, 16, device=device)
     outs, grads = {}, {}
     for impl in ("sdpa", "explicit", "probs"):
         model.zero_grad(set_to_none=True)
         model.set_attention_impl("explicit" if impl == "probs" else impl)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(x, return_attentions=True).logits if impl == "probs" else model(x)
         out.float().square().sum().backward()
         outs[impl] = out.float()
         grads[impl] = model.blocks[0].attn.qkv.weight.grad.clone()
     tol = dict(atol=3e-2, rtol=3e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
+    grad_tol = tol if autocast else dict(atol=1e-6, rtol=1e-4) if device.type == "cpu" else dict(atol=1e-5, rtol=1e-3)
     for impl in ("explicit", "probs"):
         torch.testing.assert_close(outs[impl], outs["sdpa"], **tol)
-        torch.testing.assert_close(grads[impl], grads["sdpa"], **(tol if autocast else dict(atol=1e-6, rtol=1e-4)))
+        torch.testing.assert_close(grads[impl], grads["sdpa"], **grad_tol)
     with pytest.raises(ValueError, match="impl"):
         model.set_attention_impl("flash")
 

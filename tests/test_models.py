@@ -146,17 +146,18 @@ def test_hybrid_presets_add_stride_one_convs(name, base, channels, depth_cut):
 
 @pytest.mark.parametrize("kw", [dict(), dict(class_token=False, pool="mean"), dict(pos_embed="sincos"),
                                 dict(layer_scale=0.1, qkv_bias=False)])
-def test_fused_and_explicit_attention_agree(kw):
+@pytest.mark.device
+def test_fused_and_explicit_attention_agree(kw, device):
     torch.manual_seed(0)
-    m = VisionTransformer(tiny(**kw)).eval()
-    x = torch.randn(4, 3, 16, 16)
+    m = VisionTransformer(tiny(**kw)).to(device).eval()
+    x = torch.randn(4, 3, 16, 16, device=device)
     fused = m(x)
     out = m(x, return_attentions=True, return_hidden_states=True)
     torch.testing.assert_close(out.logits, fused, rtol=1e-5, atol=1e-6)
     n = 16 + (0 if kw.get("class_token") is False else 1)
     assert len(out.attentions) == 2 and out.attentions[0].shape == (4, 3, n, n)
     for a in out.attentions:
-        torch.testing.assert_close(a.sum(-1), torch.ones(4, 3, n))
+        torch.testing.assert_close(a.sum(-1), torch.ones(4, 3, n, device=device))
         assert (a >= 0).all()
     assert len(out.hidden_states) == 3 and out.hidden_states[-1].shape == (4, n, 24)
     # The last hidden state, normed and pooled, gives the logits.

@@ -40,11 +40,12 @@ RANDOM_BITS = dict(dropout=0.1, drop_path=0.1, hflip=True, label_smoothing=0.1, 
 
 
 # A conv stem adds BatchNorm running statistics (buffers) to the model and to its EMA.
+@pytest.mark.device
 @pytest.mark.parametrize("model", [{}, dict(model_overrides=dict(TINY_MODEL, patch_embed="conv_stem"))],
                          ids=["patchify", "conv-stem"])
-def test_resume_is_exact(tmp_path, model):
+def test_resume_is_exact(tmp_path, model, device):
     data = tiny_splits()
-    bits = dict(RANDOM_BITS, **model)
+    bits = dict(RANDOM_BITS, **model, device=device.type)
     straight = vitlab.train(tiny_config(tmp_path, "straight", **bits), data=data)
     first = vitlab.train(tiny_config(tmp_path, "split", stop_after_epoch=1, **bits), data=data)
     assert first.stopped == "stop_after_epoch" and len(first.history) == 1

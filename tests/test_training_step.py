@@ -28,27 +28,28 @@ def _tiny_model(config, classes):
                                drop_path=config.drop_path, num_classes=len(classes), labels=classes)
 
 
-def test_a_bench_step_and_a_fit_step_leave_bit_identical_weights(tmp_path):
+@pytest.mark.device
+def test_a_bench_step_and_a_fit_step_leave_bit_identical_weights(tmp_path, device):
     data = tiny_splits(n_train=16)
-    config = tiny_config(tmp_path, epochs=1, batch_size=16, **STEP_BITS)  # one epoch of one step
+    config = tiny_config(tmp_path, epochs=1, batch_size=16, device=device.type, **STEP_BITS)  # one step
     fitted = vitlab.train(config, data=data).run_dir / "last"
 
-    model = _tiny_model(config, data.classes).train()
-    generator = torch.Generator().manual_seed(_epoch_seed(config.seed, 0, 0))
-    step = make_step(model, mode="train", precision="fp32", device=torch.device("cpu"), image_size=(8, 8),
+    model = _tiny_model(config, data.classes).to(device).train()
+    generator = torch.Generator(device=device).manual_seed(_epoch_seed(config.seed, 0, 0))
+    step = make_step(model, mode="train", precision="fp32", device=device, image_size=(8, 8),
                      channels=1, num_classes=4, config=config, steps_per_epoch=1, mean=data.mean, std=data.std,
                      generator=generator)
     loader = BatchLoader(data.train, batch_size=16, shuffle=True, seed=config.seed, drop_last=True)
     loader.set_epoch(0)
     images, labels = next(iter(loader))
     torch.manual_seed(_epoch_seed(config.seed, 0, 0) + 1)  # dropout and drop path, as fit() seeds them
-    step(images, labels)
+    step(images.to(device), labels.to(device))
 
     for name, module in (("model.safetensors", model), ("ema.safetensors", step.train_step.ema)):
         saved = load_safetensors(fitted / name)
         assert saved.keys() == module.state_dict().keys()
         for key, value in module.state_dict().items():
-            assert torch.equal(saved[key], value), f"{name}:{key}"
+            assert torch.equal(saved[key], value.cpu()), f"{name}:{key}"
     assert not torch.equal(saved["head.weight"], _tiny_model(config, data.classes).head.weight)  # it trained
 
 
@@ -75,23 +76,25 @@ class _HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _step_and_batch(config, channels=1):
+def _step_and_batch(config, channels=1, device=torch.device("cpu")):
     data = tiny_splits(n_train=16, channels=channels)
     torch.manual_seed(config.seed)
     model = vitlab.create_model(config.model, **config.model_overrides, dropout=config.dropout,
-                                drop_path=config.drop_path, num_classes=4, in_channels=channels).train()
-    step = make_train_step(model, config, device=torch.device("cpu"), precision="fp32", steps_per_epoch=4,
+                                drop_path=config.drop_path, num_classes=4, in_channels=channels).to(device).train()
+    step = make_train_step(model, config, device=device, precision="fp32", steps_per_epoch=4,
                            num_classes=4, image_size=(8, 8), mean=data.mean, std=data.std)
-    return step, [(data.train.images[:8], data.train.labels[:8]), (data.train.images[8:], data.train.labels[8:])]
+    images, labels = data.train.images.to(device), data.train.labels.to(device)
+    return step, [(images[:8], labels[:8]), (images[8:], labels[8:])]
 
 
 @pytest.mark.parametrize("augment", [dict(mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25),
                                      dict(auto_augment="rand-m9-n2", crop_padding=2, mixup_alpha=0.8),
                                      dict(auto_augment="trivial", random_resized_crop=[0.5, 1.0], cutmix_alpha=1.0)])
-def test_the_step_never_waits_for_the_device(tmp_path, monkeypatch, augment):
-    config = tiny_config(tmp_path, accum_steps=2, **augment, **STEP_BITS)
-    step, batches = _step_and_batch(config, channels=3)
-    generator = torch.Generator().manual_seed(0)
+@pytest.mark.device
+def test_the_step_never_waits_for_the_device(tmp_path, monkeypatch, augment, device):
+    config = tiny_config(tmp_path, accum_steps=2, device=device.type, **augment, **STEP_BITS)
+    step, batches = _step_and_batch(config, channels=3, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
     step(batches, generator)  # the optimizer's state is made on the first step
     for _ in range(3):  # Mixup and CutMix each get their turn
         with _HostSyncs(monkeypatch) as watch:
@@ -104,17 +107,19 @@ def test_the_step_never_waits_for_the_device(tmp_path, monkeypatch, augment):
     assert watch.syncs
 
 
-def test_the_whole_step_can_be_handed_to_torch_compile(tmp_path):
+@pytest.mark.device
+def test_the_whole_step_can_be_handed_to_torch_compile(tmp_path, device):
     """Compiled whole (dynamo + AOT autograd; the inductor backend differs only by kernel rounding), the step
     leaves the weights of the eager step, bit for bit, step after step."""
     import torch._dynamo
 
-    config = tiny_config(tmp_path, accum_steps=2, **STEP_BITS)
-    eager, batches = _step_and_batch(config)
-    twin, _ = _step_and_batch(config)
+    config = tiny_config(tmp_path, accum_steps=2, device=device.type, **STEP_BITS)
+    eager, batches = _step_and_batch(config, device=device)
+    twin, _ = _step_and_batch(config, device=device)
     torch._dynamo.reset()
     compiled = torch.compile(twin, backend="aot_eager")
-    g_eager, g_compiled = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    g_eager = torch.Generator(device=device).manual_seed(1)
+    g_compiled = torch.Generator(device=device).manual_seed(1)
     for i in range(3):
         torch.manual_seed(i)
         a = eager(batches, g_eager)
