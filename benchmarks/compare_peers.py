@@ -42,6 +42,13 @@ from vitlab.interop.hf import convert_hf_state_dict
 from vitlab.models import create_model, load_state_dict_strict
 
 CASES = [("vit-cifar-tiny-p4", 256), ("vit-ti16", 32), ("vit-s16", 16)]
+# The recipe presets (mnist, cifar10-cpu) have a convolutional stem that neither peer builds: their rows are
+# vitlab's alone (its throughput and utilisation; the peer columns empty).
+RECIPE_CASES = [("vit-mnist-hybrid", 128), ("vit-cifar-hybrid", 128)]
+
+
+def peers_can_build(cfg) -> bool:
+    return cfg.patch_embed == "conv" and not cfg.stem_extra_convs
 
 
 def hf_model(cfg):
@@ -92,9 +99,12 @@ def hf_to_vitlab(state: dict, cfg) -> dict:
 
 
 def build_pair(preset):
-    """(vitlab model, HF model, timm model or None) of a preset name or ViTConfig, with HF's initial weights."""
+    """(vitlab model, HF model, timm model or None) of a preset name or ViTConfig, with HF's initial weights;
+    (vitlab model, None, None) for a preset that the peers cannot build."""
     torch.manual_seed(0)
     vit = create_model(preset)
+    if not peers_can_build(vit.config):
+        return vit, None, None
     hf = hf_model(vit.config)
     load_state_dict_strict(vit, hf_to_vitlab(hf.state_dict(), vit.config), "hf")
     tm = timm_model(vit.config)
@@ -108,8 +118,9 @@ def run_case(preset: str, batch: int, mode: str, fast_precision: str, peaks: dic
     dev = torch.device("cpu")
     vit, hf, tm = build_pair(preset)
     cfg = vit.config
-    contenders = {"vitlab_fp32": (vit, "fp32"), "vitlab_default": (copy.deepcopy(vit), fast_precision),
-                  "hf": (hf, "fp32")}
+    contenders = {"vitlab_fp32": (vit, "fp32"), "vitlab_default": (copy.deepcopy(vit), fast_precision)}
+    if hf is not None:
+        contenders["hf"] = (hf, "fp32")
     if tm is not None:
         contenders["timm"] = (tm, "fp32")
     steps = {}
@@ -139,9 +150,10 @@ def run_case(preset: str, batch: int, mode: str, fast_precision: str, peaks: dic
     for setting, ours in (("like-for-like", "vitlab_fp32"), ("defaults", "vitlab_default")):
         precision = contenders[ours][1]
         row = dict(model=preset, batch=batch, mode=mode, setting=setting, vitlab_precision=precision,
-                   peer_precision="fp32", vitlab_images_per_s=ips(ours), hf_images_per_s=ips("hf"),
-                   ratio_vs_hf=ratio("hf", ours), vitlab_utilisation=util(ours, precision),
-                   hf_utilisation=util("hf", "fp32"), repeats=repeats)
+                   peer_precision="fp32", vitlab_images_per_s=ips(ours), vitlab_utilisation=util(ours, precision),
+                   vitlab_fp32_utilisation=util(ours, "fp32"), repeats=repeats)
+        if "hf" in times:
+            row.update(hf_images_per_s=ips("hf"), ratio_vs_hf=ratio("hf", ours), hf_utilisation=util("hf", "fp32"))
         if "timm" in times:
             row.update(timm_images_per_s=ips("timm"), ratio_vs_timm=ratio("timm", ours))
         rows.append(row)
@@ -190,7 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="only the CIFAR tiny model, 3 repeats, no memory")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    parser.add_argument("--models", default=None, help="comma-separated presets (default: the three cases)")
+    parser.add_argument("--models", default=None, help="comma-separated presets (default: the three cases and "
+                                                         "the recipe presets)")
     parser.add_argument("--modes", default="train,infer")
     parser.add_argument("--memory-model", default="vit-b16")
     parser.add_argument("--memory-batch", type=int, default=8)
@@ -201,10 +214,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    cases = [] if args.memory_only else CASES[:1] if args.quick else CASES
+    cases = [] if args.memory_only else CASES[:1] if args.quick else CASES + RECIPE_CASES
     if args.models:
         wanted = args.models.split(",")
-        batches = dict(CASES)
+        batches = dict(CASES + RECIPE_CASES)
         cases = [(m, batches.get(m, 32)) for m in wanted]
     repeats = 3 if args.quick else args.repeats
     fast = default_precision("cpu")
@@ -222,7 +235,9 @@ def main(argv=None) -> int:
     best = {p: max(peaks[p], peaks_end[p]) for p in peaks}
     for r in rows:
         r["vitlab_utilisation"] *= peaks[r["vitlab_precision"]] / best[r["vitlab_precision"]]
-        r["hf_utilisation"] *= peaks["fp32"] / best["fp32"]
+        r["vitlab_fp32_utilisation"] *= peaks["fp32"] / best["fp32"]
+        if "hf_utilisation" in r:
+            r["hf_utilisation"] *= peaks["fp32"] / best["fp32"]
     memory = None
     if not (args.quick or args.no_memory):
         memory = run_memory(args.memory_model, args.memory_batch, fast)
@@ -250,12 +265,16 @@ def main(argv=None) -> int:
     if rows:
         print(head)
         print("-" * len(head))
+    def cell(row, key, width, form):  # a peer's figure, or "-" where the peer cannot build the model
+        return f"{format(row[key], form):>{width}}" if key in row else f"{'-':>{width}}"
+
     for r in rows:
+        hf_util = f"{100 * r['hf_utilisation']:>7.0f}%" if "hf_utilisation" in r else f"{'-':>8}"
         line = (f"{r['model']:<19}{r['batch']:>6} {r['mode']:<6}{r['setting']:<15}{r['vitlab_precision']:>8}"
-                f"{r['vitlab_images_per_s']:>9.1f}{r['hf_images_per_s']:>10.1f}{r['ratio_vs_hf']:>7.2f}"
-                f"{100 * r['vitlab_utilisation']:>6.0f}%{100 * r['hf_utilisation']:>7.0f}%")
+                f"{r['vitlab_images_per_s']:>9.1f}{cell(r, 'hf_images_per_s', 10, '.1f')}"
+                f"{cell(r, 'ratio_vs_hf', 7, '.2f')}{100 * r['vitlab_utilisation']:>6.0f}%{hf_util}")
         if timm:
-            line += f"{r.get('timm_images_per_s', float('nan')):>9.1f}{r.get('ratio_vs_timm', float('nan')):>8.2f}"
+            line += f"{cell(r, 'timm_images_per_s', 9, '.1f')}{cell(r, 'ratio_vs_timm', 8, '.2f')}"
         print(line)
     if memory:
         print(f"\npeak memory of one {memory['model']} training step, batch {memory['batch']} ({memory['method']}):")

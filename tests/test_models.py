@@ -338,3 +338,33 @@ def test_flops_per_image_matches_flop_counter():
         with counter, torch.no_grad():
             m(torch.randn(1, 3, 16, 16), return_attentions=True)  # explicit path: plain matmuls
         assert counter.get_total_flops() == cfg.flops_per_image()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(class_token=False, pool="mean"), dict(register_tokens=2),
+                                dict(pool="map", class_token=False), dict(patch_embed="conv_stem")])
+def test_patch_dropout_keeps_prefix_tokens_and_a_random_subset_of_patches(kw):
+    torch.manual_seed(0)
+    m = VisionTransformer(tiny(patch_dropout=0.5, **kw)).train()
+    plain = VisionTransformer(m.config.replace(patch_dropout=0.0)).train()  # the same weights, every patch
+    plain.load_state_dict(m.state_dict())
+    x = torch.randn(3, 3, 16, 16)
+    full = plain.embed(x)
+    assert full.shape[1] == m.config.num_prefix_tokens + 16
+    kept = m.embed(x)
+    prefix = m.config.num_prefix_tokens
+    assert kept.shape == (3, prefix + 8, 24)
+    torch.testing.assert_close(kept[:, :prefix], full[:, :prefix])
+    for b in range(3):  # each kept token is one of the image's own patch tokens, in order, none twice
+        match = (kept[b, prefix:, None] == full[b, None, prefix:]).all(-1).float().argmax(-1)
+        assert torch.equal(kept[b, prefix:], full[b, prefix:][match]) and torch.equal(match, match.sort().values)
+        assert match.unique().numel() == 8
+    assert not torch.equal(kept[0, prefix:], kept[1, prefix:])  # images draw their own subsets
+    m(x).sum().backward()  # the whole model trains on the subset
+    assert m.patch_embed.proj.weight.grad is not None
+    plain.load_state_dict(m.state_dict())  # (BatchNorm statistics moved in the training forwards)
+    assert torch.equal(m.eval()(x), plain.eval()(x))  # in evaluation, the same model as without patch dropout
+
+
+def test_patch_dropout_must_be_a_probability():
+    with pytest.raises(ConfigError, match="patch_dropout"):
+        tiny(patch_dropout=1.0)

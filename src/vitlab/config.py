@@ -85,6 +85,9 @@ class ViTConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth rate of the last block; linear from 0 over the blocks
+    patch_dropout: float = 0.0  # training only: this fraction of each image's patch tokens is left out at random
+    # after the positions are added (PatchDropout, Liu et al. 2022; timm's patch_drop_rate): fewer tokens, a
+    # cheaper step; the prefix tokens always stay, and evaluation sees every patch
     layer_scale: float | None = None  # initial value of the per-channel residual scales, None = off
     norm_eps: float = 1e-6
     qkv_bias: bool = True
@@ -165,7 +168,7 @@ class ViTConfig:
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("ViTConfig.pool='cls' needs class_token=True: set pool='mean' or class_token=True")
         self._validate_families()
-        for name in ("dropout", "attention_dropout", "drop_path"):
+        for name in ("dropout", "attention_dropout", "drop_path", "patch_dropout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ConfigError(f"ViTConfig.{name}={value!r} must be a probability in [0, 1)")

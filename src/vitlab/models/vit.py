@@ -152,7 +152,20 @@ class VisionTransformer(nn.Module):
         else:
             x = torch.cat(prefix + [x], dim=1)  # -> (B, prefix+gh*gw, D)
             x = x if pos is None else x + pos
-        return self.norm_pre(self.pos_drop(x))
+        return self.norm_pre(self.pos_drop(self._drop_patches(x)))
+
+    def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Training with ``patch_dropout``: keep a random ``1 - patch_dropout`` of each image's patch tokens (at
+        least one, in their order) and every prefix token. ``(B, prefix + N, D) -> (B, prefix + keep, D)``."""
+        p = self.config.patch_dropout
+        if not (self.training and p > 0):
+            return x
+        prefix = self.config.num_prefix_tokens
+        n = x.shape[1] - prefix
+        keep = max(1, round(n * (1 - p)))
+        order = torch.rand(x.shape[0], n, device=x.device).argsort(dim=1)[:, :keep].sort(dim=1).values
+        patches = x[:, prefix:].gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return torch.cat((x[:, :prefix], patches), dim=1)
 
     def pool(self, x: torch.Tensor, return_attention: bool = False):
         """Tokens ``(B, N, D)`` -> one vector per image ``(B, D)``: the class token, the mean of the patches, or
