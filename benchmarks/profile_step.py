@@ -7,7 +7,9 @@ Each case is PRESET:BATCH. The step is the one `vitlab train` runs (`vitlab.benc
 the recipe's TrainConfig, or of the default one), on synthetic uint8 images already in memory. After --warmup
 steps, --steps steps run under the profiler; the table gives each group's share of the summed self CPU time of
 all operators (shares stay meaningful on a shared machine where absolute times do not), the top operators, and
-the median step time. Not run by CI.
+the median step time. Then, for each case, the matmul ceiling: every linear layer's forward matmul shape
+((batch x tokens) x in x out) timed alone, its FLOP/s against the square-matmul peak (`vitlab.bench.matmul_peak`,
+2048 x 2048) of the same threads: a step cannot use more of the peak than its own matmuls do alone. Not run by CI.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import machine  # noqa: E402
 
 from vitlab import create_model  # noqa: E402
-from vitlab.bench import make_step  # noqa: E402
+from vitlab.bench import make_step, matmul_peak  # noqa: E402
 from vitlab.config import TrainConfig, load_train_config  # noqa: E402
 
 DEFAULT_CASES = {"vit-cifar-tiny-p4:256": None, "vit-mnist-hybrid:128": "mnist",
@@ -90,6 +92,28 @@ def profile_case(preset: str, batch: int, recipe: str | None, precision: str, wa
         [(e.key, e.self_cpu_time_total / total) for e in top]
 
 
+def matmul_ceiling(preset: str, batch: int, repeats: int = 5) -> list[tuple[str, float]]:
+    """(shape, fraction of the square-matmul peak) of each distinct linear-layer matmul of ``preset`` at
+    ``batch``, timed alone in fp32 (best of ``repeats``)."""
+    model = create_model(preset)
+    tokens = model.config.num_patches + model.config.num_prefix_tokens
+    shapes = sorted({(batch * tokens, m.in_features, m.out_features) for m in model.modules()
+                     if isinstance(m, torch.nn.Linear) and m.out_features > model.config.num_classes})
+    peak = matmul_peak("cpu", "fp32")
+    out = []
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                a @ b
+            best = min(best, (time.perf_counter() - t0) / 5)
+        out.append((f"{m}x{k}x{n}", 2 * m * k * n / best / peak))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", help="PRESET:BATCH (default: the recipe presets and the seed tiny model)")
@@ -113,6 +137,8 @@ def main() -> int:
             if share >= 0.005:
                 print(f"| {group} | {share:.0%} |")
         print("top operators: " + ", ".join(f"{name} {share:.0%}" for name, share in top))
+        print("matmul ceiling (each linear layer's forward matmul alone, of the fp32 square-matmul peak): " +
+              ", ".join(f"{shape} {frac:.0%}" for shape, frac in matmul_ceiling(preset, int(batch or 128))))
     return 0
 
 
