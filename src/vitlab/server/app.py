@@ -221,13 +221,17 @@ def create_app(checkpoint: str | Path | LoadedModel, *, device: str = "cpu", lim
 
     routes = [Route("/", index), Route("/api/predict", predict, methods=["POST"]), Route("/api/model", model),
               Route("/healthz", healthz), Route("/openapi.json", openapi, include_in_schema=False)]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes)
+    app.state.served = served  # the model, its card and its lock, for whoever holds the app
+    return app
 
 
 class RunningServer:
-    """A uvicorn server running in a background thread (``serve(..., background=True)``): ``url``, ``stop()``."""
+    """``app`` served by uvicorn in a background thread (``serve(..., background=True)``, tests, notebooks):
+    ``url``, ``stop()``; a context manager. ``port=0`` takes a free port."""
 
-    def __init__(self, server: uvicorn.Server, host: str, port: int):
+    def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))  # bound here, so that port 0 gives a free port and `url` names it
@@ -260,8 +264,7 @@ def serve(checkpoint: str | Path | LoadedModel, *, host: str = "127.0.0.1", port
     ``host`` says otherwise. Blocks until Ctrl-C; with ``background=True`` (a notebook, a test) returns a
     :class:`RunningServer` at once (``port=0``: a free port)."""
     app = create_app(checkpoint, device=device, limits=limits)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     if background:
-        return RunningServer(server, host, port)
-    server.run()
+        return RunningServer(app, host, port, log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
     return None

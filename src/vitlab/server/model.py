@@ -73,15 +73,14 @@ class ServedModel:
         self.loaded = loaded
         self.max_pixels = max_pixels
         self.card = model_card(loaded)
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # one request at a time runs the model
 
     def decode(self, uploads: Sequence[Upload], size: tuple[int, int] | None = None) -> torch.Tensor:
         """uint8 ``(B, C, H, W)`` at ``size`` (default: the model's), decoded as ``vitlab predict`` decodes
         files; raises :class:`~vitlab.errors.DataError` naming the upload that is not an image."""
         pre = self.loaded.preprocess
-        return torch.stack([torch.from_numpy(decode_image(io.BytesIO(u.data), size or pre.image_size, pre.channels,
-                                                          name=u.name, max_pixels=self.max_pixels))
-                            for u in uploads])
+        return torch.from_numpy(np.stack([decode_image(io.BytesIO(u.data), size or pre.image_size, pre.channels,
+                                                       name=u.name, max_pixels=self.max_pixels) for u in uploads]))
 
     def predict(self, uploads: Sequence[Upload], top_k: int = 5, attention: str = "none",
                 heads: bool = False) -> list[dict[str, Any]]:
@@ -93,7 +92,7 @@ class ServedModel:
         images = self.decode(uploads)
         shown = self.decode(uploads, display_size(self.loaded.preprocess.image_size, OVERLAY_MIN_SIDE)) \
             if attention == "png" else None
-        with self._lock:
+        with self.lock:
             predictions = predict_decoded(self.loaded, images, [u.name for u in uploads], top_k)
             if attention == "png":
                 panels, _ = attention_panels(self.loaded, images, display=shown, heads=heads)
