@@ -154,6 +154,8 @@ def create_app(checkpoint: str | Path | LoadedModel, *, device: str = "cpu", lim
     limits = limits or Limits()
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load(checkpoint, device=str(resolve_device(device)))
     served = ServedModel(loaded, max_pixels=limits.max_pixels)
+    log.info("serving %s (%d classes, %s px) from %s", served.card["name"], len(loaded.labels),
+             "x".join(map(str, loaded.preprocess.image_size)), loaded.path)
     page = resources.files("vitlab.server").joinpath("static/index.html").read_text(encoding="utf-8")
     schemas = SchemaGenerator({"openapi": "3.0.0", "info": {"title": "vitlab serve", "version": __version__}})
 

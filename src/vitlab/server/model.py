@@ -119,7 +119,7 @@ def _overlays(image: torch.Tensor, heat: torch.Tensor, head_heats: torch.Tensor 
 
 
 def _rounded(maps: torch.Tensor) -> list:
-    return np.round(maps.float().cpu().numpy(), 6).tolist()
+    return np.round(maps.double().cpu().numpy(), 6).tolist()
 
 
 __all__ = ["ATTENTION", "ServedModel", "Upload", "model_card", "png_data_url"]
