@@ -1,12 +1,13 @@
 """Load on `vitlab serve`: 200 predictions from 8 concurrent clients, beside `vitlab predict` on the same image.
 
-    PYTHONPATH=src python benchmarks/serve_load.py RUN [--image PHOTO.jpg] [--requests 200] [--clients 8]
+    PYTHONPATH=src python benchmarks/serve_load.py RUN [--image PHOTO.jpg] [--requests 200] [--clients 8] [--threads N]
 
 Starts `vitlab serve RUN` as a user does (its own process, 127.0.0.1, a free port), sends the requests with httpx
 (one client per thread, the same photo each time) once without and once with the attention overlay the page asks
 for, and prints throughput, p50/p95 latency and the error count of each; then, in the same run, the latency of
 `vitlab predict`'s function on the same photo (model loaded once) and of the `vitlab predict RUN PHOTO` command
-(a new process each time: Python, torch and the model loaded every call).
+(a new process each time: Python, torch and the model loaded every call). ``--threads N`` sets torch's CPU
+threads here and, through OMP_NUM_THREADS, in the server and the command.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _free_port() -> int:
 
 def _start(run: str, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "vitlab", "serve", run, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
     for _ in range(1200):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
@@ -114,7 +115,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=30, help="calls of vitlab predict's function (default 30)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads, here and in the processes it starts")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch in the server and command processes
     photo = Path(args.image) if args.image else sorted(SHARED_PHOTO.glob("*.jpg"))[0]
     print(f"machine: {_cpu()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; model {args.run}; photo {photo.name}")

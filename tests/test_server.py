@@ -169,7 +169,7 @@ def _bad_requests(photos) -> dict[str, tuple]:
         "file over the size limit": ([("image", "big.jpg", jpeg + b"\0" * 70_000)], {}, 413,
                                      "is over the 0.0625 MB limit per file"),
         "request over the size limit": ([("image", "big.jpg", b"\0" * 400_000)], {}, 413,
-                                        "over the 0.3125 MB this server takes"),
+                                        "over the 0.312 MB this server takes"),
         "empty upload": ([("image", "empty.jpg", b"")], {}, 400, "empty.jpg: empty upload (0 bytes)"),
         "wrong field name": ([("file", "digit.jpg", jpeg)], {}, 400, "a file came in field 'file'"),
         "not multipart": ([], {"top_k": "3"}, 415, "send the image as multipart/form-data"),

@@ -136,7 +136,7 @@ def decode_image(path: str | os.PathLike | BinaryIO, image_size: Sequence[int] |
     except IsADirectoryError:
         raise DataError(f"{name}: is a folder, not an image file") from None
     except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(f"{name}: {_reason(e)}; send a smaller image") from None
+        raise ImageTooLargeError(f"{name}: {_reason(e).rstrip('.')}; send a smaller image") from None
     except _DECODE_ERRORS as e:
         reason = _reason(e).replace(repr(path), repr(name)) if in_memory else _reason(e)  # PIL names the object
         what = "send a JPEG, PNG or other image file" if in_memory else "replace or delete it"

@@ -70,7 +70,7 @@ class Refused(Exception):
 
 
 def _mb(n: int) -> str:
-    return f"{n / 2**20:g} MB"
+    return f"{n / 2**20:.3g} MB"
 
 
 async def _capped(stream: AsyncIterator[bytes], cap: int) -> AsyncIterator[bytes]:
