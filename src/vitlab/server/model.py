@@ -21,10 +21,10 @@ from PIL import Image
 from vitlab.data import decode_image
 from vitlab.errors import ConfigError
 from vitlab.explain.attention import attention_panels, display_size
-from vitlab.explain.maps import compute_attention_maps
+from vitlab.explain.maps import AttentionMaps, compute_attention_maps
 from vitlab.explain.predict import predict_decoded
 from vitlab.interop import LoadedModel
-from vitlab.plots import heatmap_overlay
+from vitlab.plots import Panel, heatmap_overlay
 from vitlab.runs import is_run_folder, read_run_config, read_state
 
 ATTENTION = ("none", "png", "grid")  # no map; the rollout laid over the image as a PNG data URL; its numbers
@@ -92,29 +92,30 @@ class ServedModel:
         images = self.decode(uploads)
         shown = self.decode(uploads, display_size(self.loaded.preprocess.image_size, OVERLAY_MIN_SIDE)) \
             if attention == "png" else None
-        with self.lock:
+        with self.lock:  # only the model's passes run under it
             predictions = predict_decoded(self.loaded, images, [u.name for u in uploads], top_k)
-            if attention == "png":
-                panels, _ = attention_panels(self.loaded, images, display=shown, heads=heads)
-            elif attention == "grid":
-                device = next(self.loaded.model.parameters()).device
-                maps = compute_attention_maps(self.loaded.model, self.loaded.preprocess(images.to(device)))
+            panels = attention_panels(self.loaded, images, display=shown, heads=heads)[0] if attention == "png" else []
+            maps = self._maps(images) if attention == "grid" else None
         results = [{"file": p.file, "top": [{"label": label, "probability": prob} for label, prob in p.top]}
                    for p in predictions]
-        for i, result in enumerate(results):
-            if attention == "png":
-                result["attention"] = _overlays(panels[i].image, panels[i].heat, panels[i].head_heats)
-            elif attention == "grid":
-                result["attention"] = {"method": "rollout", "grid": _rounded(maps.maps[i])}
-                if heads:
-                    result["attention"]["heads"] = _rounded(maps.head_maps[i])
+        for result, panel in zip(results, panels):
+            result["attention"] = _overlays(panel)
+        for i, result in enumerate(results if maps is not None else []):
+            result["attention"] = {"method": "rollout", "grid": _rounded(maps.maps[i])}
+            if heads:
+                result["attention"]["heads"] = _rounded(maps.head_maps[i])
         return results
 
+    def _maps(self, images: torch.Tensor) -> AttentionMaps:
+        device = next(self.loaded.model.parameters()).device
+        return compute_attention_maps(self.loaded.model, self.loaded.preprocess(images.to(device)))
 
-def _overlays(image: torch.Tensor, heat: torch.Tensor, head_heats: torch.Tensor | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"method": "rollout", "overlay": png_data_url(heatmap_overlay(image, heat))}
-    if head_heats is not None:
-        out["heads"] = [png_data_url(heatmap_overlay(image, h)) for h in head_heats]
+
+def _overlays(panel: Panel) -> dict[str, Any]:
+    """The rollout (and each head's map, when drawn) laid over the image, as PNG data URLs."""
+    out: dict[str, Any] = {"method": "rollout", "overlay": png_data_url(heatmap_overlay(panel.image, panel.heat))}
+    if panel.head_heats is not None:
+        out["heads"] = [png_data_url(heatmap_overlay(panel.image, h)) for h in panel.head_heats]
     return out
 
 
