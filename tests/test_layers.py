@@ -26,6 +26,7 @@ RANKS = {
     "evaluation": 6,  # scoring a model or a checkpoint
     "training": 7, "explain": 7,  # the loop; what a trained model learned
     "bench": 8,  # times training's step
+    "server": 8,  # vitlab serve: the web page and JSON API over explain's prediction path
     "api": 9, "cli": 10, "package": 11, "__main__": 12,  # package: vitlab/__init__.py
 }
 
@@ -84,7 +85,8 @@ def test_imports_run_downwards_only():
 @pytest.mark.parametrize("source, target", [
     ("models/vit.py", "vitlab.data"), ("training/engine.py", "vitlab.explain"), ("training/step.py", "vitlab.bench"),
     ("explain/report.py", "vitlab.training"), ("interop/hf.py", "vitlab.evaluation"), ("data/load.py", "vitlab.cli"),
-    ("runs.py", "vitlab.plots"), ("config.py", "vitlab"),
+    ("runs.py", "vitlab.plots"), ("config.py", "vitlab"), ("server/app.py", "vitlab.api"),
+    ("server/model.py", "vitlab.bench"),
 ])
 def test_the_check_names_an_import_against_the_layers(tmp_path, source, target):
     """A copy of the package with one upward import added inside a function: the check names exactly that one."""

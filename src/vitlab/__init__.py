@@ -6,7 +6,8 @@ from vitlab.config import TrainConfig, ViTConfig
 from vitlab.errors import CheckpointError, ConfigError, DataError, VitlabError
 from vitlab.evaluation import evaluate_model
 from vitlab.models import VisionTransformer, ViTOutput, create_model, get_config, list_models
+from vitlab.server import serve
 
 __all__ = ["ViTConfig", "TrainConfig", "VisionTransformer", "ViTOutput", "create_model", "get_config", "list_models",
            "train", "evaluate", "evaluate_model", "load", "LoadedModel", "plot_run", "list_recipes", "VitlabError",
-           "ConfigError", "DataError", "CheckpointError", "__version__"]
+           "ConfigError", "DataError", "CheckpointError", "serve", "__version__"]

@@ -30,6 +30,7 @@ from vitlab.explain.report import write_report
 from vitlab.interop import convert, export, load
 from vitlab.models import PRESETS, create_model, get_config
 from vitlab.runs import BEST, LAST
+from vitlab.server import Limits, serve
 from vitlab.training.progress import ProgressBar
 
 
@@ -126,6 +127,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = write_report(args.run, args.output, num_images=args.num_images, method=args.method,
                         checkpoint=args.checkpoint)
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The web page and JSON API over a trained model, until Ctrl-C."""
+    limits = Limits(max_bytes=int(args.max_upload_mb * 2**20), max_files=args.max_files, max_pixels=args.max_pixels)
+    serve(args.checkpoint, host=args.host, port=args.port, device=args.device, limits=limits)
     return 0
 
 
@@ -348,6 +356,24 @@ def _explain_commands(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def _serve_command(sub) -> None:
+    """The parser of ``vitlab serve``."""
+    p = sub.add_parser("serve", help="a web page and a JSON API over a trained model: drop a photo, see the "
+                       "classes and where the model looked")
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder (uses best/, else last/) or any "
+                   "checkpoint vitlab.load reads")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N, mps")
+    p.add_argument("--max-upload-mb", type=float, default=Limits.max_bytes / 2**20,
+                   help=f"largest file accepted, in MB (default {Limits.max_bytes / 2**20:g})")
+    p.add_argument("--max-files", type=int, default=Limits.max_files,
+                   help=f"most files in one request (default {Limits.max_files})")
+    p.add_argument("--max-pixels", type=int, default=Limits.max_pixels,
+                   help=f"largest image in pixels (default {Limits.max_pixels:,}, PIL's decompression-bomb limit)")
+    p.set_defaults(func=cmd_serve)
+
+
 def _model_and_data_commands(sub) -> None:
     """The parsers of ``vitlab models, data info|cache|download``."""
     p = sub.add_parser("models", help="list the model presets")
@@ -437,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _training_commands(sub)
     _explain_commands(sub)
+    _serve_command(sub)
     _model_and_data_commands(sub)
     _pretrained_commands(sub)
     _bench_command(sub)

@@ -18,5 +18,9 @@ class DataError(VitlabError):
     """A dataset file or folder is missing, empty, corrupt or inconsistent."""
 
 
+class ImageTooLargeError(DataError):
+    """An image has more pixels than the reader allows (a decompression bomb, or a limit the caller set)."""
+
+
 class CheckpointError(VitlabError):
     """A checkpoint or weight file is missing, corrupt, or does not fit the model."""

@@ -8,12 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vitlab.errors import DataError
+from vitlab.errors import DataError, ImageTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -107,40 +107,58 @@ def _convert(im: Image.Image, channels: int) -> Image.Image:
     return im if im.mode == target else im.convert(target)
 
 
-def decode_image(path: str | os.PathLike, image_size: Sequence[int] | None = None, channels: int = 3) -> np.ndarray:
+def decode_image(path: str | os.PathLike | BinaryIO, image_size: Sequence[int] | None = None, channels: int = 3, *,
+                 name: str | None = None, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file into a uint8 array (C, H, W), C = ``channels`` (1 or 3).
 
     Any mode works (RGB, L, RGBA and P with transparency on white, CMYK, 16-bit, float); EXIF orientation
     is applied. With ``image_size=(H, W)`` the image is resized to exactly that size (antialiased).
-    A file that is not an image, or is corrupt or truncated, raises :class:`DataError` naming it.
+    A file that is not an image, or is corrupt or truncated, raises :class:`DataError` naming it (``name``
+    where ``path`` is an in-memory file such as an upload). An image of more than ``max_pixels`` pixels
+    (default: twice PIL's ``Image.MAX_IMAGE_PIXELS``, PIL's own decompression-bomb error) raises
+    :class:`ImageTooLargeError` before it is decoded.
     """
+    in_memory = not isinstance(path, (str, os.PathLike))
+    name = str(path) if name is None else name
     if channels not in (1, 3):
-        raise DataError(f"{path}: channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)")
+        raise DataError(f"{name}: channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)")
     try:
         with warnings.catch_warnings():
             # PIL warns about huge or odd files; the error path below reports what matters.
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
-                if image_size is not None and im.format == "JPEG":
-                    # Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding (never below the target;
-                    # max side both ways because EXIF may rotate): a large photo decodes several times faster.
-                    side = max(int(image_size[0]), int(image_size[1]))
-                    im.draft(None, (side, side))
-                im.load()  # decode now: a truncated file fails here, not later
-                im = ImageOps.exif_transpose(im)
-                im = _convert(im, channels)
-                if image_size is not None:
-                    h, w = int(image_size[0]), int(image_size[1])
-                    if im.size != (w, h):
-                        im = im.resize((w, h), Image.BICUBIC)
-                a = np.asarray(im, dtype=np.uint8)
+                if max_pixels is not None and im.width * im.height > max_pixels:
+                    raise ImageTooLargeError(f"{name}: {im.width}x{im.height} pixels is more than the "
+                                             f"{max_pixels:,} allowed (a decompression bomb?); send a smaller image")
+                a = _decode(im, image_size, channels)
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        raise DataError(f"{name}: file not found") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not an image file") from None
+        raise DataError(f"{name}: is a folder, not an image file") from None
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{name}: {_reason(e).rstrip('.')}; send a smaller image") from None
     except _DECODE_ERRORS as e:
-        raise DataError(f"{path}: not a readable image ({_reason(e)}); the file is corrupt, truncated or "
-                        f"not an image: replace or delete it") from None
+        reason = _reason(e).replace(repr(path), repr(name)) if in_memory else _reason(e)  # PIL names the object
+        what = "send a JPEG, PNG or other image file" if in_memory else "replace or delete it"
+        raise DataError(f"{name}: not a readable image ({reason}); the file is corrupt, truncated or "
+                        f"not an image: {what}") from None
     # (H, W) or (H, W, C) -> (C, H, W)
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     return np.ascontiguousarray(a)
+
+
+def _decode(im: Image.Image, image_size: Sequence[int] | None, channels: int) -> np.ndarray:
+    """An opened image -> uint8 (H, W) or (H, W, C) in the given channels, at ``image_size`` when given."""
+    if image_size is not None and im.format == "JPEG":
+        # Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding (never below the target;
+        # max side both ways because EXIF may rotate): a large photo decodes several times faster.
+        side = max(int(image_size[0]), int(image_size[1]))
+        im.draft(None, (side, side))
+    im.load()  # decode now: a truncated file fails here, not later
+    im = ImageOps.exif_transpose(im)
+    im = _convert(im, channels)
+    if image_size is not None:
+        h, w = int(image_size[0]), int(image_size[1])
+        if im.size != (w, h):
+            im = im.resize((w, h), Image.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)

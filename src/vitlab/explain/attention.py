@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 DISPLAY_MIN_SIDE = 128  # small inputs (32 px) are shown larger, decoded sharper from the file when there is one
 
 
-def _display_size(image_size: tuple[int, int]) -> tuple[int, int]:
-    scale = max(1, -(-DISPLAY_MIN_SIDE // min(image_size)))
+def display_size(image_size: tuple[int, int], min_side: int = DISPLAY_MIN_SIDE) -> tuple[int, int]:
+    """The model's input size scaled up by a whole factor until its short side is at least ``min_side``."""
+    scale = max(1, -(-min_side // min(image_size)))
     return (image_size[0] * scale, image_size[1] * scale)
 
 
@@ -54,7 +55,7 @@ def attention_panels(loaded: LoadedModel, images: torch.Tensor, *, true_labels: 
         if display is not None:
             shown = display[start:start + batch_size]
         else:
-            shown = resize_uint8(chunk.cpu(), _display_size(tuple(chunk.shape[-2:])))
+            shown = resize_uint8(chunk.cpu(), display_size(tuple(chunk.shape[-2:])))
         size = tuple(shown.shape[-2:])
         heat = upsample_maps(result.maps.cpu(), size)  # (B, H, W)
         head_heat = upsample_maps(result.head_maps.cpu(), size) if heads else None  # (B, heads, H, W)
@@ -102,7 +103,7 @@ def plot_attention(checkpoint: str | Path | LoadedModel, paths: Sequence[str | P
         if len(files) > max_images:
             log.warning("%d images given; the figure shows the first %d", len(files), max_images)
             files = files[:max_images]
-        size = _display_size(loaded.preprocess.image_size)
+        size = display_size(loaded.preprocess.image_size)
         good, shown, names, true = [], [], [], []
         for path in files:
             try:
@@ -126,4 +127,4 @@ def plot_attention(checkpoint: str | Path | LoadedModel, paths: Sequence[str | P
     return items
 
 
-__all__ = ["AttentionItem", "attention_panels", "plot_attention"]
+__all__ = ["AttentionItem", "attention_panels", "display_size", "plot_attention"]

@@ -69,8 +69,6 @@ def predict(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] | 
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files = list_images(paths)
-    k = min(top_k, len(loaded.labels))
-    model_device = next(loaded.model.parameters()).device
     pre = loaded.preprocess
     results: list[Prediction] = []
     for window in _batches(files, max(batch_size, _DECODE_WINDOW)):
@@ -86,12 +84,26 @@ def predict(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] | 
                 ok.append(i)
         window_results = results[len(results) - len(window):]
         for index in _batches(ok, batch_size):
-            x = pre(torch.from_numpy(decoded[index]).to(model_device))  # uint8 (B, C, H, W) -> float
-            probs = loaded.model(x).float().softmax(dim=-1)
-            values, indices = probs.topk(k, dim=-1)
-            for i, vals, idxs in zip(index, values.tolist(), indices.tolist()):
-                window_results[i].top = [(loaded.labels[j], v) for j, v in zip(idxs, vals)]
+            names = [window_results[i].file for i in index]
+            for i, done in zip(index, predict_decoded(loaded, torch.from_numpy(decoded[index]), names, top_k)):
+                window_results[i].top = done.top
     return results
+
+
+@torch.inference_mode()
+def predict_decoded(loaded: LoadedModel, images: torch.Tensor, names: Sequence[str],
+                    top_k: int = 5) -> list[Prediction]:
+    """Top-``top_k`` predictions for images already decoded at the model's size and channels (uint8
+    ``(B, C, H, W)``, as :func:`vitlab.data.decode_image` gives them), named ``names``: the step
+    :func:`predict` runs on each batch of files, for callers that decode in memory (the web server)."""
+    if top_k < 1:
+        raise ConfigError(f"top_k={top_k} must be at least 1")
+    device = next(loaded.model.parameters()).device
+    x = loaded.preprocess(images.to(device))  # uint8 (B, C, H, W) -> float
+    probs = loaded.model(x).float().softmax(dim=-1)
+    values, indices = probs.topk(min(top_k, len(loaded.labels)), dim=-1)
+    return [Prediction(file=name, top=[(loaded.labels[j], v) for j, v in zip(idxs, vals)])
+            for name, vals, idxs in zip(names, values.tolist(), indices.tolist())]
 
 
 def format_table(results: Sequence[Prediction]) -> str:
@@ -110,4 +122,4 @@ def format_table(results: Sequence[Prediction]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Prediction", "predict", "format_table"]
+__all__ = ["Prediction", "predict", "predict_decoded", "format_table"]
