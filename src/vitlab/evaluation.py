@@ -341,9 +341,6 @@ def fit_calibration(loaded: LoadedModel, splits: DatasetSplits, *, batch_size: i
         log.warning("the fitted temperature %.4g is at the edge of the search range %s: the validation split "
                     "(%d images) is too small or too easy to say how confident the model should be",
                     temperature, TEMPERATURE_RANGE, len(val_labels))
-    log.info("temperature %.4f fitted on %d validation images: test ECE %.4f -> %.4f, NLL %.4f -> %.4f",
-             temperature, len(val_labels), record["test_before"]["ece"], record["test_after"]["ece"],
-             record["test_before"]["nll"], record["test_after"]["nll"])
     return {"temperature": temperature, **record}
 
 

@@ -110,10 +110,13 @@ def _reliability_panel(ax_acc, ax_count, bins: dict, label: str) -> None:
     full = count > 0
     ax_acc.bar(left[full], accuracy[full], width[full], align="edge", color="tab:blue", edgecolor="black",
                linewidth=0.5, label="accuracy")
-    gap_bottom = np.minimum(accuracy, confidence)[full]
-    ax_acc.bar(left[full], np.abs(confidence - accuracy)[full], width[full], bottom=gap_bottom, align="edge",
-               color="tab:red", alpha=0.35, hatch="//", edgecolor="tab:red", linewidth=0.5,
-               label="gap to the mean confidence")
+    for side, colour, meaning in ((confidence > accuracy, "tab:red", "overconfident: gap up to the confidence"),
+                                  (confidence < accuracy, "tab:green", "underconfident: gap down to it")):
+        shown = full & side
+        if shown.any():
+            ax_acc.bar(left[shown], np.abs(confidence - accuracy)[shown], width[shown], align="edge",
+                       bottom=np.minimum(accuracy, confidence)[shown], color=colour, alpha=0.35, hatch="//",
+                       edgecolor=colour, linewidth=0.5, label=meaning)
     ax_acc.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfectly calibrated")
     ax_acc.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy in the bin", title=label)
     ax_acc.legend(loc="upper left", fontsize=8)

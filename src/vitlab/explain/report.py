@@ -99,20 +99,21 @@ def _curves_html(history: list[dict]) -> list[str]:
 
 def loss_story(history: list[dict]) -> str:
     """One sentence on the test loss and accuracy curves: whether the loss rose after its lowest epoch while
-    the accuracy did not fall, and why that happens."""
+    the accuracy went on improving, and why that happens."""
     tested = [row for row in history if row.get("top1") is not None]
     if not tested:
         return "No epoch was evaluated on the test split."
-    low, last = min(tested, key=lambda row: row["test_loss"]), tested[-1]
-    if last["test_loss"] > low["test_loss"] and last["top1"] >= low["top1"]:
-        return (f"From epoch {low['epoch']} to {last['epoch']} the test loss rose from {low['test_loss']:.3f} to "
-                f"{last['test_loss']:.3f} while the top-1 accuracy went from {100 * low['top1']:.2f}% to "
-                f"{100 * last['top1']:.2f}%: the model became more confident than it is right, and the loss "
+    low = min(tested, key=lambda row: row["test_loss"])
+    later = [row for row in tested if row["epoch"] > low["epoch"]]
+    best = max(later, key=lambda row: row["top1"]) if later else low
+    if best["top1"] > low["top1"] and best["test_loss"] > low["test_loss"]:
+        return (f"From epoch {low['epoch']} to {best['epoch']} the test loss rose from {low['test_loss']:.3f} to "
+                f"{best['test_loss']:.3f} while the top-1 accuracy went from {100 * low['top1']:.2f}% to "
+                f"{100 * best['top1']:.2f}%: the model became more confident than it is right, and the loss "
                 "(the mean negative log-probability of the true class) punishes each confident mistake more, "
                 "while the accuracy counts only which class is on top.")
-    return (f"The test loss was lowest at epoch {low['epoch']} ({low['test_loss']:.3f}) and "
-            f"{last['test_loss']:.3f} after the last (top-1 {100 * low['top1']:.2f}% then, "
-            f"{100 * last['top1']:.2f}% at the end): it did not rise while the accuracy improved.")
+    return (f"The test loss was lowest at epoch {low['epoch']} ({low['test_loss']:.3f}, top-1 "
+            f"{100 * low['top1']:.2f}%) and did not rise while the accuracy improved after it.")
 
 
 def calibration_story(before: dict, calibration: dict | None) -> str:
@@ -143,6 +144,11 @@ def _calibration_html(history: list[dict], calibration: dict | None, result: dic
             f"<p>{html.escape(loss_story(history))} {calibration_story(before, calibration)}</p>"]
 
 
+def _scaled(result: dict) -> str:
+    t = result.get("temperature", 1.0)
+    return f" (the logits divided by the fitted temperature T = {t:.3f})" if t != 1.0 else ""
+
+
 def _results_html(run: Path, loaded: LoadedModel, num_images: int, method: str,
                   history: list[dict]) -> list[str]:
     """Test accuracy, confusion matrix, per-class accuracy, most confused pairs and the image grid: from a fresh
@@ -167,7 +173,7 @@ def _results_html(run: Path, loaded: LoadedModel, num_images: int, method: str,
     return [
         "<h2>Test accuracy</h2>",
         f'<p>top-1 <b>{100 * result["top1"]:.2f}%</b>, top-5 {100 * result["top5"]:.2f}%, '
-        f'test loss {result["test_loss"]:.4f}. <span class="note">{note}</span></p>',
+        f'test loss {result["test_loss"]:.4f}{_scaled(result)}. <span class="note">{note}</span></p>',
         *(_calibration_html(history, read_calibration(loaded.path), result) if "reliability" in result else []),
         "<h2>Confusion matrix</h2>", _img(figure_bytes(confusion_figure(confusion, classes)), "confusion matrix"),
         "<h2>Per-class accuracy</h2>",

@@ -129,7 +129,7 @@ def _train(r: "_Run", progress) -> TrainResult:
     if r.d.is_main and state.history:
         if final_eval is not None:
             write_json(r.dir / EVAL, final_eval)
-        if config.calibrate and stopped == "completed":
+        if config.calibrate and stopped != "stop_after_epoch":  # not a pause: the run's model is final
             calibration = _calibrate(r)
         if config.plots:
             plot_run_files(r.dir, state.history, final_eval, calibration)
