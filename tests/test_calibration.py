@@ -116,8 +116,9 @@ def test_tally_nll_brier_and_calibration_from_logits_batch_by_batch_and_summed()
         one.update(z, y)
         halves[i % 2].update(z, y)
     a, b = halves
-    for ours, theirs in zip((a.loss, a.brier, a.count, *a.bins.tensors()), (b.loss, b.brier, b.count, *b.bins.tensors())):
-        ours += theirs  # what reduce()'s all_reduce does across two processes
+    for ours, theirs in zip((a.loss, a.brier, a.count, *a.bins.tensors()),
+                            (b.loss, b.brier, b.count, *b.bins.tensors())):
+        ours += theirs  # what reduce()'s all_reduce does across two processes (tests/test_train_ddp.py: really)
     probs = logits.softmax(-1)
     brier = ((probs.double() - F.one_hot(labels, 7).double()) ** 2).sum(-1).mean()
     reference = {"nll": float(F.cross_entropy(logits.double(), labels)), "brier": float(brier),
@@ -285,6 +286,13 @@ def test_onnx_export_divides_the_logits_by_the_temperature(calibrated_run, tmp_p
         assert main(["export", str(result.run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert "not applied by a hf export" in caplog.text
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["logit_temperature"] == loaded.temperature
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["export", str(result.run_dir), "--format", "timm", "--out", str(tmp_path / "t.safetensors")]) == 0
+    assert "not applied by a timm export" in caplog.text
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "hf"))
+    assert hf.config.logit_temperature == loaded.temperature  # kept, though transformers does not apply it
 
 
 def test_a_run_without_a_temperature_loads_with_one(calibrated_run, tmp_path):

@@ -61,6 +61,7 @@ class CalibrationBins:
         self.confidence.index_add_(0, slot, confidence.to(self.confidence.dtype))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The sums (count, correct, confidence per bin), for summing across processes."""
         return self.count, self.correct, self.confidence
 
     def result(self) -> dict:

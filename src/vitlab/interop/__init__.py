@@ -292,10 +292,11 @@ def export(model_or_path: VisionTransformer | LoadedModel | str | Path, out: str
         return EXPORT_FORMATS[format](model, out)
     if format == "onnx":
         return export_onnx(model, out, temperature=temperature)
+    path = export_hf(model, out, temperature=temperature) if format == "hf" else export_timm(model, out)
     log.warning("the model's fitted temperature %.4f is not applied by a %s export: divide its logits by it "
                 "before the softmax%s", temperature, format,
                 " (config.json records it as 'logit_temperature')" if format == "hf" else "")
-    return export_hf(model, out, temperature=temperature) if format == "hf" else export_timm(model, out)
+    return path
 
 
 __all__ = ["FORMATS", "detect_format", "load", "LoadedModel", "load_pretrained", "convert", "export", "export_onnx",
