@@ -323,3 +323,15 @@ def test_calibrate_refuses_a_run_that_trained_on_every_image_and_uses_a_val_fold
     record = calibrate(run.run_dir, device="cpu", precision="fp32")
     assert record["val_images"] == 12  # the val/ folder, 4 images of each class
     assert record["test_before"]["top1"] == record["test_after"]["top1"]
+
+
+def test_the_report_says_when_the_loss_rose_while_the_accuracy_improved():
+    from vitlab.explain.report import loss_story
+
+    rows = [(1, 1.9, 0.30), (2, 1.5, 0.45), (3, 1.6, 0.47), (4, 1.7, 0.49), (5, 1.8, 0.46)]
+    history = [{"epoch": e, "train_loss": 1.0, "test_loss": loss, "top1": top1} for e, loss, top1 in rows]
+    assert loss_story(history).startswith("From epoch 2 to 4 the test loss rose from 1.500 to 1.700 while the "
+                                          "top-1 accuracy went from 45.00% to 49.00%: the model became more "
+                                          "confident than it is right")
+    falling = [{**row, "test_loss": 2.0 - 0.1 * row["epoch"]} for row in history]
+    assert loss_story(falling).startswith("The test loss was lowest at epoch 5 (1.500, top-1 46.00%) and did not rise")
