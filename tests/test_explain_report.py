@@ -58,12 +58,14 @@ def test_report_is_self_contained_with_real_numbers(run, tmp_path):
     out, root = run
     path = write_report(out, tmp_path / "r.html", num_images=6)
     page = path.read_text()
-    for heading in ("Loss and accuracy", "Confusion matrix", "Per-class accuracy", "Most confused pairs",
+    for heading in ("Loss, accuracy and calibration", "Calibration: do the probabilities mean what they say?",
+                    "Confusion matrix", "Per-class accuracy", "Most confused pairs",
                     "Test images: predictions and attention", "Configuration"):
         assert f"<h2>{heading}</h2>" in page
     # Every image is embedded and decodes as a PNG; nothing is fetched from elsewhere.
     sources = re.findall(r'<img [^>]*src="([^"]+)"', page)
-    assert len(sources) == 3  # curves, confusion matrix, attention grid
+    assert len(sources) == 4  # curves, reliability diagram, confusion matrix, attention grid
+    assert "no temperature was fitted" in page  # the run trained without calibrate=true
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
@@ -99,7 +101,7 @@ def test_report_falls_back_to_eval_json_when_data_is_gone(run, tmp_path):
     (moved / "config.yaml").write_text(re.sub(r"data: .*", f"data: folder:{tmp_path / 'gone'}", config, count=1))
     page = write_report(moved, checkpoint="last").read_text()
     assert "could not be loaded" in page and "eval.json" in page
-    assert len(re.findall(r"<img ", page)) == 2  # curves and confusion matrix, no image grid
+    assert len(re.findall(r"<img ", page)) == 3  # curves, reliability diagram, confusion matrix; no image grid
     import json
 
     top1 = json.loads((moved / "eval.json").read_text())["top1"]

@@ -1,7 +1,7 @@
 """The Python functions a user calls; each CLI command is a thin wrapper over one of them.
 
-``vitlab.train(config)``, ``vitlab.evaluate(checkpoint, data)``, ``vitlab.load(path)``, ``vitlab.plot_run(run)``
-and ``vitlab.list_recipes()``.
+``vitlab.train(config)``, ``vitlab.evaluate(checkpoint, data)``, ``vitlab.calibrate(run)``, ``vitlab.load(path)``,
+``vitlab.plot_run(run)`` and ``vitlab.list_recipes()``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from vitlab._files import read_json
 from vitlab.config import RECIPE_META_KEYS, RECIPES_DIR, TrainConfig, config_from_dict, load_yaml, to_dict
 from vitlab.data import DatasetSplits
 from vitlab.errors import DataError
-from vitlab.evaluation import evaluate
+from vitlab.evaluation import calibrate, evaluate
 from vitlab.interop import LoadedModel, load
 from vitlab.plots import plot_run_files
-from vitlab.runs import CONFIG_YAML, EVAL, read_metrics, require_run_folder
+from vitlab.runs import CONFIG_YAML, EVAL, read_calibration, read_metrics, require_run_folder
 from vitlab.training import TrainResult, fit
 
 
@@ -56,14 +56,15 @@ def resume_config(run: str | Path, changes: dict[str, Any] | None = None) -> Tra
 
 
 def plot_run(run: str | Path) -> list[Path]:
-    """Draw ``curves.png`` (train and test loss, test accuracy per epoch) into run folder ``run`` and, when it
-    has ``eval.json``, ``confusion_matrix.png``; return the files written."""
+    """Draw ``curves.png`` (train and test loss, test accuracy and calibration error per epoch) into run folder
+    ``run`` and, when it has ``eval.json``, ``confusion_matrix.png`` and ``reliability.png`` (before and after
+    its fitted temperature, when it has one); return the files written."""
     run = Path(run)
     history = read_metrics(run)
     if not history:
         raise DataError(f"{run / 'metrics.jsonl'} is empty: the run has not finished an epoch yet")
     final_eval = read_json(run / EVAL) if (run / EVAL).is_file() else None
-    return plot_run_files(run, history, final_eval)
+    return plot_run_files(run, history, final_eval, read_calibration(run))
 
 
 def list_recipes() -> list[dict[str, Any]]:
@@ -79,4 +80,4 @@ def list_recipes() -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["train", "resume_config", "evaluate", "load", "LoadedModel", "plot_run", "list_recipes"]
+__all__ = ["train", "resume_config", "evaluate", "calibrate", "load", "LoadedModel", "plot_run", "list_recipes"]

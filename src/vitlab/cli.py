@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from vitlab._version import __version__
-from vitlab.api import evaluate, list_recipes, plot_run, resume_config, train
+from vitlab.api import calibrate, evaluate, list_recipes, plot_run, resume_config, train
 from vitlab.bench import benchmark, format_result
 from vitlab.config import apply_overrides, load_train_config, parse_override
 from vitlab.data import dataset_info
@@ -81,7 +81,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a checkpoint (any format vitlab.load reads) to ONNX or a Hugging Face folder."""
     loaded = load(args.checkpoint, format=args.input_format, num_heads=args.num_heads)
-    out = export(loaded.model, args.out, format=args.format)
+    out = export(loaded, args.out, format=args.format)  # with its fitted temperature, where the format can
     print(f"{args.checkpoint} -> {out} ({args.format})")
     return 0
 
@@ -223,6 +223,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs = len(result.history)
         print(f"test accuracy: {100 * result.top1:.2f}%{best} after {epochs} epoch{'s' if epochs != 1 else ''}, "
               f"{result.wall_time / 60:.1f} min")
+    if result.calibration is not None:
+        print(format_calibration(result.calibration))
     if result.stopped != "completed":
         print(f"stopped early ({result.stopped.replace('_', ' ')}); continue with: vitlab train --resume "
               f"{result.run_dir}")
@@ -242,10 +244,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{result['checkpoint']} on {result['data']} ({result['count']} test images)")
     print(f"test loss {result['test_loss']:.4f}   top-1 {100 * result['top1']:.2f}%   top-5 "
           f"{100 * result['top5']:.2f}%")
+    scaled = f" (logits / T, the fitted temperature T = {result['temperature']:.4f})" \
+        if result["temperature"] != 1.0 else ""
+    print(f"calibration{scaled}: NLL {result['nll']:.4f}   ECE {100 * result['ece']:.2f}%   MCE "
+          f"{100 * result['mce']:.2f}%   L2 {100 * result['ece_l2']:.2f}%   Brier {result['brier']:.4f}")
     width = max(len(c) for c in result["classes"])
     for name, acc in result["per_class"].items():
         print(f"  {name:<{width}}  {100 * acc:6.2f}%")
     print(f"wrote {out}/eval.json and {out}/confusion_matrix.png")
+    return 0
+
+
+def format_calibration(result: dict) -> str:
+    """The fitted temperature and the test split's calibration before and after it, as lines of text."""
+    before, after = result["test_before"], result["test_after"]
+    rows = [f"temperature T = {result['temperature']:.4f}, fitted on {result['val_images']:,} validation images "
+            f"(NLL {result['val_nll_before']:.4f} -> {result['val_nll_after']:.4f})",
+            f"{'test split':<14}{'top-1':>9}{'NLL':>9}{'ECE':>9}{'MCE':>9}{'Brier':>9}"]
+    for name, r in (("before (T=1)", before), ("after", after)):
+        rows.append(f"{name:<14}{100 * r['top1']:>8.2f}%{r['nll']:>9.4f}{100 * r['ece']:>8.2f}%"
+                    f"{100 * r['mce']:>8.2f}%{r['brier']:>9.4f}")
+    return "\n".join(rows)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit the temperature of a run's model on its validation split; print the test split before and after."""
+    result = calibrate(args.run, args.data, batch_size=args.batch_size, device=args.device, precision=args.precision)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['checkpoint']} on {result['data']}")
+    print(format_calibration(result))
+    print(f"saved in {result['checkpoint']}/preprocess.json; predict, report and export now use it")
     return 0
 
 
@@ -279,7 +309,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _training_commands(sub) -> None:
-    """The parsers of ``vitlab train, eval, plot, recipes``."""
+    """The parsers of ``vitlab train, eval, calibrate, plot, recipes``."""
     p = sub.add_parser("train", help="train a ViT (no arguments: the small default model on the built-in digits)")
     p.add_argument("--model", help="model preset (`vitlab models`); default vit-digits-p2")
     p.add_argument("--data", help="data spec: digits, mnist:DIR, cifar10:DIR, folder:DIR, ...; default digits")
@@ -308,6 +338,17 @@ def _training_commands(sub) -> None:
                         "evaluated, its tta_hflip)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="fit a temperature for a run's logits on its validation split "
+                       "(temperature scaling); print ECE and NLL before and after")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--data", help="data spec (default: the run's own); its val/ folder, or the images a run with "
+                   "calibrate=true held out, is what T is fitted on")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("plot", help="draw a run's loss and accuracy curves (and confusion matrix) as PNG")
     p.add_argument("run", metavar="RUN")

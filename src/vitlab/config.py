@@ -415,6 +415,9 @@ class TrainConfig:
     eval_batch_size: int = 512
     tta_hflip: bool = False  # evaluate each test image with its mirror image too (mean of the probabilities)
     plots: bool = True  # write curves.png and confusion_matrix.png at the end
+    # hold out val_fraction of the training images (unless the data has a val/ folder of its own) and fit a
+    # temperature for the logits on them at the end (temperature scaling; `vitlab calibrate RUN` refits it)
+    calibrate: bool = False
     out: str | None = None  # run folder; None = runs/<model>-<data>-<time>
     resume: str | None = None  # a run folder to continue exactly
 
@@ -493,6 +496,11 @@ class TrainConfig:
             raise bad("threads", "must be a positive integer or null (PyTorch's default)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise bad("seed", "must be an integer")
+        if not isinstance(self.calibrate, bool):
+            raise bad("calibrate", "must be true or false")
+        if self.calibrate and not self.val_fraction > 0:
+            raise bad("val_fraction", "must be > 0 with calibrate=true: that fraction of the training images is "
+                      "held out to fit the temperature on")
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A validated copy with some fields changed."""

@@ -1,13 +1,17 @@
-"""Scoring a classifier on labelled images: test loss, top-1, top-5, per-class accuracy, the confusion matrix.
+"""Scoring a classifier on labelled images: test loss, top-1, top-5, per-class accuracy, the confusion matrix,
+and calibration (NLL, ECE, MCE, the L2 calibration error, the Brier score, a reliability histogram).
 
 - :func:`evaluate_model`: a model object on a dataset split (training calls it after its epochs).
 - :func:`evaluate`: a trained model (a run or checkpoint folder, or any file :func:`vitlab.load` reads) on
   the test split of a data spec, by default its own run's data. A folder without a test split is split by the
   run's own ``val_fraction`` and ``seed``, so it scores exactly the images the run held out.
+- :func:`calibrate`: fit the temperature T that the logits are divided by (temperature scaling, Guo et al.
+  2017) on a validation split, never the test split, and save it with the checkpoint's preprocessing.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -18,28 +22,85 @@ import torch.nn.functional as F
 
 from vitlab._device import autocast, default_precision, resolve_device, sum_dtype
 from vitlab._files import ensure_folder, write_json
-from vitlab.data import BatchLoader, DatasetSplits, EvalTransform, load_data
+from vitlab.data import BatchLoader, DatasetSplits, EvalTransform, has_own_val, load_data, with_val_split
 from vitlab.errors import ConfigError, DataError
 from vitlab.interop import LoadedModel, load
-from vitlab.plots import RUN_FIGURE_DPI, confusion_figure, save_figure
-from vitlab.runs import CONFUSION, EVAL, is_run_folder, read_run_config
+from vitlab.plots import RUN_FIGURE_DPI, calibration_figure, confusion_figure, save_figure
+from vitlab.runs import (CONFUSION, EVAL, RELIABILITY, is_run_folder, read_calibration, read_run_config,
+                         write_temperature)
+
+log = logging.getLogger(__name__)
+
+
+CALIBRATION_BINS = 15
+
+
+class CalibrationBins:
+    """The top-label reliability histogram: per confidence bin, how many samples, how many right, and the sum
+    of their confidences (the top softmax probability), as sums that add up over batches and processes.
+
+    The bins are torchmetrics' ``MulticlassCalibrationError`` (and Guo et al.'s): ``num_bins`` equal-width
+    bins on [0, 1] with edges ``torch.linspace(0, 1, num_bins + 1)`` in float32; a confidence on an edge
+    belongs to the bin above it, and a confidence of exactly 1 to an extra last slot of its own, which the
+    errors count like any bin (``torch.bucketize(..., right=True) - 1``).
+    """
+
+    def __init__(self, device: torch.device, num_bins: int = CALIBRATION_BINS):
+        self.edges = torch.linspace(0, 1, num_bins + 1, device=device)
+        self.count = torch.zeros(num_bins + 1, dtype=torch.int64, device=device)
+        self.correct = torch.zeros(num_bins + 1, dtype=torch.int64, device=device)
+        self.confidence = torch.zeros(num_bins + 1, dtype=sum_dtype(device), device=device)
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch: ``probs`` (B, K) class probabilities, ``labels`` (B,)."""
+        confidence, predicted = probs.float().max(dim=-1)
+        slot = torch.bucketize(confidence, self.edges, right=True) - 1  # (B,)
+        slots = len(self.count)
+        self.count += torch.bincount(slot, minlength=slots)
+        self.correct += torch.bincount(slot[predicted == labels], minlength=slots)
+        self.confidence.index_add_(0, slot, confidence.to(self.confidence.dtype))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The sums (count, correct, confidence per bin), for summing across processes."""
+        return self.count, self.correct, self.confidence
+
+    def result(self) -> dict:
+        """``ece`` (L1), ``mce`` (max), ``ece_l2`` (root of the count-weighted mean squared gap) and
+        ``reliability``: the bins' edges, counts, accuracies and mean confidences (0 where a bin is empty)."""
+        count = self.count.double().cpu()
+        accuracy = self.correct.double().cpu() / count.clamp(min=1)
+        confidence = self.confidence.double().cpu() / count.clamp(min=1)
+        gap = (accuracy - confidence).abs()
+        weight = count / count.sum().clamp(min=1)
+        return {"ece": float((gap * weight).sum()), "mce": float(gap.max()),
+                "ece_l2": math.sqrt(float((gap ** 2 * weight).sum())),
+                "reliability": {"edges": self.edges.cpu().tolist(), "count": self.count.cpu().tolist(),
+                                "accuracy": accuracy.tolist(), "confidence": confidence.tolist()}}
 
 
 class ClassificationTally:
-    """Sums over evaluation batches, kept on the device (no host sync per batch): loss, top-1, top-5 hits and
-    the confusion matrix. ``reduce()`` sums across processes; ``result()`` turns the sums into metrics."""
+    """Sums over evaluation batches, kept on the device (no host sync per batch): loss, top-1, top-5 hits, the
+    confusion matrix, the Brier score and the reliability histogram (:class:`CalibrationBins`). ``reduce()``
+    sums across processes; ``result()`` turns the sums into metrics."""
 
     def __init__(self, num_classes: int, device: torch.device):
         self.num_classes = num_classes
         self.loss = torch.zeros((), dtype=sum_dtype(device), device=device)
+        self.brier = torch.zeros((), dtype=sum_dtype(device), device=device)
         self.top1 = torch.zeros((), dtype=torch.int64, device=device)
         self.top5 = torch.zeros((), dtype=torch.int64, device=device)
         self.count = torch.zeros((), dtype=torch.int64, device=device)
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)  # (true, pred)
+        self.bins = CalibrationBins(device)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits = logits.float()
         self.loss += F.cross_entropy(logits, labels, reduction="sum").to(self.loss.dtype)
+        probs = logits.softmax(dim=-1)
+        self.bins.update(probs, labels)
+        # Brier: sum over classes of (p - onehot)^2 = sum p^2 - 2 p_true + 1, in [0, 2]
+        brier = probs.square().sum(-1) - 2 * probs.gather(1, labels[:, None]).squeeze(1) + 1
+        self.brier += brier.sum().to(self.brier.dtype)
         k = min(5, self.num_classes)
         topk = logits.topk(k, dim=-1).indices  # (B, k)
         hits = topk == labels[:, None]
@@ -52,47 +113,34 @@ class ClassificationTally:
     def reduce(self) -> None:
         """Sum the tallies of all processes (no-op without torch.distributed)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for t in (self.loss, self.top1, self.top5, self.count, self.confusion):
+            for t in (self.loss, self.brier, self.top1, self.top5, self.count, self.confusion, *self.bins.tensors()):
                 dist.all_reduce(t)
 
     def result(self, classes: list[str] | None = None) -> dict:
-        """``test_loss``, ``top1``, ``top5`` (fractions), ``per_class`` accuracy and ``confusion`` (rows: true)."""
+        """``test_loss`` (= ``nll``, the mean negative log-likelihood), ``top1``, ``top5`` (fractions), the
+        calibration (``ece``, ``mce``, ``ece_l2``, ``brier``, ``reliability``: see :class:`CalibrationBins`),
+        ``per_class`` accuracy and ``confusion`` (rows: true)."""
         n = max(int(self.count), 1)
         confusion = self.confusion.cpu()
         per_true = confusion.sum(dim=1).clamp(min=1)
         per_class = (confusion.diag() / per_true).tolist()
         names = classes or [str(i) for i in range(self.num_classes)]
         return {"test_loss": float(self.loss) / n, "top1": int(self.top1) / n, "top5": int(self.top5) / n,
+                "nll": float(self.loss) / n, "brier": float(self.brier) / n, **self.bins.result(),
                 "count": int(self.count), "classes": names,
                 "per_class": {name: acc for name, acc in zip(names, per_class)},
                 "confusion": confusion.tolist()}
 
 
-@torch.no_grad()
-def evaluate_model(model: torch.nn.Module, dataset, *, mean, std, image_size=None, batch_size: int = 512,
-                   device: str | torch.device = "cpu", precision: str = "fp32", classes: list[str] | None = None,
-                   tta_hflip: bool = False) -> dict:
-    """Test loss, top-1, top-5, per-class accuracy and confusion matrix of ``model`` on ``dataset`` (an
-    :class:`~vitlab.data.ArrayDataset` of uint8 images), normalised with ``mean``/``std``.
-
-    With ``tta_hflip`` (test-time augmentation) each image is scored with its mirror image as well and the two
-    class probabilities are averaged; the loss is the cross-entropy of that average.
-
-    Under torch.distributed each rank takes every world_size-th image (no padding, so no image counts
-    twice) and the sums are reduced, so every rank returns the same result.
-    """
-    device = torch.device(device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
-        else (0, 1)
-    if world > 1:
-        dataset = dataset.subset(torch.arange(rank, len(dataset), world))
-    size = tuple(image_size) if image_size is not None else tuple(dataset.images.shape[-2:])
-    transform = EvalTransform(mean=tuple(mean), std=tuple(std), image_size=size)
-    num_classes = len(classes) if classes else int(getattr(model, "config").num_classes)
-    tally = ClassificationTally(num_classes, device)
+def _logits(model: torch.nn.Module, dataset, transform: EvalTransform, *, batch_size: int, device: torch.device,
+            precision: str, tta_hflip: bool):
+    """(logits (B, K) float32, labels (B,)) of ``dataset`` batch by batch, the model in eval mode. With
+    ``tta_hflip`` the logits are the log of the mean probability of each image and its mirror image."""
     was_training = model.training
     model.eval()
-    if len(dataset):
+    try:
+        if not len(dataset):
+            return
         loader = BatchLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, device=device)
         for images, labels in loader:
             inputs = transform(images)
@@ -103,10 +151,42 @@ def evaluate_model(model: torch.nn.Module, dataset, *, mean, std, image_size=Non
             if tta_hflip:  # log of the mean probability: its log-softmax is itself
                 logits = torch.logsumexp(torch.stack([logits.float().log_softmax(-1),
                                                       mirrored.float().log_softmax(-1)]), 0) - math.log(2)
-            tally.update(logits, labels)
-    model.train(was_training)
+            yield logits.float(), labels
+    finally:
+        model.train(was_training)
+
+
+def _eval_transform(dataset, mean, std, image_size) -> EvalTransform:
+    size = tuple(image_size) if image_size is not None else tuple(dataset.images.shape[-2:])
+    return EvalTransform(mean=tuple(mean), std=tuple(std), image_size=size)
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, dataset, *, mean, std, image_size=None, batch_size: int = 512,
+                   device: str | torch.device = "cpu", precision: str = "fp32", classes: list[str] | None = None,
+                   tta_hflip: bool = False, temperature: float = 1.0) -> dict:
+    """Test loss, top-1, top-5, calibration, per-class accuracy and confusion matrix of ``model`` on
+    ``dataset`` (an :class:`~vitlab.data.ArrayDataset` of uint8 images), normalised with ``mean``/``std``.
+
+    With ``tta_hflip`` (test-time augmentation) each image is scored with its mirror image as well and the two
+    class probabilities are averaged; the loss is the cross-entropy of that average. The logits are divided by
+    ``temperature`` (a fitted one: :func:`calibrate`) before they are scored.
+
+    Under torch.distributed each rank takes every world_size-th image (no padding, so no image counts
+    twice) and the sums are reduced, so every rank returns the same result.
+    """
+    device = torch.device(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+        else (0, 1)
+    if world > 1:
+        dataset = dataset.subset(torch.arange(rank, len(dataset), world))
+    num_classes = len(classes) if classes else int(getattr(model, "config").num_classes)
+    tally = ClassificationTally(num_classes, device)
+    for logits, labels in _logits(model, dataset, _eval_transform(dataset, mean, std, image_size),
+                                  batch_size=batch_size, device=device, precision=precision, tta_hflip=tta_hflip):
+        tally.update(logits / temperature, labels)
     tally.reduce()
-    return tally.result(classes)
+    return {**tally.result(classes), "temperature": float(temperature)}
 
 
 def check_classes(model_config, classes: list[str], data: str, source) -> None:
@@ -126,13 +206,9 @@ def _run_config(loaded: LoadedModel) -> dict[str, Any]:
     return read_run_config(run) if loaded.path.is_dir() and is_run_folder(run) else {}
 
 
-def evaluate_held_out(loaded: LoadedModel, data: str | None = None, *, batch_size: int = 512,
-                      device: str | torch.device = "cpu", precision: str = "fp32", tta_hflip: bool | None = None,
-                      cache_dir: str | None = None, workers: int | None = None) -> tuple[dict, DatasetSplits]:
-    """Score ``loaded`` on the test split of ``data`` (default: its run's data spec), loaded as its run loaded it
-    (``val_fraction``, ``seed``, ``skip_bad_files``, the run's ``cache_dir`` unless given); ``tta_hflip`` None:
-    as the run evaluated. Returns the result and the dataset (whose ``test`` split was scored)."""
-    run_config = _run_config(loaded)
+def _load_like_run(loaded: LoadedModel, data: str | None, run_config: dict[str, Any], cache_dir: str | None,
+                   workers: int | None) -> DatasetSplits:
+    """The dataset ``data`` (default: the run's data spec) loaded as ``loaded``'s run loaded it."""
     spec = data or run_config.get("data")
     if not spec:
         raise ConfigError(f"{loaded.path}: no run config.yaml names its data; pass the data spec (--data SPEC)")
@@ -142,11 +218,24 @@ def evaluate_held_out(loaded: LoadedModel, data: str | None = None, *, batch_siz
                        cache_dir=cache_dir or run_config.get("cache_dir"),
                        skip_bad_files=bool(run_config.get("skip_bad_files", False)), workers=workers)
     check_classes(loaded.model.config, list(splits.classes), spec, loaded.path)
+    return splits
+
+
+def evaluate_held_out(loaded: LoadedModel, data: str | None = None, *, batch_size: int = 512,
+                      device: str | torch.device = "cpu", precision: str = "fp32", tta_hflip: bool | None = None,
+                      cache_dir: str | None = None, workers: int | None = None) -> tuple[dict, DatasetSplits]:
+    """Score ``loaded`` on the test split of ``data`` (default: its run's data spec), loaded as its run loaded it
+    (``val_fraction``, ``seed``, ``skip_bad_files``, the run's ``cache_dir`` unless given); ``tta_hflip`` None:
+    as the run evaluated. The logits are divided by ``loaded.temperature``, as prediction divides them.
+    Returns the result and the dataset (whose ``test`` split was scored)."""
+    run_config = _run_config(loaded)
+    splits = _load_like_run(loaded, data, run_config, cache_dir, workers)
     flip = bool(run_config.get("tta_hflip", False)) if tta_hflip is None else tta_hflip
+    pre = loaded.preprocess
     result = evaluate_model(loaded.model, splits.test, mean=pre.mean, std=pre.std, image_size=pre.image_size,
                             batch_size=batch_size, device=device, precision=precision, classes=loaded.labels,
-                            tta_hflip=flip)
-    return {"checkpoint": str(loaded.path), "data": spec, **result}, splits
+                            tta_hflip=flip, temperature=loaded.temperature)
+    return {"checkpoint": str(loaded.path), "data": splits.spec, **result}, splits
 
 
 def evaluate(checkpoint: str | Path | LoadedModel, data: str | None = None, *, batch_size: int = 512,
@@ -177,4 +266,126 @@ def evaluate(checkpoint: str | Path | LoadedModel, data: str | None = None, *, b
     return result
 
 
-__all__ = ["ClassificationTally", "evaluate_model", "evaluate_held_out", "evaluate", "check_classes"]
+# ---------------------------------------------------------------- temperature scaling
+TEMPERATURE_RANGE = (0.01, 100.0)
+SCORES = ("top1", "nll", "ece", "mce", "ece_l2", "brier", "reliability")
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T in :data:`TEMPERATURE_RANGE` that minimises the mean negative log-likelihood of
+    softmax(``logits`` / T) for ``labels``: a golden-section search on log T, in float64. The NLL is convex in
+    1/T, so it has one minimum and the search finds it; dividing by T > 0 never changes the top class."""
+    if not len(labels):
+        raise DataError("no images to fit a temperature on: the validation split is empty")
+    z, y = logits.detach().double().cpu(), labels.cpu()
+
+    def nll(log_t: float) -> float:
+        return float(F.cross_entropy(z / math.exp(log_t), y))
+
+    lo, hi = (math.log(t) for t in TEMPERATURE_RANGE)
+    shrink = (math.sqrt(5) - 1) / 2
+    a, b = hi - shrink * (hi - lo), lo + shrink * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    while hi - lo > 1e-9:
+        if fa <= fb:  # the minimum is left of b
+            hi, b, fb = b, a, fa
+            a = hi - shrink * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + shrink * (hi - lo)
+            fb = nll(b)
+    return math.exp((lo + hi) / 2)
+
+
+def calibration_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Top-1 and the calibration metrics (NLL, ECE, MCE, L2, Brier, the reliability bins) of ``logits``."""
+    tally = ClassificationTally(logits.shape[-1], logits.device)
+    tally.update(logits, labels)
+    result = tally.result()
+    return {key: result[key] for key in SCORES}
+
+
+@torch.no_grad()
+def _all_logits(loaded: LoadedModel, dataset, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits (undivided) and labels of every image of ``dataset``, on the CPU, by this process alone."""
+    pre = loaded.preprocess
+    batches = [(logits.cpu(), labels.cpu()) for logits, labels in
+               _logits(loaded.model, dataset, _eval_transform(dataset, pre.mean, pre.std, pre.image_size),
+                       tta_hflip=False, **kwargs)]
+    if not batches:
+        raise DataError("no images to score: the split is empty")
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def fit_calibration(loaded: LoadedModel, splits: DatasetSplits, *, batch_size: int = 512,
+                    device: str | torch.device = "cpu", precision: str = "fp32") -> dict:
+    """Fit ``loaded``'s temperature on ``splits.val`` (which must not be the test split), score the test split
+    before (T = 1) and after, save T in the checkpoint folder (``preprocess.json``, with ``calibration.json``)
+    and set ``loaded.temperature``. Returns ``{"temperature", "val_images", "val_nll_before", "val_nll_after",
+    "test_before", "test_after"}`` (each ``test_*``: :func:`calibration_scores`)."""
+    if splits.val is None or splits.val is splits.test:
+        raise ConfigError("a temperature is fitted on a validation split apart from the test split; "
+                          "pass splits made by vitlab.data.with_val_split")
+    kwargs = dict(batch_size=batch_size, device=torch.device(device), precision=precision)
+    val_logits, val_labels = _all_logits(loaded, splits.val, **kwargs)
+    temperature = fit_temperature(val_logits, val_labels)
+    test_logits, test_labels = _all_logits(loaded, splits.test, **kwargs)
+    record = {"val_images": len(val_labels),
+              "val_nll_before": float(F.cross_entropy(val_logits.double(), val_labels)),
+              "val_nll_after": float(F.cross_entropy(val_logits.double() / temperature, val_labels)),
+              "test_before": calibration_scores(test_logits, test_labels),
+              "test_after": calibration_scores(test_logits / temperature, test_labels)}
+    write_temperature(loaded.path, temperature, record)
+    loaded.temperature = temperature
+    if not TEMPERATURE_RANGE[0] * 1.01 < temperature < TEMPERATURE_RANGE[1] / 1.01:
+        log.warning("the fitted temperature %.4g is at the edge of the search range %s: the validation split "
+                    "(%d images) is too small or too easy to say how confident the model should be",
+                    temperature, TEMPERATURE_RANGE, len(val_labels))
+    return {"temperature": temperature, **record}
+
+
+def figure_folder(loaded: LoadedModel) -> Path:
+    """Where a checkpoint's figures go: its run folder (``RUN/best`` -> ``RUN``), else the checkpoint folder."""
+    return loaded.path.parent if is_run_folder(loaded.path.parent) else loaded.path
+
+
+def save_reliability(loaded: LoadedModel) -> Path:
+    """Draw ``reliability.png`` (before and after the fitted temperature) from the checkpoint's
+    ``calibration.json`` into :func:`figure_folder`."""
+    folder = figure_folder(loaded)
+    fig = calibration_figure(read_calibration(loaded.path), title=folder.name)
+    return save_figure(fig, folder / RELIABILITY, dpi=RUN_FIGURE_DPI)
+
+
+def calibrate(checkpoint: str | Path | LoadedModel, data: str | None = None, *, batch_size: int = 512,
+              device: str = "auto", precision: str = "auto", cache_dir: str | None = None,
+              workers: int | None = None) -> dict:
+    """Fit the temperature of a trained model after the fact and save it beside its weights, so that
+    :func:`vitlab.predict`, the report, the server and the ONNX export divide its logits by it.
+
+    T is fitted on the validation split: the ``val/`` folder of a folder dataset that has one beside ``test/``,
+    else the images a run trained with ``calibrate=true`` held out of its training split (``val_fraction``,
+    ``seed``). A run that trained on all of its training images has none left to fit on (the test split is never
+    used): that is a :class:`ConfigError`. Prints nothing; returns :func:`fit_calibration`'s record (the test
+    split's NLL, ECE, MCE, Brier before and after) and writes ``reliability.png``.
+    """
+    dev = resolve_device(device)
+    precision = default_precision(dev) if precision == "auto" else precision
+    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load(checkpoint, device=str(dev))
+    run_config = _run_config(loaded)
+    splits = _load_like_run(loaded, data, run_config, cache_dir, workers)
+    if not run_config.get("calibrate") and not has_own_val(splits):
+        raise ConfigError(f"{loaded.path}: its run trained on every training image of {splits.spec} (calibrate "
+                          "was false) and the data has no val/ folder, so no image is left to fit a temperature "
+                          "on (never the test split); train with --set calibrate=true, which holds out "
+                          "val_fraction of the training images, or pass --data a folder with a val/ folder")
+    splits = with_val_split(splits, run_config.get("val_fraction", 0.1), run_config.get("seed", 0))
+    result = fit_calibration(loaded, splits, batch_size=batch_size, device=dev, precision=precision)
+    save_reliability(loaded)
+    return {"checkpoint": str(loaded.path), "data": splits.spec, **result}
+
+
+__all__ = ["CalibrationBins", "ClassificationTally", "evaluate_model", "evaluate_held_out", "evaluate",
+           "check_classes", "fit_temperature", "calibration_scores", "fit_calibration", "calibrate",
+           "save_reliability", "TEMPERATURE_RANGE"]

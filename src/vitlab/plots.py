@@ -1,4 +1,5 @@
-"""Every figure vitlab draws: a run's curves and confusion matrix, and attention maps laid over images.
+"""Every figure vitlab draws: a run's curves, confusion matrix and reliability diagram, and attention maps laid
+over images.
 
 Figures are ``matplotlib.figure.Figure`` objects on an Agg canvas (no pyplot, no global state, no display
 needed): a ``*_figure`` function builds one, :func:`save_figure` writes it atomically (the format from the file
@@ -17,7 +18,7 @@ import torch
 
 from vitlab._files import atomic_write_bytes
 from vitlab.errors import ConfigError
-from vitlab.runs import CONFUSION, CURVES
+from vitlab.runs import CONFUSION, CURVES, RELIABILITY
 
 FIGURE_FORMATS = ("png", "svg", "pdf", "jpg")
 RUN_FIGURE_DPI = 110
@@ -58,28 +59,86 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
 
 # ---------------------------------------------------------------- a run: curves and confusion matrix
 def curves_figure(history: list[dict], title: str | None = None):
-    """Train and test loss per epoch (left) and test top-1 accuracy per epoch (right): the three curves the
-    from-scratch tutorials plot."""
+    """Train and test loss per epoch (left), test top-1 accuracy per epoch (middle) and, when the run logged
+    it, the test expected calibration error per epoch (right): a loss that rises while the accuracy still
+    rises shows as an ECE that rises too."""
     epochs = [row["epoch"] for row in history]
     tested = [row for row in history if row.get("top1") is not None]
-    fig = _figure(11, 4)
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    calibrated = [row for row in tested if row.get("ece") is not None]
+    fig = _figure(16 if calibrated else 11, 4)
+    axes = fig.subplots(1, 3 if calibrated else 2)
+    ax_loss, ax_acc = axes[0], axes[1]
     ax_loss.plot(epochs, [row["train_loss"] for row in history], marker="o", ms=3, label="train loss")
     ax_loss.plot([r["epoch"] for r in tested], [r["test_loss"] for r in tested], marker="o", ms=3,
                  label="test loss")
-    ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
     ax_acc.plot([r["epoch"] for r in tested], [100 * r["top1"] for r in tested], marker="o", ms=3,
                 label="test top-1")
     if any(r.get("ema_top1") is not None for r in tested):
         ax_acc.plot([r["epoch"] for r in tested], [100 * r["ema_top1"] for r in tested], marker="o", ms=3,
                     label="test top-1 (EMA)")
         ax_acc.legend()
-    ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test accuracy (%)")
-    ax_acc.grid(alpha=0.3)
+    if calibrated:
+        axes[2].plot([r["epoch"] for r in calibrated], [100 * r["ece"] for r in calibrated], marker="o", ms=3,
+                     color="firebrick", label="test ECE")
+        axes[2].set_ylabel("test expected calibration error (%)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _display_bins(bins: dict) -> tuple[np.ndarray, ...]:
+    """(left edges, widths, counts, accuracies, mean confidences) of the bins of a reliability record
+    (:class:`vitlab.evaluation.CalibrationBins`); its extra slot of confidences of exactly 1 joins the last bin."""
+    edges = np.asarray(bins["edges"], dtype=float)
+    count = np.asarray(bins["count"], dtype=float)
+    correct = np.asarray(bins["accuracy"], dtype=float) * count
+    conf_sum = np.asarray(bins["confidence"], dtype=float) * count
+    count, correct, conf_sum = (np.append(a[:-2], a[-2] + a[-1]) for a in (count, correct, conf_sum))
+    seen = np.maximum(count, 1)
+    return edges[:-1], np.diff(edges), count, correct / seen, conf_sum / seen
+
+
+def _reliability_panel(ax_acc, ax_count, bins: dict, label: str) -> None:
+    left, width, count, accuracy, confidence = _display_bins(bins)
+    full = count > 0
+    ax_acc.bar(left[full], accuracy[full], width[full], align="edge", color="tab:blue", edgecolor="black",
+               linewidth=0.5, label="accuracy")
+    for side, colour, meaning in ((confidence > accuracy, "tab:red", "overconfident: gap up to the confidence"),
+                                  (confidence < accuracy, "tab:green", "underconfident: gap down to it")):
+        shown = full & side
+        if shown.any():
+            ax_acc.bar(left[shown], np.abs(confidence - accuracy)[shown], width[shown], align="edge",
+                       bottom=np.minimum(accuracy, confidence)[shown], color=colour, alpha=0.35, hatch="//",
+                       edgecolor=colour, linewidth=0.5, label=meaning)
+    ax_acc.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfectly calibrated")
+    ax_acc.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy in the bin", title=label)
+    ax_acc.legend(loc="upper left", fontsize=8)
+    ax_count.bar(left, count, width, align="edge", color="grey", edgecolor="black", linewidth=0.5)
+    ax_count.set(xlim=(0, 1), xlabel="confidence (top class probability)", ylabel="test images")
+    if count.max() > 20 * max(np.median(count[full]), 1):
+        ax_count.set_yscale("log")
+
+
+def reliability_figure(before: dict, after: dict | None = None, *, temperature: float | None = None,
+                       title: str | None = None):
+    """A reliability diagram: per confidence bin, the accuracy of its test images as a bar against the diagonal
+    (where accuracy equals confidence), the gap to the bin's mean confidence shaded, and how many images fall
+    in each bin below. ``before``/``after``: the ``reliability`` of an evaluation (``after``: with the fitted
+    ``temperature``), drawn side by side. A bar below the diagonal is a bin where the model is overconfident."""
+    panels = [(before, "before temperature scaling" if after is not None else "reliability")]
+    if after is not None:
+        panels.append((after, f"after: logits / T, T = {temperature:.3f}" if temperature else "after"))
+    fig = _figure(5.5 * len(panels), 6.5)
+    grid = fig.add_gridspec(2, len(panels), height_ratios=(3, 1))
+    for col, (bins, label) in enumerate(panels):
+        _reliability_panel(fig.add_subplot(grid[0, col]), fig.add_subplot(grid[1, col]), bins, label)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -112,14 +171,34 @@ def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str],
     return fig
 
 
-def plot_run_files(run: str | Path, history: list[dict], final_eval: dict | None) -> list[Path]:
-    """A run folder's figures: ``curves.png`` and, given the last evaluation, ``confusion_matrix.png``."""
+def calibration_figure(calibration: dict, title: str | None = None):
+    """The reliability diagrams of the test split before and after a fitted temperature, from a checkpoint's
+    ``calibration.json`` (:func:`vitlab.evaluation.fit_calibration`)."""
+    t = calibration["temperature"]
+    before, after = calibration["test_before"], calibration["test_after"]
+    summary = (f"temperature {t:.3f}: test ECE {100 * before['ece']:.2f}% -> {100 * after['ece']:.2f}%, "
+               f"NLL {before['nll']:.3f} -> {after['nll']:.3f}")
+    return reliability_figure(before["reliability"], after["reliability"], temperature=t,
+                              title=f"{title}: {summary}" if title else summary)
+
+
+def plot_run_files(run: str | Path, history: list[dict], final_eval: dict | None,
+                   calibration: dict | None = None) -> list[Path]:
+    """A run folder's figures: ``curves.png`` and, given the last evaluation, ``confusion_matrix.png`` and
+    ``reliability.png`` (before and after the fitted temperature, given the checkpoint's ``calibration``)."""
     run = Path(run)
     paths = [save_figure(curves_figure(history, title=run.name), run / CURVES, dpi=RUN_FIGURE_DPI)]
     if final_eval is not None:
         fig = confusion_figure(final_eval["confusion"], final_eval["classes"],
                                title=f"{run.name}: top-1 {100 * final_eval['top1']:.2f}%")
         paths.append(save_figure(fig, run / CONFUSION, dpi=RUN_FIGURE_DPI))
+    if calibration is not None:
+        fig = calibration_figure(calibration, title=run.name)
+        paths.append(save_figure(fig, run / RELIABILITY, dpi=RUN_FIGURE_DPI))
+    elif final_eval is not None and "reliability" in final_eval:
+        fig = reliability_figure(final_eval["reliability"],
+                                 title=f"{run.name}: test ECE {100 * final_eval['ece']:.2f}%")
+        paths.append(save_figure(fig, run / RELIABILITY, dpi=RUN_FIGURE_DPI))
     return paths
 
 
@@ -193,5 +272,6 @@ def attention_figure(panels: Sequence[Panel], title: str | None = None, alpha: f
     return fig
 
 
-__all__ = ["curves_figure", "confusion_figure", "plot_run_files", "Panel", "attention_figure", "heatmap_overlay",
+__all__ = ["curves_figure", "confusion_figure", "reliability_figure", "calibration_figure",
+           "plot_run_files", "Panel", "attention_figure", "heatmap_overlay",
            "save_figure", "figure_bytes", "figure_format", "to_display"]

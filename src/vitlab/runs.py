@@ -5,10 +5,11 @@ RUN/
   config.yaml            the resolved TrainConfig (`--recipe RUN/config.yaml` repeats the run)
   metrics.jsonl          one JSON object per epoch, rewritten with every checkpoint
   eval.json              the last evaluation: per-class accuracy and confusion matrix
-  curves.png, confusion_matrix.png, tensorboard/
+  curves.png, confusion_matrix.png, reliability.png, tensorboard/
   last/  best/           checkpoint folders: config.json + model.safetensors (a save_pretrained folder),
-                         preprocess.json (the input normalisation), and the training state: state.json,
-                         optimizer.safetensors, rng.safetensors, ema.safetensors (when EMA is on)
+                         preprocess.json (the input normalisation, and the temperature the logits are divided
+                         by once one was fitted), calibration.json (what fitting it did), and the training
+                         state: state.json, optimizer.safetensors, rng.safetensors, ema.safetensors (with EMA)
 ```
 
 A checkpoint folder is written beside its final name and swapped in by two renames (:func:`swap_in`), so a
@@ -37,10 +38,10 @@ from vitlab.models.vit import WEIGHTS_NAME as WEIGHTS
 
 # in a run folder
 CONFIG_YAML, METRICS, EVAL = "config.yaml", "metrics.jsonl", "eval.json"
-CURVES, CONFUSION = "curves.png", "confusion_matrix.png"
+CURVES, CONFUSION, RELIABILITY = "curves.png", "confusion_matrix.png", "reliability.png"
 LAST, BEST = "last", "best"
 # in a checkpoint folder, besides CONFIG_JSON and WEIGHTS (a save_pretrained folder's)
-PREPROCESS, STATE = "preprocess.json", "state.json"
+PREPROCESS, STATE, CALIBRATION = "preprocess.json", "state.json", "calibration.json"
 OPTIMIZER, RNG, EMA = "optimizer.safetensors", "rng.safetensors", "ema.safetensors"
 
 
@@ -101,6 +102,34 @@ def write_preprocess(folder: str | Path, *, mean, std, image_size, channels: int
     """Record the input normalisation beside a checkpoint's weights."""
     write_json(Path(folder) / PREPROCESS, {"mean": [float(m) for m in mean], "std": [float(s) for s in std],
                                            "image_size": list(image_size), "channels": int(channels)})
+
+
+def read_temperature(folder: str | Path) -> float:
+    """The temperature a checkpoint folder's logits are divided by (``preprocess.json``'s ``temperature``); 1
+    when none was fitted (every run folder written before calibration existed)."""
+    file = resolve_checkpoint(folder) / PREPROCESS
+    value = read_json(file).get("temperature", 1.0) if file.is_file() else 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise CheckpointError(f"{file}: temperature={value!r} must be a positive number; fit it again with "
+                              "`vitlab calibrate RUN`")
+    return float(value)
+
+
+def write_temperature(folder: str | Path, temperature: float, calibration: dict) -> None:
+    """Record a fitted temperature in a checkpoint folder's ``preprocess.json``, and what fitting it did
+    (``calibration``: the split, the metrics before and after) in ``calibration.json`` beside it."""
+    file = Path(folder) / PREPROCESS
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not found; a temperature is saved with the input normalisation, so the "
+                              "checkpoint needs its preprocess.json (re-save it with `vitlab convert`)")
+    write_json(file, {**read_json(file), "temperature": float(temperature)})
+    write_json(Path(folder) / CALIBRATION, {"temperature": float(temperature), **calibration})
+
+
+def read_calibration(folder: str | Path) -> dict | None:
+    """A checkpoint folder's ``calibration.json`` (see :func:`write_temperature`), or None."""
+    file = resolve_checkpoint(folder) / CALIBRATION
+    return read_json(file) if file.is_file() else None
 
 
 # ---------------------------------------------------------------- metrics.jsonl
@@ -215,7 +244,8 @@ def recover_run(run: str | Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["CONFIG_YAML", "METRICS", "EVAL", "LAST", "BEST", "PREPROCESS", "STATE", "RunState", "is_run_folder",
+__all__ = ["CONFIG_YAML", "METRICS", "EVAL", "LAST", "BEST", "PREPROCESS", "STATE", "CALIBRATION", "RELIABILITY",
+           "RunState", "is_run_folder", "read_temperature", "write_temperature", "read_calibration",
            "require_run_folder", "read_run_config", "is_checkpoint_folder", "resolve_checkpoint", "read_preprocess",
            "write_preprocess", "write_metrics", "read_metrics", "read_state", "temp_sibling", "swap_in",
            "recover_run"]

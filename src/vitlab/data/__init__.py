@@ -6,10 +6,10 @@ to the device; :class:`TrainTransform` / :class:`EvalTransform` augment and norm
 """
 
 from vitlab.data.images import decode_image, list_image_files
-from vitlab.data.load import DATA_KINDS, dataset_info, load_data, parse_data_spec
+from vitlab.data.load import DATA_KINDS, dataset_info, has_own_val, load_data, parse_data_spec, with_val_split
 from vitlab.data.loader import ArrayDataset, BatchLoader, DatasetSplits, channel_mean_std, stratified_split
 from vitlab.data.transforms import EvalTransform, Preprocess, TrainTransform
 
 __all__ = ["ArrayDataset", "DatasetSplits", "BatchLoader", "TrainTransform", "EvalTransform", "Preprocess",
            "load_data", "decode_image", "list_image_files", "dataset_info", "parse_data_spec", "DATA_KINDS",
-           "channel_mean_std", "stratified_split"]
+           "channel_mean_std", "stratified_split", "with_val_split", "has_own_val"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -159,6 +160,22 @@ def _load_folder(root, size, channels, val_fraction, seed, cache_dir, skip_bad_f
         train_idx, val_idx = stratified_split(full.labels, val_fraction, seed)
         loaded["train"], loaded["val"] = full.subset(train_idx), full.subset(val_idx)
     return loaded, skipped
+
+
+def has_own_val(splits: DatasetSplits) -> bool:
+    """Whether ``splits`` has a validation split of its own, apart from the test split (a ``val/`` folder
+    beside ``test/``): images the model neither trained on nor is tested on."""
+    return splits.val is not None and splits.val is not splits.test
+
+
+def with_val_split(splits: DatasetSplits, val_fraction: float, seed: int) -> DatasetSplits:
+    """``splits`` with a validation split apart from the test split: its own ``val/`` folder where it has one
+    (:func:`has_own_val`), else ``val_fraction`` of every class of the training split, held out as
+    :func:`stratified_split` holds out a folder's test images (seeded); the training split keeps the rest."""
+    if has_own_val(splits):
+        return splits
+    keep, held = stratified_split(splits.train.labels, val_fraction, seed)
+    return replace(splits, train=splits.train.subset(keep), val=splits.train.subset(held))
 
 
 def dataset_info(spec: str, **load_kwargs) -> dict:

@@ -51,7 +51,8 @@ def attention_panels(loaded: LoadedModel, images: torch.Tensor, *, true_labels: 
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         result = compute_attention_maps(loaded.model, loaded.preprocess(chunk.to(device)), method=method,
-                                        head_fusion=head_fusion, discard_ratio=discard_ratio)
+                                        head_fusion=head_fusion, discard_ratio=discard_ratio,
+                                        temperature=loaded.temperature)
         if display is not None:
             shown = display[start:start + batch_size]
         else:

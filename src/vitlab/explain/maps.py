@@ -27,12 +27,14 @@ class AttentionMaps:
 
 @torch.inference_mode()
 def compute_attention_maps(model: VisionTransformer, images: torch.Tensor, method: str = "rollout",
-                           head_fusion: str = "mean", discard_ratio: float = 0.0) -> AttentionMaps:
+                           head_fusion: str = "mean", discard_ratio: float = 0.0,
+                           temperature: float = 1.0) -> AttentionMaps:
     """Maps for ``images`` (normalised float ``(B, C, H, W)`` at the model's size).
 
     ``method="rollout"``: attention rollout over all blocks; ``"last"``: the last block's attention,
     heads fused with ``head_fusion``. The read-out row follows the model: class token, the mean over
-    the patches for mean-pooled models, the probe's attention for an attention pool (SigLIP).
+    the patches for mean-pooled models, the probe's attention for an attention pool (SigLIP). ``probs`` are
+    softmax(logits / ``temperature``): a fitted temperature (``LoadedModel.temperature``) calibrates them.
     """
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not one of {', '.join(METHODS)}")
@@ -52,7 +54,7 @@ def compute_attention_maps(model: VisionTransformer, images: torch.Tensor, metho
     else:
         maps = fuse_heads(heads, head_fusion)
         maps = maps / maps.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
-    return AttentionMaps(probs=out.logits.float().softmax(dim=-1), maps=maps, head_maps=heads)
+    return AttentionMaps(probs=(out.logits.float() / temperature).softmax(dim=-1), maps=maps, head_maps=heads)
 
 
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -58,6 +58,8 @@ def predict(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] | 
     ``checkpoint``: a run folder, a checkpoint folder, any file :func:`vitlab.load` reads, or a
     :class:`~vitlab.interop.LoadedModel`. Folders are searched
     recursively for images; any image mode or size is converted to what the model was trained on.
+    The probabilities are softmax(logits / T) with the checkpoint's fitted temperature T (``vitlab calibrate``;
+    1 when none was fitted), so they mean what they say; T never changes the order of the classes.
     Unreadable files give a :class:`Prediction` with ``error`` set (check ``.ok``). Many files are decoded
     by ``workers`` processes (default: up to 8), as for folder datasets.
     """
@@ -100,7 +102,7 @@ def predict_decoded(loaded: LoadedModel, images: torch.Tensor, names: Sequence[s
         raise ConfigError(f"top_k={top_k} must be at least 1")
     device = next(loaded.model.parameters()).device
     x = loaded.preprocess(images.to(device))  # uint8 (B, C, H, W) -> float
-    probs = loaded.model(x).float().softmax(dim=-1)
+    probs = loaded.probabilities(x)  # softmax of the logits over the fitted temperature
     values, indices = probs.topk(min(top_k, len(loaded.labels)), dim=-1)
     return [Prediction(file=name, top=[(loaded.labels[j], v) for j, v in zip(idxs, vals)])
             for name, vals, idxs in zip(names, values.tolist(), indices.tolist())]

@@ -1,7 +1,8 @@
 """``vitlab report RUN``: one self-contained HTML file about a training run, with every image embedded.
 
-Config, loss and accuracy curves, the confusion matrix, per-class accuracy, the most confused pairs, and a
-grid of test images with predictions and attention maps. Figures are PNGs inlined as base64 data URIs and
+Config, loss, accuracy and calibration-error curves, the reliability diagram (before and after a fitted
+temperature), the confusion matrix, per-class accuracy, the most confused pairs, and a grid of test images with
+predictions and attention maps. Figures are PNGs inlined as base64 data URIs and
 the style sheet is inline, so the file can be mailed or opened offline.
 """
 
@@ -21,9 +22,10 @@ from vitlab.errors import ConfigError, VitlabError
 from vitlab.evaluation import evaluate_held_out
 from vitlab.explain.attention import attention_panels
 from vitlab.interop import LoadedModel, load
-from vitlab.plots import attention_figure, confusion_figure, curves_figure, figure_bytes
-from vitlab.runs import (BEST, CONFIG_JSON, LAST, CONFIG_YAML, EVAL, METRICS, read_metrics, read_run_config, read_state,
-                         require_run_folder)
+from vitlab.plots import (attention_figure, calibration_figure, confusion_figure, curves_figure, figure_bytes,
+                          reliability_figure)
+from vitlab.runs import (BEST, CONFIG_JSON, LAST, CONFIG_YAML, EVAL, METRICS, read_calibration, read_metrics,
+                         read_run_config, read_state, require_run_folder)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ def _evaluate(loaded: LoadedModel, num_images: int, method: str):
 
 
 def _curves_html(history: list[dict]) -> list[str]:
-    parts = ["<h2>Loss and accuracy</h2>"]
+    parts = ["<h2>Loss, accuracy and calibration</h2>"]
     if not history:
         return parts + ['<p class="note">no metrics.jsonl in the run folder.</p>']
     last = history[-1]
@@ -95,7 +97,60 @@ def _curves_html(history: list[dict]) -> list[str]:
                        if last.get("top1") is not None else "") + "</p>"]
 
 
-def _results_html(run: Path, loaded: LoadedModel, num_images: int, method: str) -> list[str]:
+def loss_story(history: list[dict]) -> str:
+    """One sentence on the test loss and accuracy curves: whether the loss rose after its lowest epoch while
+    the accuracy went on improving, and why that happens."""
+    tested = [row for row in history if row.get("top1") is not None]
+    if not tested:
+        return "No epoch was evaluated on the test split."
+    low = min(tested, key=lambda row: row["test_loss"])
+    later = [row for row in tested if row["epoch"] > low["epoch"]]
+    best = max(later, key=lambda row: row["top1"]) if later else low
+    if best["top1"] > low["top1"] and best["test_loss"] > low["test_loss"]:
+        return (f"From epoch {low['epoch']} to {best['epoch']} the test loss rose from {low['test_loss']:.3f} to "
+                f"{best['test_loss']:.3f} while the top-1 accuracy went from {100 * low['top1']:.2f}% to "
+                f"{100 * best['top1']:.2f}%: the model became more confident than it is right, and the loss "
+                "(the mean negative log-probability of the true class) punishes each confident mistake more, "
+                "while the accuracy counts only which class is on top.")
+    return (f"The test loss was lowest at epoch {low['epoch']} ({low['test_loss']:.3f}, top-1 "
+            f"{100 * low['top1']:.2f}%) and did not rise while the accuracy improved after it.")
+
+
+def calibration_story(before: dict, calibration: dict | None) -> str:
+    """One sentence on a reliability diagram (``before``: an evaluation at T = 1): where the confidence exceeds
+    the accuracy, and what the fitted temperature did (``calibration``: a checkpoint's calibration.json)."""
+    bins = before["reliability"]
+    over = [i for i, n in enumerate(bins["count"]) if n and bins["confidence"][i] > bins["accuracy"][i]]
+    share = sum(bins["count"][i] for i in over) / max(sum(bins["count"]), 1)
+    text = (f"In the reliability diagram the confidence exceeds the accuracy (bars below the diagonal, the gap "
+            f"shaded) in {len(over)} of {sum(1 for n in bins['count'] if n)} occupied bins, holding "
+            f"{100 * share:.0f}% of the test images; the expected calibration error is {100 * before['ece']:.2f}%")
+    if calibration is None:
+        return text + (" and no temperature was fitted (<code>vitlab calibrate RUN</code>, or train with "
+                       "<code>--set calibrate=true</code>).")
+    after = calibration["test_after"]
+    return text + (f", and dividing the logits by the temperature T = {calibration['temperature']:.3f} fitted on "
+                   f"{calibration['val_images']:,} validation images took it to {100 * after['ece']:.2f}% (NLL "
+                   f"{before['nll']:.3f} to {after['nll']:.3f}) without changing any prediction.")
+
+
+def _calibration_html(history: list[dict], calibration: dict | None, result: dict) -> list[str]:
+    """The reliability diagram (before and after the fitted temperature) and the two sentences that read it."""
+    before = calibration["test_before"] if calibration is not None else result
+    figure = (calibration_figure(calibration) if calibration is not None
+              else reliability_figure(result["reliability"]))
+    return ["<h2>Calibration: do the probabilities mean what they say?</h2>",
+            _img(figure_bytes(figure), "reliability diagram"),
+            f"<p>{html.escape(loss_story(history))} {calibration_story(before, calibration)}</p>"]
+
+
+def _scaled(result: dict) -> str:
+    t = result.get("temperature", 1.0)
+    return f" (the logits divided by the fitted temperature T = {t:.3f})" if t != 1.0 else ""
+
+
+def _results_html(run: Path, loaded: LoadedModel, num_images: int, method: str,
+                  history: list[dict]) -> list[str]:
     """Test accuracy, confusion matrix, per-class accuracy, most confused pairs and the image grid: from a fresh
     evaluation on the run's test split, else from the run's eval.json (and no grid)."""
     grid_png = None
@@ -118,7 +173,8 @@ def _results_html(run: Path, loaded: LoadedModel, num_images: int, method: str) 
     return [
         "<h2>Test accuracy</h2>",
         f'<p>top-1 <b>{100 * result["top1"]:.2f}%</b>, top-5 {100 * result["top5"]:.2f}%, '
-        f'test loss {result["test_loss"]:.4f}. <span class="note">{note}</span></p>',
+        f'test loss {result["test_loss"]:.4f}{_scaled(result)}. <span class="note">{note}</span></p>',
+        *(_calibration_html(history, read_calibration(loaded.path), result) if "reliability" in result else []),
         "<h2>Confusion matrix</h2>", _img(figure_bytes(confusion_figure(confusion, classes)), "confusion matrix"),
         "<h2>Per-class accuracy</h2>",
         _table(("class", "test images", "correct", "accuracy"), rows, (False, True, True, True)),
@@ -160,7 +216,7 @@ def write_report(run: str | Path, output: str | Path | None = None, *, num_image
              f"{time.strftime('%Y-%m-%d %H:%M')}</p>"]
 
     parts += _curves_html(history)
-    parts += _results_html(run, loaded, num_images, method)
+    parts += _results_html(run, loaded, num_images, method, history)
     parts.append("<h2>Configuration</h2>")
     parts.append(f"<pre>{html.escape(config_text)}</pre>")
     parts.append("<h3>Model</h3>")

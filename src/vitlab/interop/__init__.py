@@ -32,7 +32,7 @@ from vitlab.interop.onnx_export import export_onnx
 from vitlab.interop.timm import export_timm, is_timm_state_dict, load_timm, timm_model, unsupported_family
 from vitlab.interop.torchvision import is_torchvision_state_dict, load_torchvision, torchvision_model
 from vitlab.models import VisionTransformer
-from vitlab.runs import CONFIG_JSON, WEIGHTS, read_preprocess, resolve_checkpoint, write_preprocess
+from vitlab.runs import CONFIG_JSON, WEIGHTS, read_preprocess, read_temperature, resolve_checkpoint, write_preprocess
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +205,20 @@ def _load(path: Path, fmt: str, state, num_heads: int | None, overrides: dict[st
 class LoadedModel:
     """A model ready to use: in eval mode on its device, with the preprocessing its inputs need, its class names,
     and where it came from (``path``: the checkpoint folder, e.g. a run's ``best/``, or the file given).
-    ``model.pretrained_normalization`` is the (mean, std) the checkpoint says it was trained with, or None."""
+    ``model.pretrained_normalization`` is the (mean, std) the checkpoint says it was trained with, or None.
+    ``temperature``: what the logits are divided by before the softmax (fitted by ``vitlab calibrate``; 1 when
+    none was), so that the probabilities mean what they say; it never changes which class is on top."""
 
     model: VisionTransformer
     preprocess: Preprocess
     labels: list[str]
     path: Path
     format: str
+    temperature: float = 1.0
+
+    def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(B, K)`` of preprocessed ``inputs``: softmax(logits / temperature)."""
+        return (self.model(inputs).float() / self.temperature).softmax(dim=-1)
 
 
 def load(path: str | Path, *, format: str | None = None, num_heads: int | None = None, device: str = "cpu",
@@ -222,7 +229,8 @@ def load(path: str | Path, *, format: str | None = None, num_heads: int | None =
     :func:`load_pretrained` reads (Hugging Face, timm, torchvision, JAX ``.npz``); ``format``, ``num_heads`` and
     ``overrides`` are passed on to it. The inputs are normalised as the checkpoint says (its ``preprocess.json``,
     a Hugging Face ``preprocessor_config.json``, or the format's convention); ``mean``/``std`` override that, and
-    where nothing says, 0.5 per channel is used with a warning. ``vitlab.load`` is this function.
+    where nothing says, 0.5 per channel is used with a warning. A vitlab checkpoint's fitted temperature (its
+    ``preprocess.json``) is ``temperature``; other formats carry none (1). ``vitlab.load`` is this function.
     """
     model, fmt, source = _read(Path(path), format, num_heads, overrides)
     c, normalization = model.config, model.pretrained_normalization
@@ -237,7 +245,13 @@ def load(path: str | Path, *, format: str | None = None, num_heads: int | None =
             raise ConfigError(f"{name}={given[name]!r} must be one number or {c.in_channels} (one per channel)")
     preprocess = Preprocess(image_size=tuple(c.image_size), channels=c.in_channels, **stats)
     labels = list(c.labels) if c.labels else [f"class_{i}" for i in range(c.num_classes)]
-    return LoadedModel(model=model.to(device).eval(), preprocess=preprocess, labels=labels, path=source, format=fmt)
+    return LoadedModel(model=model.to(device).eval(), preprocess=preprocess, labels=labels, path=source, format=fmt,
+                       temperature=_temperature(source, fmt))
+
+
+def _temperature(source: Path, fmt: str) -> float:
+    """The fitted temperature of a vitlab checkpoint (1 when none was fitted); other formats carry none."""
+    return read_temperature(source) if fmt == "vitlab" else 1.0
 
 
 def convert(src: str | Path | VisionTransformer, dst: str | Path, *, format: str | None = None,
@@ -257,13 +271,32 @@ def convert(src: str | Path | VisionTransformer, dst: str | Path, *, format: str
 EXPORT_FORMATS = {"onnx": export_onnx, "hf": export_hf, "timm": export_timm}
 
 
-def export(model_or_path: VisionTransformer | str | Path, out: str | Path, *, format: str = "onnx") -> Path:
-    """Export a model (or any checkpoint :func:`load_pretrained` reads) as ``onnx`` (a file), ``hf`` (a
-    transformers folder) or ``timm`` (a ``vision_transformer`` state dict, ``.safetensors``)."""
+def export(model_or_path: VisionTransformer | LoadedModel | str | Path, out: str | Path, *,
+           format: str = "onnx") -> Path:
+    """Export a model (a loaded one, or any checkpoint :func:`load` reads) as ``onnx`` (a file), ``hf`` (a
+    transformers folder) or ``timm`` (a ``vision_transformer`` state dict, ``.safetensors``).
+
+    A fitted temperature (``LoadedModel.temperature`` != 1) goes with it where the format can carry it: the ONNX
+    graph divides its logits by it; a Hugging Face folder's config.json records it as ``logit_temperature``, which
+    transformers does not apply (a warning says so); a timm state dict cannot hold it (a warning says so)."""
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"export format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    model = model_or_path if isinstance(model_or_path, VisionTransformer) else load_pretrained(model_or_path)
-    return EXPORT_FORMATS[format](model, out)
+    if isinstance(model_or_path, (str, Path)):
+        model, fmt, source = _read(Path(model_or_path), None, None, {})
+        temperature = _temperature(source, fmt)
+    elif isinstance(model_or_path, LoadedModel):
+        model, temperature = model_or_path.model, model_or_path.temperature
+    else:
+        model, temperature = model_or_path, 1.0
+    if temperature == 1.0:
+        return EXPORT_FORMATS[format](model, out)
+    if format == "onnx":
+        return export_onnx(model, out, temperature=temperature)
+    path = export_hf(model, out, temperature=temperature) if format == "hf" else export_timm(model, out)
+    log.warning("the model's fitted temperature %.4f is not applied by a %s export: divide its logits by it "
+                "before the softmax%s", temperature, format,
+                " (config.json records it as 'logit_temperature')" if format == "hf" else "")
+    return path
 
 
 __all__ = ["FORMATS", "detect_format", "load", "LoadedModel", "load_pretrained", "convert", "export", "export_onnx",

@@ -319,7 +319,7 @@ def to_hf_state_dict(model: "VisionTransformer") -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(model: "VisionTransformer", directory: str | Path) -> Path:
+def export_hf(model: "VisionTransformer", directory: str | Path, *, temperature: float = 1.0) -> Path:
     """Write a folder that transformers loads with equal outputs: ``ViTForImageClassification``; DeiT's
     ``DeiTForImageClassificationWithTeacher`` (or ``DeiTForImageClassification`` once the distillation head
     is gone); and, without a head, ``Dinov2Model`` / ``Dinov2WithRegistersModel``, ``CLIPVisionModel`` /
@@ -330,13 +330,15 @@ def export_hf(model: "VisionTransformer", directory: str | Path) -> Path:
     CLIP or SigLIP classifier, ...). An RGB model that knows its input normalisation
     (``pretrained_normalization``, set by ``load_pretrained`` from a run's ``preprocess.json``) also gets a
     ``preprocessor_config.json``, so ``ViTImageProcessor`` prepares images as vitlab does (rescale to [0, 1],
-    normalise; bilinear resize to the model's size).
+    normalise; bilinear resize to the model's size). A fitted ``temperature`` other than 1 is recorded in
+    config.json as ``logit_temperature``; transformers keeps the field but does not divide the logits by it.
     """
     directory = Path(directory)
     state = to_hf_state_dict(model)
     directory.mkdir(parents=True, exist_ok=True)
     save_safetensors(directory / HF_SAFETENSORS, state, metadata={"format": "pt"})
-    write_json(directory / HF_CONFIG, to_hf_config_dict(model.config))
+    config = to_hf_config_dict(model.config)
+    write_json(directory / HF_CONFIG, config if temperature == 1.0 else {**config, "logit_temperature": temperature})
     normalization = getattr(model, "pretrained_normalization", None)
     if normalization is not None and model.config.in_channels == 3:
         h, w = model.config.image_size

@@ -14,19 +14,22 @@ from vitlab.models import VisionTransformer
 
 
 class _LogitsOnly(nn.Module):
-    """``forward(pixel_values) -> logits``: the traced exporter passes inputs positionally, while
+    """``forward(pixel_values) -> logits / temperature``: the traced exporter passes inputs positionally, while
     ``VisionTransformer.forward`` takes its switches as keywords."""
 
-    def __init__(self, model: VisionTransformer):
+    def __init__(self, model: VisionTransformer, temperature: float = 1.0):
         super().__init__()
         self.model = model
+        self.temperature = temperature
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values)
+        logits = self.model(pixel_values)
+        return logits if self.temperature == 1.0 else logits / self.temperature
 
 
-def export_onnx(model: VisionTransformer, path: str | Path, *, opset: int = 17) -> Path:
-    """Write ``model`` as an ONNX graph ``pixel_values (B, C, H, W) float32 -> logits (B, K)``, B dynamic.
+def export_onnx(model: VisionTransformer, path: str | Path, *, opset: int = 17, temperature: float = 1.0) -> Path:
+    """Write ``model`` as an ONNX graph ``pixel_values (B, C, H, W) float32 -> logits (B, K)``, B dynamic; the
+    logits divided by a fitted ``temperature`` (so their softmax is the calibrated probabilities).
 
     Uses PyTorch's TorchScript-based exporter (``dynamo=False``), which needs only the ``onnx`` package; the
     file is written atomically. The model is exported in eval mode on the CPU in float32; the image size is
@@ -42,7 +45,7 @@ def export_onnx(model: VisionTransformer, path: str | Path, *, opset: int = 17) 
     was_training = model.training
     ref = next(model.parameters())
     device, dtype = ref.device, ref.dtype
-    wrapped = _LogitsOnly(model).eval().float().cpu()
+    wrapped = _LogitsOnly(model, temperature).eval().float().cpu()
     example = torch.zeros(2, c.in_channels, *c.image_size)
     buffer = io.BytesIO()
     try:

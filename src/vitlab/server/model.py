@@ -108,7 +108,8 @@ class ServedModel:
 
     def _maps(self, images: torch.Tensor) -> AttentionMaps:
         device = next(self.loaded.model.parameters()).device
-        return compute_attention_maps(self.loaded.model, self.loaded.preprocess(images.to(device)))
+        return compute_attention_maps(self.loaded.model, self.loaded.preprocess(images.to(device)),
+                                      temperature=self.loaded.temperature)
 
 
 def _overlays(panel: Panel) -> dict[str, Any]:

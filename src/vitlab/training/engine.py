@@ -31,11 +31,11 @@ import torch.distributed as dist
 from vitlab._device import default_precision, resolve_device, sum_dtype
 from vitlab._files import atomic_write_text, ensure_folder, write_json
 from vitlab.config import TrainConfig, dump_yaml, to_dict
-from vitlab.data import BatchLoader, DatasetSplits, Preprocess, load_data
+from vitlab.data import BatchLoader, DatasetSplits, Preprocess, load_data, with_val_split
 from vitlab.data.transforms import NAMED_MEAN_STD
 from vitlab.errors import ConfigError, VitlabError
-from vitlab.evaluation import evaluate_model
-from vitlab.interop import load_pretrained
+from vitlab.evaluation import evaluate_model, fit_calibration
+from vitlab.interop import load, load_pretrained
 from vitlab.models import VisionTransformer, create_model, get_config
 from vitlab.models.finetune import prepare_finetune
 from vitlab.plots import plot_run_files
@@ -64,6 +64,7 @@ class TrainResult:
     wall_time: float  # seconds of training (all sessions of a resumed run)
     stopped: str  # "completed", "time_limit" or "stop_after_epoch"
     final_eval: dict | None = field(default=None, repr=False)  # per-class accuracy and confusion, last epoch
+    calibration: dict | None = field(default=None, repr=False)  # the fitted temperature (calibrate=true)
 
 
 def fit(config: TrainConfig, *, data: DatasetSplits | None = None, model: VisionTransformer | None = None,
@@ -124,16 +125,27 @@ def _train(r: "_Run", progress) -> TrainResult:
             break
     if writer is not None:
         writer.close()
+    calibration = None
     if r.d.is_main and state.history:
         if final_eval is not None:
             write_json(r.dir / EVAL, final_eval)
+        if config.calibrate and stopped != "stop_after_epoch":  # not a pause: the run's model is final
+            calibration = _calibrate(r)
         if config.plots:
-            plot_run_files(r.dir, state.history, final_eval)
+            plot_run_files(r.dir, state.history, final_eval, calibration)
     _barrier(r.d)
     tested = [row for row in state.history if row["top1"] is not None]
     return TrainResult(run_dir=r.dir, history=state.history, top1=tested[-1]["top1"] if tested else None,
                        best_top1=state.best_top1, best_epoch=state.best_epoch, wall_time=state.wall_time,
-                       stopped=stopped, final_eval=final_eval)
+                       stopped=stopped, final_eval=final_eval, calibration=calibration)
+
+
+def _calibrate(r: "_Run") -> dict:
+    """Fit the temperature of the checkpoint that ``vitlab.load(run)`` gives (``best/``) on the validation split
+    the run held out, and save it there. Rank 0 alone: the split is small."""
+    loaded = load(r.dir, device=str(r.device))
+    return fit_calibration(loaded, r.data, batch_size=r.config.eval_batch_size, device=r.device,
+                           precision=r.precision)
 
 
 def _train_epoch(r: "_Run", budget: TimeBudget | None, progress) -> float:
@@ -190,7 +202,8 @@ def _evaluate(r: "_Run", row: dict) -> dict:
                   batch_size=r.config.eval_batch_size, device=r.device, precision=r.precision,
                   classes=r.data.classes, tta_hflip=r.config.tta_hflip)
     result = evaluate_model(r.step.model, r.data.test, **kwargs)
-    row.update(test_loss=result["test_loss"], top1=result["top1"], top5=result["top5"])
+    row.update(test_loss=result["test_loss"], top1=result["top1"], top5=result["top5"],
+               **{key: result[key] for key in ("ece", "mce", "brier")})
     if r.step.ema is not None:
         ema = evaluate_model(r.step.ema, r.data.test, **kwargs)
         row.update(ema_test_loss=ema["test_loss"], ema_top1=ema["top1"], ema_top5=ema["top5"])
@@ -269,6 +282,8 @@ def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTrans
         data = load_data(config.data, image_size=image_size, channels=channels, val_fraction=config.val_fraction,
                          seed=config.seed, cache_dir=config.cache_dir, skip_bad_files=config.skip_bad_files,
                          workers=config.workers)
+    if config.calibrate:  # images the model never trains on, to fit the temperature on at the end
+        data = with_val_split(data, config.val_fraction, config.seed)
     mean, std = (resuming and model.pretrained_normalization) or _normalization(config, data, model, channels, d)
     if run is None:
         run = _new_run(config, getattr(data, "name", "data"), d)
