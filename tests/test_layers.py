@@ -26,6 +26,7 @@ RANKS = {
     "evaluation": 6,  # scoring a model or a checkpoint
     "training": 7, "explain": 7,  # the loop; what a trained model learned
     "bench": 8,  # times training's step
+    "notebook": 8,  # progress display and the inline result of vitlab.train
     "api": 9, "cli": 10, "package": 11, "__main__": 12,  # package: vitlab/__init__.py
 }
 
