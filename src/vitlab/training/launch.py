@@ -54,24 +54,18 @@ def launch(config: TrainConfig, devices: int, *, data=None, progress=None) -> Tr
     _check_picklable(config, data, devices)
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(devices),
            "LOCAL_WORLD_SIZE": str(devices), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    ctx = mp.get_context("spawn")
-    messages = ctx.SimpleQueue()
+    messages = mp.get_context("spawn").SimpleQueue()
     procs = mp.start_processes(_worker, args=(env, config, data, messages), nprocs=devices, join=False,
                                start_method="spawn")
-    result, finished = None, False
+    inbox = _Inbox(progress)
     try:
-        while not finished:
-            finished = _join(procs, messages)
-            for kind, payload in _drain(messages):
-                if kind == "result":
-                    result = payload
-                elif getattr(progress, kind, None) is not None:  # epoch_done is optional
-                    getattr(progress, kind)(*payload)
+        while not _join(procs, messages, inbox):
+            pass
     finally:
         _stop(procs)
-    if result is None:
+    if inbox.result is None:
         raise RuntimeError(f"the {devices} training processes ended without rank 0's result")
-    return result
+    return inbox.result
 
 
 def _check_devices(config: TrainConfig, devices: int) -> None:
@@ -118,7 +112,7 @@ def _unpicklable(value: Any) -> str | None:
         try:
             _SpawnPickler(_Discard()).dump(value)
         except Exception as e:  # pickling raises PicklingError, TypeError or AttributeError
-            return f"{type(value).__name__} {value!r}: {e}"
+            return str(e)
         return None
     for where, item in inner:
         why = _unpicklable(item)
@@ -173,27 +167,45 @@ class _QueueProgress:
         self.messages.put(("epoch_done", (row,)))
 
 
-def _drain(messages) -> list[tuple[str, Any]]:
-    out = []
-    while not messages.empty():
-        out.append(messages.get())
-    return out
+class _Inbox:
+    """What the processes sent: rank 0's progress calls (replayed on ``progress`` as they come), its result, and
+    the errors of the ranks that failed."""
 
+    def __init__(self, progress):
+        self.progress, self.result, self.errors = progress, None, []
 
-def _join(procs, messages) -> bool:
-    """Whether every process has ended well; a failed one raises its own error (or torch's report of it)."""
-    try:
-        return procs.join(timeout=POLL_SECONDS)
-    except ProcessException as failure:
-        errors = [payload for kind, payload in _drain(messages) if kind == "error"]
-        if not errors:  # it died before fit() ran, or was killed: its own output says why
+    def take(self, messages) -> None:
+        while not messages.empty():
+            kind, payload = messages.get()
+            if kind == "result":
+                self.result = payload
+            elif kind == "error":
+                self.errors.append(payload)
+            elif hasattr(self.progress, kind):  # epoch_done is optional
+                getattr(self.progress, kind)(*payload)
+
+    def raise_error(self, failure: ProcessException, processes: int):
+        """Raise the first failed rank's own error, its traceback attached (or torch's report of a process that
+        died before it could send one)."""
+        if not self.errors:
             raise RuntimeError(f"training process {failure.error_index} failed before it could report ({failure}); "
                                "its output is above (a notebook's is in the terminal running Jupyter). A script "
                                "must call vitlab.train(devices=N) under `if __name__ == \"__main__\":`") from failure
-        rank, error, trace = errors[0]
+        rank, error, trace = self.errors[0]
         if error is None:
             raise RuntimeError(f"training process {rank} failed:\n{trace}") from None
-        raise error from WorkerError(f"training process {rank} of {len(procs.processes)} failed:\n{trace}")
+        raise error from WorkerError(f"training process {rank} of {processes} failed:\n{trace}")
+
+
+def _join(procs, messages, inbox: _Inbox) -> bool:
+    """Wait a moment for the processes, taking in their messages; whether every one has ended well."""
+    try:
+        finished = procs.join(timeout=POLL_SECONDS)
+    except ProcessException as failure:
+        inbox.take(messages)
+        inbox.raise_error(failure, len(procs.processes))
+    inbox.take(messages)
+    return finished
 
 
 class WorkerError(RuntimeError):
