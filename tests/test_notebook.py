@@ -126,7 +126,7 @@ def test_devices_2_in_a_kernel_gives_torchruns_weights_bit_for_bit(tmp_path, mon
         nbformat.v4.new_code_cell(f"import vitlab\nresult = vitlab.train(**{DIGITS!r}, out='notebook', devices=2)\n"
                                   "result"),
         nbformat.v4.new_code_cell("def activation(x):\n    return x\n\ntry:\n"
-                                  f"    vitlab.train(model_overrides={{'act': activation}}, devices=2)\n"
+                                  "    vitlab.train(model_overrides={'act': activation}, devices=2)\n"
                                   "except vitlab.ConfigError as e:\n    print(e)"),
     ])
     book = _execute(book, tmp_path, monkeypatch)
