@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import torch
 
 from vitlab.config import TrainConfig
+from vitlab.data import ArrayDataset
+from vitlab.errors import DataError
 
 TINY_MODEL = {"depth": 1, "hidden_dim": 16, "num_heads": 2, "mlp_dim": 32}
 
@@ -51,3 +56,18 @@ def tiny_folder(root, **kwargs):
             Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(folder / f"{i}.png")
     spec = f"folder:{root}"
     return load_data(spec, image_size=tuple(splits.train.images.shape[-2:]), channels=splits.train.images.shape[1])
+
+
+def splits_failing_on_rank_1(**kwargs):
+    """:func:`tiny_splits` whose training set cannot be read in the process of rank 1 (a DataError), so rank 0
+    is left waiting for it inside DistributedDataParallel's first broadcast."""
+    splits = tiny_splits(**kwargs)
+    return dataclasses.replace(splits, train=FailsOnRank1(**{f.name: getattr(splits.train, f.name)
+                                                              for f in dataclasses.fields(splits.train)}))
+
+
+class FailsOnRank1(ArrayDataset):
+    def __len__(self) -> int:
+        if os.environ.get("RANK") == "1":
+            raise DataError("rank 1 cannot read its shard of the training set")
+        return super().__len__()

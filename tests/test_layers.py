@@ -27,6 +27,7 @@ RANKS = {
     "training": 7, "explain": 7,  # the loop; what a trained model learned
     "bench": 8,  # times training's step
     "server": 8,  # vitlab serve: the web page and JSON API over explain's prediction path
+    "notebook": 8,  # progress display and the inline result of vitlab.train
     "api": 9, "cli": 10, "package": 11, "__main__": 12,  # package: vitlab/__init__.py
 }
 

@@ -416,7 +416,7 @@ def test_vitlab_train_is_a_function_with_its_real_signature():
     import inspect
 
     assert inspect.isfunction(vitlab.train) and vitlab.train.__module__ == "vitlab.api"
-    assert list(inspect.signature(vitlab.train).parameters) == ["config", "data", "progress", "changes"]
+    assert list(inspect.signature(vitlab.train).parameters) == ["config", "data", "progress", "devices", "changes"]
     assert vitlab.evaluate is not vitlab.evaluate_model  # a checkpoint on a data spec; a model on a dataset split
     assert list(inspect.signature(vitlab.evaluate_model).parameters)[:2] == ["model", "dataset"]
 

@@ -16,22 +16,29 @@ from vitlab.data import DatasetSplits
 from vitlab.errors import DataError
 from vitlab.evaluation import calibrate, evaluate
 from vitlab.interop import LoadedModel, load
+from vitlab.notebook import NotebookProgress, RunResult, in_notebook
 from vitlab.plots import plot_run_files
 from vitlab.runs import CONFIG_YAML, EVAL, read_calibration, read_metrics, require_run_folder
 from vitlab.training import TrainResult, fit
+from vitlab.training.launch import launch
 
 
 def train(config: TrainConfig | None = None, *, data: str | Path | DatasetSplits | None = None, progress=None,
-          **changes: Any) -> TrainResult:
+          devices: int = 1, **changes: Any) -> RunResult:
     """Train a ViT as ``config`` (a :class:`~vitlab.config.TrainConfig`; default: the small digits model) says,
     with any field changed by keyword (``vitlab.train(epochs=5, lr=1e-3)``); return a
-    :class:`~vitlab.training.TrainResult`.
+    :class:`~vitlab.notebook.RunResult` (a :class:`~vitlab.training.TrainResult` whose figures a notebook
+    shows inline).
 
     ``data``: a data spec (``"folder:photos"``, the same as ``data=`` among the changes) or a ready
     ``DatasetSplits``. To continue a run, pass ``resume=RUN``: the run's own ``config.yaml`` is the base, and the
     fields given as keywords (``vitlab.train(resume=run, epochs=50)``) or set in ``config`` to other than their
     defaults change it. ``config.init`` names pretrained weights to fine-tune (any format
-    :func:`vitlab.load` reads). ``progress``: see :class:`~vitlab.training.progress.ProgressBar`.
+    :func:`vitlab.load` reads). ``progress``: see :class:`~vitlab.training.progress.ProgressBar`; by default a
+    :class:`~vitlab.notebook.NotebookProgress` in a Jupyter kernel and none elsewhere; ``False``: none.
+
+    ``devices=N``: N DistributedDataParallel processes started from this one, as ``torchrun --nproc_per_node N``
+    would (:mod:`vitlab.training.launch`): from a notebook too, with rank 0's progress shown here.
     """
     if isinstance(data, (str, Path)):
         changes["data"], data = str(data), None
@@ -43,7 +50,12 @@ def train(config: TrainConfig | None = None, *, data: str | Path | DatasetSplits
         config = resume_config(resume, {**changed, **changes})
     elif changes:
         config = config.replace(**changes)
-    return fit(config, data=data, progress=progress)
+    if progress is None and in_notebook():
+        progress = NotebookProgress()
+    progress = None if progress is False else progress
+    if devices == 1:
+        return RunResult.of(fit(config, data=data, progress=progress))
+    return RunResult.of(launch(config, devices, data=data, progress=progress))
 
 
 def resume_config(run: str | Path, changes: dict[str, Any] | None = None) -> TrainConfig:
@@ -80,4 +92,5 @@ def list_recipes() -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["train", "resume_config", "evaluate", "calibrate", "load", "LoadedModel", "plot_run", "list_recipes"]
+__all__ = ["train", "RunResult", "resume_config", "evaluate", "calibrate", "load", "LoadedModel", "plot_run",
+           "list_recipes"]

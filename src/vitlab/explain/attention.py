@@ -73,18 +73,27 @@ def attention_panels(loaded: LoadedModel, images: torch.Tensor, *, true_labels: 
 
 
 def plot_attention(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] = (),
-                   output: str | Path = "attention.png", *, method: str = "rollout", heads: bool = False,
-                   head_fusion: str = "mean", discard_ratio: float = 0.0, data: str | None = None,
-                   num_images: int = 16, max_images: int = 64, dpi: int = 100) -> list[AttentionItem]:
-    """Write one figure: each image, its attention map overlaid, the predicted label and probability.
+                   output: str | Path = "attention.png", *, dpi: int = 100, **options) -> list[AttentionItem]:
+    """Write one figure: each image, its attention map overlaid, the predicted label and probability (see
+    :func:`attention_grid` for the images and ``options``); ``dpi`` sets the figure's resolution (lower:
+    smaller file)."""
+    figure_format(output)  # a bad file name fails before any work
+    fig, items = attention_grid(checkpoint, paths, **options)
+    save_figure(fig, output, dpi=dpi)
+    return items
+
+
+def attention_grid(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] = (), *,
+                   method: str = "rollout", heads: bool = False, head_fusion: str = "mean",
+                   discard_ratio: float = 0.0, data: str | None = None, num_images: int = 16,
+                   max_images: int = 64):
+    """The figure of :func:`plot_attention` and what it shows: ``(figure, items)``.
 
     Images come from ``paths`` (files and folders; a file's parent folder naming a class gives the true
     label) or from the evaluation split of dataset ``data`` (a ``vitlab.data.load_data`` spec; ``num_images``
     spread over the split, with true labels). Unreadable files are left out and returned with ``error``.
-    ``method``: ``rollout`` or ``last``; ``heads`` adds the last layer's map of every head; ``dpi`` sets
-    the figure's resolution (lower: smaller file).
+    ``method``: ``rollout`` or ``last``; ``heads`` adds the last layer's map of every head.
     """
-    figure_format(output)  # a bad file name fails before any work
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load(checkpoint)
     items: list[AttentionItem] = []
     if data is not None:
@@ -122,10 +131,9 @@ def plot_attention(checkpoint: str | Path | LoadedModel, paths: Sequence[str | P
     panels, preds = attention_panels(loaded, images, true_labels=true, display=display, method=method, heads=heads,
                                      head_fusion=head_fusion, discard_ratio=discard_ratio)
     title = f"{'attention rollout' if method == 'rollout' else 'last-layer attention'} ({head_fusion} over heads)"
-    save_figure(attention_figure(panels, title=title), output, dpi=dpi)
     items.extend(AttentionItem(name=name, label=label, probability=p, true_label=t)
                  for name, (label, p), t in zip(names, preds, true))
-    return items
+    return attention_figure(panels, title=title), items
 
 
-__all__ = ["AttentionItem", "attention_panels", "display_size", "plot_attention"]
+__all__ = ["AttentionItem", "attention_panels", "attention_grid", "display_size", "plot_attention"]

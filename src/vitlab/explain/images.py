@@ -42,7 +42,7 @@ def read_image(path: Path, preprocess: Preprocess, image_size: tuple[int, int] |
     """One image file as uint8 ``(C, H, W)`` at ``image_size`` (default: the model's), in the model's
     channels; raises :class:`DataError` naming a corrupt or non-image file."""
     size = tuple(image_size) if image_size is not None else preprocess.image_size
-    return torch.from_numpy(decode_image(path, size, preprocess.channels))
+    return torch.from_numpy(decode_image(path, size, preprocess.channels).copy())  # (a read-only array)
 
 
 def true_label_from_folder(path: Path, labels: Sequence[str]) -> str | None:

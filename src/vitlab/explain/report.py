@@ -40,7 +40,8 @@ pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}img{max-widt
 """
 
 
-def _img(png: bytes, alt: str) -> str:
+def img_tag(png: bytes, alt: str) -> str:
+    """An ``<img>`` with the PNG inlined as a base64 data URI."""
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
 
@@ -90,7 +91,7 @@ def _curves_html(history: list[dict]) -> list[str]:
     if not history:
         return parts + ['<p class="note">no metrics.jsonl in the run folder.</p>']
     last = history[-1]
-    return parts + [_img(figure_bytes(curves_figure(history)), "training curves"),
+    return parts + [img_tag(figure_bytes(curves_figure(history)), "training curves"),
                     f'<p class="note">{len(history)} epochs logged; last: train loss '
                     f"{last.get('train_loss', float('nan')):.4f}"
                     + (f", test loss {last['test_loss']:.4f}, top-1 {100 * last['top1']:.2f}%"
@@ -140,7 +141,7 @@ def _calibration_html(history: list[dict], calibration: dict | None, result: dic
     figure = (calibration_figure(calibration) if calibration is not None
               else reliability_figure(result["reliability"]))
     return ["<h2>Calibration: do the probabilities mean what they say?</h2>",
-            _img(figure_bytes(figure), "reliability diagram"),
+            img_tag(figure_bytes(figure), "reliability diagram"),
             f"<p>{html.escape(loss_story(history))} {calibration_story(before, calibration)}</p>"]
 
 
@@ -175,7 +176,7 @@ def _results_html(run: Path, loaded: LoadedModel, num_images: int, method: str,
         f'<p>top-1 <b>{100 * result["top1"]:.2f}%</b>, top-5 {100 * result["top5"]:.2f}%, '
         f'test loss {result["test_loss"]:.4f}{_scaled(result)}. <span class="note">{note}</span></p>',
         *(_calibration_html(history, read_calibration(loaded.path), result) if "reliability" in result else []),
-        "<h2>Confusion matrix</h2>", _img(figure_bytes(confusion_figure(confusion, classes)), "confusion matrix"),
+        "<h2>Confusion matrix</h2>", img_tag(figure_bytes(confusion_figure(confusion, classes)), "confusion matrix"),
         "<h2>Per-class accuracy</h2>",
         _table(("class", "test images", "correct", "accuracy"), rows, (False, True, True, True)),
         "<h2>Most confused pairs</h2>",
@@ -185,7 +186,7 @@ def _results_html(run: Path, loaded: LoadedModel, num_images: int, method: str,
         "<h2>Test images: predictions and attention</h2>",
         *(['<p class="note">Each image with its attention map (red: most attended); caption: predicted class and '
            "probability, the true class below it (green: right, red: wrong).</p>",
-           _img(grid_png, "test images with attention maps")] if grid_png is not None
+           img_tag(grid_png, "test images with attention maps")] if grid_png is not None
           else ['<p class="note">left out: the run\'s data could not be loaded.</p>']),
     ]
 

@@ -76,7 +76,7 @@ def fit(config: TrainConfig, *, data: DatasetSplits | None = None, model: Vision
     :func:`vitlab.interop.load_pretrained` reads); else a fresh ``config.model`` preset. A pretrained model's head
     is reset to the dataset's classes and its position embedding resized to ``config.image_size``. ``data``: a
     ready ``DatasetSplits`` (else ``config.data`` is loaded). ``progress``: an object with ``start/update/end``
-    (see :class:`~vitlab.training.progress.ProgressBar`), used on rank 0.
+    and optionally ``epoch_done`` (see :class:`~vitlab.training.progress.ProgressBar`), used on rank 0.
     """
     d = _setup_distributed(config.device)
     try:
@@ -117,6 +117,8 @@ def _train(r: "_Run", progress) -> TrainResult:
         state.wall_time = row["wall_time"] = spent + time.perf_counter() - started
         state.history.append(row)
         _save(r, row, best=state.record_best(row), writer=writer)
+        if r.d.is_main and hasattr(progress, "epoch_done"):  # an optional method: the epoch's metrics
+            progress.epoch_done(row)
         if config.stop_after_epoch is not None and state.planned_epochs > state.epoch >= config.stop_after_epoch:
             stopped = "stop_after_epoch"
             break

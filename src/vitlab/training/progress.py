@@ -7,16 +7,26 @@ import time
 from typing import TextIO
 
 
-def _fmt_time(seconds: float) -> str:
+def format_time(seconds: float) -> str:
+    """``mm:ss``, or ``h:mm:ss`` from an hour."""
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+def epoch_eta(step: int, steps: int, started: float) -> tuple[float, float]:
+    """(fraction of the epoch done, seconds it has left) after ``step`` of ``steps``, begun at ``started``
+    (``time.perf_counter()``)."""
+    frac = step / max(steps, 1)
+    elapsed = time.perf_counter() - started
+    return frac, (elapsed / frac - elapsed if frac > 0 else 0.0)
+
+
 class ProgressBar:
     """Callback the training engine calls with ``start(epoch, epochs, steps)``, ``update(step, loss,
-    images_per_s)`` and ``end()``. Writes to ``stream`` (default stdout) only if it is a terminal, unless
+    images_per_s)`` and ``end()`` (and, on an object that has it, ``epoch_done(row)`` with the epoch's metrics
+    row). Writes to ``stream`` (default stdout) only if it is a terminal, unless
     ``force``."""
 
     def __init__(self, stream: TextIO | None = None, width: int = 24, force: bool = False):
@@ -32,13 +42,11 @@ class ProgressBar:
     def update(self, step: int, loss: float, images_per_s: float) -> None:
         if not self.enabled:
             return
-        frac = step / max(self._steps, 1)
-        elapsed = time.perf_counter() - self._t0
-        eta = elapsed / frac - elapsed if frac > 0 else 0.0
+        frac, eta = epoch_eta(step, self._steps, self._t0)
         filled = int(self.width * frac)
         bar = "#" * filled + "-" * (self.width - filled)
         self.stream.write(f"\repoch {self._epoch}/{self._epochs} [{bar}] {step}/{self._steps} loss {loss:.4f} "
-                          f"{images_per_s:,.0f} img/s ETA {_fmt_time(eta)}  ")
+                          f"{images_per_s:,.0f} img/s ETA {format_time(eta)}  ")
         self.stream.flush()
 
     def end(self) -> None:
