@@ -202,3 +202,18 @@ def test_benchmark_with_on_device_augmentation():
     r = benchmark(ViTConfig(**TINY), batch=4, precision="fp32", repeats=1, warmup=1, steps_per_repeat=1,
                   measure_peak=False, measure_memory=False, augment=True)
     assert r["augment"] is True and r["images_per_s"] > 0
+
+
+def test_a_onednn_isa_cap_without_bf16_makes_auto_precision_fp32(monkeypatch):
+    """`ONEDNN_MAX_CPU_ISA=AVX2` makes a bf16 CPU behave as one without bf16 (the stand-in for AVX2 machines in
+    benchmarks/): `auto` must then pick fp32, as it does on such a machine."""
+    from vitlab import _device
+
+    monkeypatch.setattr("builtins.open", lambda *a, **k: __import__("io").StringIO("flags : avx2 avx512_bf16\n"))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert _device.default_precision("cpu") == "bf16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert _device.default_precision("cpu") == "fp32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert _device.default_precision("cpu") == "bf16"

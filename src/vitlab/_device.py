@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -27,8 +28,16 @@ def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0
     return torch.device(name)
 
 
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) under which its bf16 matmul has no native instructions
+_ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU has native bf16 matmul instructions (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    """Whether this CPU has native bf16 matmul instructions (AVX512-BF16 or AMX), where bf16 autocast pays, and
+    oneDNN may use them (``ONEDNN_MAX_CPU_ISA=AVX2``, which makes a CPU behave as one without them, says no)."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap in _ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             flags = f.read()
