@@ -296,14 +296,14 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['name']}: {row['description']}")
         print(f"    model {row['model']}, data {row['data']}, {row['epochs']} epochs")
-        measured = row.get("measured") or {}
-        if measured.get("top1") is not None:
-            print(f"    measured: {measured['top1']}% test accuracy in {measured.get('wall_time', '?')} on "
-                  f"{measured.get('machine', '?')}")
-            print(f"    command:  {measured.get('command', '?')}")
-            if measured.get("note"):
-                print(f"    note:     {measured['note']}")
-        else:
+        measured = row.get("measured") or []  # one real run, or a list of them (one per kind of CPU)
+        runs = [m for m in (measured if isinstance(measured, list) else [measured]) if m.get("top1") is not None]
+        for m in runs:
+            print(f"    measured: {m['top1']}% test accuracy in {m.get('wall_time', '?')} on {m.get('machine', '?')}")
+            print(f"    command:  {m.get('command', '?')}")
+            if m.get("note"):
+                print(f"    note:     {m['note']}")
+        if not runs:
             print("    measured: not yet")
     return 0
 
