@@ -224,6 +224,8 @@ def test_cli_recipes_lists_them(capsys):
     out = capsys.readouterr().out
     assert "cifar10-cpu:" in out and "tintn-cifar10:" in out and "model vit-mnist-hybrid" in out
     assert "note:     goal 80% reached" in out  # what the number means is said where it is
+    mnist = out[out.index("\nmnist:"):out.index("\ntintn-cifar10:")]
+    assert mnist.count("    measured: ") == 2 and "capped at AVX2 kernels" in mnist  # one run per kind of CPU
 
 
 def test_init_from_pretrained_resets_head_and_resizes_positions(tmp_path):

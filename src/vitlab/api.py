@@ -19,7 +19,7 @@ from vitlab.interop import LoadedModel, load
 from vitlab.notebook import NotebookProgress, RunResult, in_notebook
 from vitlab.plots import plot_run_files
 from vitlab.runs import CONFIG_YAML, EVAL, read_calibration, read_metrics, require_run_folder
-from vitlab.training import TrainResult, fit
+from vitlab.training import fit
 from vitlab.training.launch import launch
 
 
