@@ -209,7 +209,7 @@ def test_a_onednn_isa_cap_without_bf16_makes_auto_precision_fp32(monkeypatch):
     benchmarks/): `auto` must then pick fp32, as it does on such a machine."""
     from vitlab import _device
 
-    monkeypatch.setattr("builtins.open", lambda *a, **k: __import__("io").StringIO("flags : avx2 avx512_bf16\n"))
+    monkeypatch.setattr(_device, "_cpuinfo", lambda: "flags\t: avx2 avx512_bf16\n")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     assert _device.default_precision("cpu") == "bf16"

@@ -38,12 +38,16 @@ def cpu_has_fast_bf16() -> bool:
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
     if cap in _ONEDNN_ISAS_WITHOUT_BF16:
         return False
+    return any(flag in _cpuinfo() for flag in (" avx512_bf16", " amx_bf16"))
+
+
+def _cpuinfo() -> str:
+    """/proc/cpuinfo, or "" where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+        return ""
 
 
 def default_precision(device: str | torch.device) -> str:
