@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -145,14 +146,63 @@ def test_time_limit_stops_cleanly_and_the_run_resumes(tmp_path):
     assert json.loads((result.run_dir / "last/state.json").read_text())["epoch"] == 1
 
 
-def test_time_limit_lays_the_schedule_out_early_in_the_first_epoch(tmp_path):
-    # 20 steps per epoch: after 5 steps the run sees that no more than this epoch fits and ends the cosine there
-    result = vitlab.train(tiny_config(tmp_path, epochs=3, time_limit_minutes=1e-9, eval_every=2, min_lr=1e-5),
+class _VirtualClock:
+    """A clock for the engine and the time-limit planner that moves only when a training step (``step`` seconds)
+    or an evaluation (``evaluation`` seconds) runs, so that a time-limited run's plan is exact arithmetic."""
+
+    def __init__(self, monkeypatch, *, step: float, evaluation: float, slow_steps: dict[int, float] | None = None):
+        import types
+
+        import vitlab.training.budget as budget
+        import vitlab.training.engine as engine
+        from vitlab.training.step import TrainStep
+
+        self.now, self.steps = 0.0, 0
+        fake_time = types.SimpleNamespace(perf_counter=lambda: self.now, strftime=time.strftime, gmtime=time.gmtime)
+        monkeypatch.setattr(engine, "time", fake_time)
+        monkeypatch.setattr(budget, "time", fake_time)
+        train_step, evaluate = TrainStep.__call__, engine.evaluate_model
+
+        def timed_step(step_self, *args, **kwargs):
+            self.steps += 1
+            self.now += (slow_steps or {}).get(self.steps, step)
+            return train_step(step_self, *args, **kwargs)
+
+        def timed_evaluation(*args, **kwargs):
+            self.now += evaluation
+            return evaluate(*args, **kwargs)
+
+        monkeypatch.setattr(TrainStep, "__call__", timed_step)
+        monkeypatch.setattr(engine, "evaluate_model", timed_evaluation)
+
+
+def test_time_limit_plans_in_steps_ends_the_cosine_with_the_time_and_cuts_the_last_epoch(tmp_path, monkeypatch):
+    # 20 steps an epoch of 1 s each, an evaluation of 10 s after every epoch, 90 s: a plan in whole epochs fits 2
+    # (3 would cost 3 x (1.05 x 20 + 10) = 93 s) and ends at 60 s; in steps it trains 58 and ends at 88 s
+    clock = _VirtualClock(monkeypatch, step=1.0, evaluation=10.0)
+    result = vitlab.train(tiny_config(tmp_path, epochs=10, time_limit_minutes=1.5, min_lr=1e-5),
                           data=tiny_splits(n_train=320))
-    assert result.stopped == "completed" and len(result.history) == 1
-    assert result.history[0]["lr"] == pytest.approx(1e-5) and result.history[0]["top1"] is not None
     state = json.loads((result.run_dir / "last/state.json").read_text())
-    assert state["planned_epochs"] == 1 and state["scheduler"]["total_steps"] == 20
+    steps = [row["steps"] for row in result.history]
+    assert result.stopped == "completed" and clock.now <= 90.0
+    assert steps[:-1] == [20] * (len(steps) - 1) and 0 < steps[-1] < 20  # the last epoch ends with the plan
+    assert sum(steps) == clock.steps == state["scheduler"]["step"] == state["scheduler"]["total_steps"]
+    assert len(steps) == 3 and state["planned_epochs"] == state["epoch"] == 3
+    assert 90.0 - clock.now < 1.05 * 1.0 + 10.0 / 20 + 1.0  # less than a step and its share of evaluations unused
+    assert result.history[-1]["lr"] == pytest.approx(1e-5)  # the cosine came down with the time
+    assert [row["top1"] is not None for row in result.history] == [True] * 3
+    assert result.history[-1]["images_per_s"] == pytest.approx(steps[-1] * 16 / steps[-1], rel=1e-6)
+
+
+def test_time_limit_stops_inside_an_epoch_when_a_stall_leaves_no_time(tmp_path, monkeypatch):
+    # the 8th step stalls for 100 s of a 60 s limit: the run stops at the next quarter of the epoch (step 10),
+    # evaluates and saves that part of the epoch, and can be resumed
+    clock = _VirtualClock(monkeypatch, step=1.0, evaluation=10.0, slow_steps={8: 100.0})
+    result = vitlab.train(tiny_config(tmp_path, epochs=10, time_limit_minutes=1.0), data=tiny_splits(n_train=320))
+    assert result.stopped == "time_limit" and clock.steps == 10
+    assert [row["steps"] for row in result.history] == [10] and result.top1 is not None
+    state = json.loads((result.run_dir / "last/state.json").read_text())
+    assert state["epoch"] == 1 and state["scheduler"]["step"] == 10
 
 
 def test_linear_probe_trains_the_head_only(tmp_path):

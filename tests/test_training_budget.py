@@ -9,80 +9,113 @@ import pytest
 import torch
 from _train_fixtures import tiny_config
 
-from vitlab.training.budget import MARGIN, TimeBudget, epochs_that_fit, revise_plan
+from vitlab.training.budget import MARGIN, TimeBudget, revise_plan, steps_that_fit
 from vitlab.training.optim import WarmupCosine
 from vitlab.training.step import schedule_steps
 
 
-def test_the_rule_costs_an_epoch_with_its_share_of_evaluations_and_keeps_the_final_one_aside():
-    # 100 s epochs + 5%, an evaluation of 10 s every 4th epoch: 107.5 s each; (1000 - 10) // 107.5 = 9 more
+def test_the_rule_counts_the_evaluations_the_steps_pass_and_keeps_the_final_one_aside():
+    # 1 s steps + 5%, an evaluation of 10 s every 400 steps, the next one in 100 steps
     assert MARGIN == 1.05
-    kw = dict(done=10, epoch_time=100.0, eval_time=10.0, eval_every=4)
-    assert epochs_that_fit(seconds_left=1000.0, **kw) == 19
-    assert epochs_that_fit(seconds_left=1000.0, evaluating_now=True, **kw) == 19  # (1000 - 20) // 107.5 = 9
-    assert epochs_that_fit(seconds_left=10.0 + 18 * 107.5, **kw) == 10 + 18  # just enough for 18 ...
-    assert epochs_that_fit(seconds_left=10.0 + 18 * 107.5 - 1e-6, **kw) == 10 + 17  # ... and a microsecond short
-    assert epochs_that_fit(seconds_left=5.0, **kw) == 10  # not even the final evaluation fits: none more
+    kw = dict(done=1000, step_time=1.0, eval_time=10.0, to_next_eval=100, steps_per_eval=400)
+    # 1000 s: the final evaluation, and 3 passed (after 100, 500, 900 steps): (1000 - 40) // 1.05 = 914 > 900
+    assert steps_that_fit(seconds_left=1000.0, **kw) == 1914
+    assert steps_that_fit(seconds_left=1000.0, evaluating_now=True, **kw) == 1904  # (1000 - 50) // 1.05 = 904
+    assert steps_that_fit(seconds_left=10.0 + 100 * 1.05 + 0.01, **kw) == 1100  # ending at an evaluation: final
+    assert steps_that_fit(seconds_left=10.0 + 101 * 1.05 + 0.01, **kw) == 1100  # one step more passes it: 10 s
+    assert steps_that_fit(seconds_left=20.0 + 101 * 1.05 + 0.01, **kw) == 1101  # ... which then fit
+    assert steps_that_fit(seconds_left=20.0 + 101 * 1.05 - 0.01, **kw) == 1100  # ... and 10 ms short
+    assert steps_that_fit(seconds_left=5.0, **kw) == 1000  # not even the final evaluation fits: none more
+    assert steps_that_fit(seconds_left=50.0, **{**kw, "eval_time": 0.0}) == 1047  # 50 // 1.05
 
 
 def test_the_plan_shrinks_any_time_and_grows_only_in_the_first_half():
-    assert revise_plan(20, 19, done=10, most=40) == (19, False)
-    assert revise_plan(10, 30, done=3, most=40) == (30, False)  # first half of the run: the plan may grow
-    assert revise_plan(10, 33, done=6, most=40) == (10, False)  # second half: it does not
-    assert revise_plan(10, 10 ** 9, done=3, most=40) == (40, False)  # never past `epochs`
-    assert revise_plan(30, 10, done=10, most=40) == (30, True)  # nothing more fits: stop after this epoch
+    assert revise_plan(2000, 1900, done=1000, most=4000) == (1900, False)
+    assert revise_plan(1000, 3000, done=300, most=4000) == (3000, False)  # first half of the run: it may grow
+    assert revise_plan(1000, 3300, done=600, most=4000) == (1000, False)  # second half: it does not
+    assert revise_plan(1000, 10 ** 9, done=300, most=4000) == (4000, False)  # never past `epochs`
+    assert revise_plan(3000, 1000, done=1000, most=4000) == (3000, True)  # nothing more fits: stop now
 
 
-def _budget(train_times, eval_time=10.0, seconds=1000.0, eval_every=4):
-    """A budget whose clock starts now with ``seconds`` left, having timed ``train_times`` and one evaluation."""
-    return TimeBudget(seconds=seconds, eval_every=eval_every, most_epochs=40, steps_per_epoch=100,
-                      started=time.perf_counter(), train_times=list(train_times), eval_time=eval_time)
+def _budget(step_times, eval_time=10.0, seconds=1000.0, eval_every=4):
+    """A budget of 100 steps an epoch whose clock starts now with ``seconds`` left, having timed epochs of
+    ``step_times`` seconds a step and one evaluation."""
+    return TimeBudget(seconds=seconds, eval_every=eval_every, most_steps=4000, steps_per_epoch=100,
+                      started=time.perf_counter(), step_times=list(step_times), eval_time=eval_time)
 
 
-def test_epochs_are_costed_at_the_median_of_the_last_five():
-    # one slow 300 s epoch does not count; a lasting slowdown shrinks the plan
-    assert _budget([100.0, 100.0, 300.0, 100.0]).epoch_done(100.0, done=10, planned=20,
-                                                             evaluating_now=False) == (19, False)
-    assert _budget([100.0, 100.0, 300.0, 100.0]).epoch_done(100.0, done=10, planned=20,
-                                                             evaluating_now=True) == (19, False)
-    assert _budget([300.0] * 4).epoch_done(300.0, done=10, planned=20, evaluating_now=False) == (13, False)
-    assert _budget([100.0] * 4, seconds=110.0).epoch_done(100.0, done=10, planned=30,
-                                                          evaluating_now=False) == (30, True)
-    assert _budget([100.0] * 4, seconds=3000.0).epoch_done(100.0, done=3, planned=10,
-                                                           evaluating_now=False) == (30, False)
-    assert _budget([100.0] * 4, seconds=3000.0).epoch_done(100.0, done=6, planned=10,
-                                                           evaluating_now=False) == (10, False)
+def test_steps_are_costed_at_the_median_of_the_last_five_epochs():
+    # after epoch 10 (1000 steps), an evaluation every 4th epoch: the next after epoch 12, 200 steps on
+    kw = dict(epoch=10, done=1000, planned=2000)
+    # 1 s a step (one slow 3 s epoch does not count): 2 evaluations passed (at 200, 600) + the final: 970 // 1.05
+    assert _budget([1.0, 1.0, 3.0, 1.0]).epoch_done(100.0, 100, **kw) == (1923, False)
+    # at the end of epoch 12 this epoch's evaluation is kept aside too, and the next is 400 steps on (2 passed)
+    assert _budget([1.0, 1.0, 3.0, 1.0]).epoch_done(100.0, 100, epoch=12, done=1200,
+                                                    planned=2500) == (1200 + int(960 // 1.05), False)
+    assert _budget([3.0] * 4).epoch_done(300.0, 100, **kw) == (1000 + int(980 // 3.15), False)  # 1 passed
+    assert _budget([1.0] * 4, seconds=10.5).epoch_done(100.0, 100, epoch=10, done=1000,
+                                                       planned=3000) == (3000, True)
+    # 3000 s: 2780 steps pass 7 evaluations (after 100, 500, ... 2500 steps): 2780 x 1.05 + 8 x 10 = 2999 s
+    assert _budget([1.0] * 4, seconds=3000.0).epoch_done(100.0, 100, epoch=3, done=300,
+                                                         planned=1000) == (3080, False)  # grows, 1st half
+    assert _budget([1.0] * 4, seconds=3000.0).epoch_done(100.0, 100, epoch=6, done=600,
+                                                         planned=1000) == (1000, False)  # not in the 2nd
+    # a short last epoch is costed by its own steps: 20 steps in 20 s is 1 s a step
+    assert _budget([1.0] * 4).epoch_done(20.0, 20, **kw) == (1923, False)
 
 
 def test_before_the_first_evaluation_the_plan_waits_for_it_and_then_may_grow():
-    budget = _budget([], eval_time=None, seconds=3000.0)
-    assert budget.epoch_done(100.0, done=1, planned=10, evaluating_now=False) == (10, False)  # no evaluation timed
-    assert budget.evaluation_done(10.0, done=1, planned=10) == (28, False)  # (2990 // 107.5) = 27 more
-    assert budget.evaluation_done(10.0, done=2, planned=28) == (28, False)  # only the first one plans
+    budget = _budget([], eval_time=None, seconds=3000.0, eval_every=1)
+    assert budget.epoch_done(100.0, 100, epoch=1, done=100, planned=1000) == (1000, False)  # none timed yet
+    # 10 s after each 100 steps of 1.05 s: 115 s an epoch; the final evaluation aside, 26 epochs (2990 s) ...
+    assert budget.evaluation_done(10.0, epoch=1, done=100, planned=1000) == (100 + 26 * 100, False)
+    assert budget.evaluation_done(10.0, epoch=2, done=200, planned=2700) == (2700, False)  # only the first plans
 
 
-def test_the_first_steps_of_a_fresh_run_lay_the_plan_out():
-    budget = TimeBudget.for_run(1e-9, eval_every=1, most_epochs=30, steps_per_epoch=200, spent=0.0,
+def test_the_first_steps_of_a_fresh_run_lay_the_plan_out_and_every_quarter_epoch_revises_it():
+    budget = TimeBudget.for_run(1e-9, eval_every=1, most_steps=6000, steps_per_epoch=200, spent=0.0,
                                 started=time.perf_counter(), resuming=False)
     assert budget.probe_steps == 20  # a tenth of the epoch
+    assert [s for s in range(1, 201) if budget.checks_at(s)] == [20, 50, 100, 150]  # not the end: epoch_done
     start = time.perf_counter()
-    plans = [budget.step_done(i, start, done=0, planned=30) for i in range(1, 21)]
-    assert plans[:-1] == [None] * 19 and plans[-1] == 1  # the limit holds this epoch only
-    assert budget.step_done(20, start, done=1, planned=1) is None  # the second epoch: no probe
-    assert TimeBudget.for_run(1.0, eval_every=1, most_epochs=30, steps_per_epoch=200, spent=0.0,
+    plans = [budget.step_done(i, start, epoch=0, done=i, planned=6000) for i in range(1, 21)]
+    assert plans[:-1] == [None] * 19 and plans[-1] == (6000, True)  # out of time already: stop at this step
+    budget = TimeBudget.for_run(1.0, eval_every=1, most_steps=6000, steps_per_epoch=200, spent=0.0,
+                                started=time.perf_counter(), resuming=False)
+    start = time.perf_counter()
+    for i in range(1, 20):
+        assert budget.step_done(i, start, epoch=0, done=i, planned=6000) is None
+    time.sleep(0.05)  # 15 steps in more than 50 ms: the 60 s hold fewer than 60 / (1.05 * 0.05 / 15) = 17,000
+    planned, out = budget.step_done(20, start, epoch=0, done=20, planned=6000)
+    assert not out and 20 < planned <= 6000
+    assert TimeBudget.for_run(1.0, eval_every=1, most_steps=6000, steps_per_epoch=200, spent=0.0,
                               started=0.0, resuming=True).probe_steps == 0
-    assert TimeBudget.for_run(1.0, eval_every=1, most_epochs=30, steps_per_epoch=19, spent=0.0,
+    assert TimeBudget.for_run(1.0, eval_every=1, most_steps=6000, steps_per_epoch=19, spent=0.0,
                               started=0.0, resuming=False).probe_steps == 0
+
+
+def test_a_later_epoch_costs_its_steps_with_the_current_one_counted_in_the_median():
+    # 25 steps into epoch 3 (eval_every 4: the next evaluation 175 steps on); epochs of 1 s a step and the
+    # current one at 3 s a step: the median of [1, 1, 3] is 1, and 2 evaluations are passed (175, 575)
+    budget = _budget([1.0, 1.0], seconds=1000.0)
+    plan = budget.step_done(25, time.perf_counter() - 75.0, epoch=2, done=225, planned=4000)
+    assert plan == (225 + int((1000 - 30) // 1.05), False)
+    # ... when it is the third slow one the median moves to 3 s a step: 1 evaluation passed
+    budget = _budget([1.0, 3.0, 3.0], seconds=1000.0)
+    plan = budget.step_done(25, time.perf_counter() - 75.0, epoch=2, done=325, planned=4000)
+    assert plan == (325 + int((1000 - 20) // 3.15), False)
+    assert budget.step_done(26, time.perf_counter(), epoch=2, done=326, planned=4000) is None  # not a quarter
 
 
 def test_a_new_plan_stretches_the_cosine_and_the_warmup_keeps_its_share():
     config = tiny_config(Path("unused"), epochs=40, warmup_epochs=2, lr=1e-3, min_lr=0.0)
     sched = WarmupCosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lr=1e-3, min_lr=0.0,
                          total_steps=10 * 100, warmup_steps=round(2 / 40 * 10 * 100))  # the probe's plan: 10 epochs
-    assert schedule_steps(config, 12, 100) == (1200, 60)  # warmup keeps its share: 2/40 of the run
-    assert schedule_steps(config, 9, 100) == (900, 45)
-    assert schedule_steps(config, 40, 100) == (4000, 200)
-    sched.resize(*schedule_steps(config, 9, 100))
+    assert schedule_steps(config, 1200, 100) == (1200, 60)  # warmup keeps its share: 2/40 of the run
+    assert schedule_steps(config, 900, 100) == (900, 45)
+    assert schedule_steps(config, 4000, 100) == (4000, 200)
+    assert schedule_steps(config, 950, 100) == (950, 48)  # a plan that ends inside an epoch
+    sched.resize(*schedule_steps(config, 900, 100))
     for _ in range(900):
         sched.step()
     assert sched.current_lr() == pytest.approx(0.0)  # still ends at min_lr

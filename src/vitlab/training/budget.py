@@ -1,17 +1,22 @@
-"""Fitting a run's schedule to a time limit (``TrainConfig.time_limit_minutes``).
+"""Fitting a run's schedule to a time limit (``TrainConfig.time_limit_minutes``), step by step.
 
-One rule, applied early in the first epoch and after every epoch:
+One rule, applied early in the first epoch, at every quarter of an epoch and after every epoch:
 
-    an epoch costs MARGIN x its training time, plus one evaluation every ``eval_every`` epochs; keeping aside
-    the time of the final evaluation (and of this epoch's, when it is about to be evaluated), the run plans
-    the whole epochs that fit in the time left.
+    a step costs MARGIN x its training time; the run plans the most optimizer steps that fit in the time left
+    together with the evaluations they pass (one after every ``eval_every``-th epoch), the final evaluation, and
+    this epoch's when it is about to be evaluated.
 
-The training time of an epoch is the median of the last five (a noisy machine's slow epoch does not shrink the
-plan, a lasting slowdown does); before the first epoch has ended it is extrapolated from the speed of the
-first steps, so that a long first epoch does not run on a schedule laid out for a run the limit cannot hold.
-An evaluation's time is the last one measured (zero before the first). The plan shrinks whenever fewer epochs
-fit; it grows (up to ``TrainConfig.epochs``) only in the first half of the run, where a longer cosine barely
-moves the learning rate. When not one more epoch fits, the run stops after the current one.
+The warmup + cosine schedule is laid out over those steps, so the learning rate comes down to ``min_lr`` when the
+time runs out, and the last epoch ends where the plan does (its batches are the first part of that epoch's
+shuffled order): no time is left unused for want of a whole epoch.
+
+A step's time is the median over the last five epochs and the current one so far (a noisy machine's slow epoch
+does not shrink the plan, a lasting slowdown does); in the first epoch, before any epoch has ended, it is the
+speed since the first quarter of the probe steps (the first steps select kernels and allocate), so that a long
+first epoch does not run on a schedule laid out for a run the limit cannot hold. An evaluation's time is the
+last one measured (zero before the first). The plan shrinks whenever fewer steps fit; it grows (up to
+``TrainConfig.epochs``) only in the first half of the run, where a longer cosine barely moves the learning rate.
+When not one more step fits, the run stops at the step it is in, and evaluates and saves as after an epoch.
 """
 
 from __future__ import annotations
@@ -20,22 +25,32 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-MARGIN = 1.05  # epochs vary by a few percent on a busy machine; 5% spare keeps the last one inside the limit
+MARGIN = 1.05  # steps vary by a few percent on a busy machine; 5% spare keeps the last one inside the limit
 RECENT_EPOCHS = 5
+CHECKS_PER_EPOCH = 4  # replans inside an epoch, besides the probe and the epoch's end
 
 
-def epochs_that_fit(*, done: int, seconds_left: float, epoch_time: float, eval_time: float, eval_every: int,
-                    evaluating_now: bool = False) -> int:
-    """The rule: ``done`` plus the whole epochs of ``epoch_time`` seconds (and an evaluation of ``eval_time``
-    every ``eval_every``) that fit in ``seconds_left``, the final evaluation's time (and this epoch's, when
-    ``evaluating_now``) kept aside."""
-    per_epoch = MARGIN * epoch_time + eval_time / eval_every
-    usable = seconds_left - eval_time * (1 + evaluating_now)
-    return done + max(int(usable // per_epoch), 0)
+def steps_that_fit(*, done: int, seconds_left: float, step_time: float, eval_time: float, to_next_eval: int,
+                   steps_per_eval: int, evaluating_now: bool = False) -> int:
+    """The rule: ``done`` plus the most steps of ``step_time`` seconds that fit in ``seconds_left`` together with
+    the evaluations of ``eval_time`` they pass (the first after ``to_next_eval`` steps, then one every
+    ``steps_per_eval``), the final evaluation (and this epoch's, when ``evaluating_now``)."""
+    per_step = MARGIN * max(step_time, 1e-9)
+    kept_aside = eval_time * (1 + evaluating_now)
+
+    def cost(n: int) -> float:
+        passed = 0 if n <= to_next_eval else 1 + (n - to_next_eval - 1) // steps_per_eval  # the end's is final
+        return per_step * n + eval_time * passed + kept_aside
+
+    fits, most = 0, max(int((seconds_left - kept_aside) // per_step), 0)  # no evaluation passed: the most
+    while fits < most:  # the largest n with cost(n) <= seconds_left (cost grows with n)
+        n = (fits + most + 1) // 2
+        fits, most = (n, most) if cost(n) <= seconds_left else (fits, n - 1)
+    return done + fits
 
 
 def revise_plan(planned: int, fits: int, *, done: int, most: int) -> tuple[int, bool]:
-    """``(planned epochs, out of time)`` once ``fits`` epochs are known to fit after ``done``: shorter whenever
+    """``(planned steps, out of time)`` once ``fits`` steps are known to fit after ``done``: shorter whenever
     fewer fit, longer (up to ``most``) only while the run is in its first half; out of time when none more fit."""
     fits = min(fits, most)
     if fits <= done:
@@ -47,79 +62,94 @@ def revise_plan(planned: int, fits: int, *, done: int, most: int) -> tuple[int, 
 
 @dataclass
 class TimeBudget:
-    """The timings of a time-limited run and its plan: call :meth:`step_done` after each step of the first epoch
-    and :meth:`epoch_done` / :meth:`evaluation_done` after the epoch's parts; each may return a new plan.
+    """The timings of a time-limited run and its plan, in optimizer steps: call :meth:`step_done` after each step
+    and :meth:`epoch_done` / :meth:`evaluation_done` after the epoch's parts; each may return a new plan
+    ``(planned steps, out of time)``.
 
-    ``seconds`` is the limit, ``spent`` what earlier sessions of a resumed run used. ``probe_steps`` is how many
-    steps of the first epoch are timed before the first plan (0: do not plan before the epoch ends); the first
-    quarter of them is not timed (kernel selection and allocation make the first steps slow).
+    ``seconds`` is the limit, ``spent`` what earlier sessions of a resumed run used, ``most_steps`` the length of
+    the schedule ``TrainConfig.epochs`` asks for. ``probe_steps`` is how many steps of the first epoch are timed
+    before the first plan (0: the first plan waits for the first quarter of an epoch); the first quarter of them is
+    not timed (kernel selection and allocation make the first steps slow).
     """
 
     seconds: float
     eval_every: int
-    most_epochs: int
+    most_steps: int
     steps_per_epoch: int
     spent: float = 0.0
     probe_steps: int = 0
     started: float = field(default_factory=time.perf_counter)
-    train_times: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)  # seconds per step of each epoch trained so far
     eval_time: float | None = None
     _probe_start: tuple[int, float] | None = None
 
     @classmethod
-    def for_run(cls, minutes: float, *, eval_every: int, most_epochs: int, steps_per_epoch: int, spent: float,
+    def for_run(cls, minutes: float, *, eval_every: int, most_steps: int, steps_per_epoch: int, spent: float,
                 started: float, resuming: bool) -> "TimeBudget":
         """The budget of a run whose session began at ``started`` (``time.perf_counter()``) after ``spent``
         seconds of earlier sessions; a fresh run of at least 20 steps an epoch plans after a tenth of its first
         epoch (at least 5 steps)."""
         probe = max(5, steps_per_epoch // 10) if not resuming and steps_per_epoch >= 20 else 0
-        return cls(seconds=60.0 * minutes, eval_every=eval_every, most_epochs=most_epochs,
+        return cls(seconds=60.0 * minutes, eval_every=eval_every, most_steps=most_steps,
                    steps_per_epoch=steps_per_epoch, spent=spent, started=started, probe_steps=probe)
 
     def elapsed(self) -> float:
         """Seconds of training so far, all sessions of the run."""
         return self.spent + time.perf_counter() - self.started
 
-    def step_done(self, step: int, epoch_start: float, *, done: int, planned: int) -> int | None:
-        """After step ``step`` (1-based) of the run's first epoch, begun at ``epoch_start``: at the probe step the
-        planned epochs from the extrapolated epoch time (the same or fewer), None at every other step."""
-        if not self.probe_steps or done > 0 or step > self.probe_steps:
-            return None
-        now = time.perf_counter()
-        if step == max(1, self.probe_steps // 4):
-            self._probe_start = (step, now)
-        if step < self.probe_steps or self._probe_start is None:
-            return None
-        first, t_first = self._probe_start
-        step_time = (now - t_first) / (step - first)
-        epoch_time = (t_first - epoch_start) + step_time * (self.steps_per_epoch - first)
-        seconds_left = self.seconds - (self.elapsed() - (now - epoch_start))  # counted from the epoch's start
-        fits = epochs_that_fit(done=done, seconds_left=seconds_left, epoch_time=epoch_time, eval_time=0.0,
-                               eval_every=self.eval_every)
-        return revise_plan(planned, max(fits, done + 1), done=done, most=self.most_epochs)[0]
+    def checks_at(self, step: int) -> bool:
+        """Whether step ``step`` (1-based) of an epoch replans: a quarter of the epoch (not its end, which
+        :meth:`epoch_done` plans), or the probe step in a fresh run's first epoch. A function of the step alone,
+        so that every rank of a distributed run plans at the same steps."""
+        every = max(1, self.steps_per_epoch // CHECKS_PER_EPOCH)
+        return (step < self.steps_per_epoch and step % every == 0) or step == self.probe_steps
 
-    def epoch_done(self, train_time: float, *, done: int, planned: int, evaluating_now: bool) -> tuple[int, bool]:
-        """After epoch ``done`` trained for ``train_time`` seconds: ``(planned epochs, out of time)``. Before any
-        evaluation was timed the plan waits for it (see :meth:`evaluation_done`)."""
-        self.train_times.append(train_time)
+    def step_done(self, step: int, epoch_start: float, *, epoch: int, done: int,
+                  planned: int) -> tuple[int, bool] | None:
+        """After step ``step`` (1-based) of the epoch after ``epoch`` whole ones, begun at ``epoch_start``, the run
+        having trained ``done`` steps in all: a new plan when :meth:`checks_at` this step and the step's time is
+        known, else None."""
+        now = time.perf_counter()
+        if not self.step_times and step == max(1, self.probe_steps // 4):
+            self._probe_start = (step, now)
+        if not self.checks_at(step):
+            return None
+        if self.step_times:  # the current epoch so far counts as one more epoch in the median
+            step_time = statistics.median([*self.step_times[-RECENT_EPOCHS:], (now - epoch_start) / step])
+        elif self._probe_start is not None and step > self._probe_start[0]:
+            step_time = (now - self._probe_start[1]) / (step - self._probe_start[0])
+        else:
+            return None
+        return self._plan(epoch=epoch, into=step, done=done, planned=planned, step_time=step_time)
+
+    def epoch_done(self, train_time: float, steps: int, *, epoch: int, done: int, planned: int) -> tuple[int, bool]:
+        """After epoch ``epoch`` (1-based) trained ``steps`` steps in ``train_time`` seconds (``done`` steps in
+        all). Before any evaluation was timed the plan waits for it (see :meth:`evaluation_done`)."""
+        self.step_times.append(train_time / steps)
         if self.eval_time is None or done >= planned:
             return planned, False
-        return self._plan(done=done, planned=planned, evaluating_now=evaluating_now)
+        return self._plan(epoch=epoch, done=done, planned=planned, evaluating_now=epoch % self.eval_every == 0)
 
-    def evaluation_done(self, seconds: float, *, done: int, planned: int) -> tuple[int, bool]:
-        """After an evaluation of ``seconds``; the first one also plans (it measured what an evaluation costs)."""
+    def evaluation_done(self, seconds: float, *, epoch: int, done: int, planned: int) -> tuple[int, bool]:
+        """After epoch ``epoch``'s evaluation of ``seconds``; the first one also plans (it measured what an
+        evaluation costs)."""
         first = self.eval_time is None
         self.eval_time = seconds
         if not first or done >= planned:
             return planned, False
-        return self._plan(done=done, planned=planned, evaluating_now=False)
+        return self._plan(epoch=epoch, done=done, planned=planned)
 
-    def _plan(self, *, done: int, planned: int, evaluating_now: bool) -> tuple[int, bool]:
-        fits = epochs_that_fit(done=done, seconds_left=self.seconds - self.elapsed(),
-                               epoch_time=statistics.median(self.train_times[-RECENT_EPOCHS:]),
-                               eval_time=self.eval_time or 0.0, eval_every=self.eval_every,
-                               evaluating_now=evaluating_now)
-        return revise_plan(planned, fits, done=done, most=self.most_epochs)
+    def _plan(self, *, epoch: int, done: int, planned: int, into: int = 0, evaluating_now: bool = False,
+              step_time: float | None = None) -> tuple[int, bool]:
+        """The plan ``into`` steps into the epoch after ``epoch`` whole ones (0: at the end of epoch ``epoch``)."""
+        if step_time is None:
+            step_time = statistics.median(self.step_times[-RECENT_EPOCHS:])
+        next_eval = (epoch // self.eval_every + 1) * self.eval_every  # the next epoch that ends with one
+        fits = steps_that_fit(done=done, seconds_left=self.seconds - self.elapsed(), step_time=step_time,
+                              eval_time=self.eval_time or 0.0,
+                              to_next_eval=(next_eval - epoch) * self.steps_per_epoch - into,
+                              steps_per_eval=self.eval_every * self.steps_per_epoch, evaluating_now=evaluating_now)
+        return revise_plan(planned, fits, done=done, most=self.most_steps)
 
 
-__all__ = ["MARGIN", "epochs_that_fit", "revise_plan", "TimeBudget"]
+__all__ = ["MARGIN", "steps_that_fit", "revise_plan", "TimeBudget"]

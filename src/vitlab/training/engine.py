@@ -93,27 +93,28 @@ def _train(r: "_Run", progress) -> TrainResult:
     writer = _tensorboard(r.dir) if r.d.is_main else None
     spent, started, stopped, final_eval = state.wall_time, time.perf_counter(), "completed", None
     budget = None if config.time_limit_minutes is None else TimeBudget.for_run(
-        config.time_limit_minutes, eval_every=config.eval_every, most_epochs=config.epochs,
+        config.time_limit_minutes, eval_every=config.eval_every, most_steps=config.epochs * r.steps_per_epoch,
         steps_per_epoch=r.steps_per_epoch, spent=spent, started=started, resuming=r.resuming)
     while state.epoch < state.planned_epochs:
         t_epoch = time.perf_counter()
-        train_loss = _train_epoch(r, budget, progress)
+        train_loss, steps, out_of_time = _train_epoch(r, budget, progress)
         train_time = time.perf_counter() - t_epoch
         state.epoch += 1
         row: dict[str, Any] = {"epoch": state.epoch, "train_loss": train_loss, "test_loss": None, "top1": None,
-                               "top5": None, "lr": step.scheduler.current_lr(),
-                               "images_per_s": r.steps_per_epoch * config.batch_size / train_time}
-        out_of_time = False
-        if budget is not None:  # plan before evaluating, so that the epoch the limit makes the last is evaluated
-            out_of_time = _replan(r, budget.epoch_done(train_time, done=state.epoch, planned=state.planned_epochs,
-                                                       evaluating_now=state.epoch % config.eval_every == 0))
+                               "top5": None, "lr": step.scheduler.current_lr(), "steps": steps,
+                               "images_per_s": steps * config.batch_size / train_time}
+        if budget is not None:  # plan before evaluating, so that the epoch that ends the run is evaluated
+            out_of_time |= _replan(r, budget.epoch_done(train_time, steps, epoch=state.epoch,
+                                                        done=step.scheduler.step_count,
+                                                        planned=step.scheduler.total_steps))
         if (state.epoch % config.eval_every == 0 or state.epoch in (state.planned_epochs, config.stop_after_epoch)
                 or out_of_time or (budget is not None and budget.eval_time is None)):
             t_eval = time.perf_counter()
             final_eval = _evaluate(r, row)
             if budget is not None:  # the first evaluation measures what one costs, and plans with it
-                out_of_time |= _replan(r, budget.evaluation_done(time.perf_counter() - t_eval, done=state.epoch,
-                                                                 planned=state.planned_epochs))
+                out_of_time |= _replan(r, budget.evaluation_done(time.perf_counter() - t_eval, epoch=state.epoch,
+                                                                 done=step.scheduler.step_count,
+                                                                 planned=step.scheduler.total_steps))
         state.wall_time = row["wall_time"] = spent + time.perf_counter() - started
         state.history.append(row)
         _save(r, row, best=state.record_best(row), writer=writer)
@@ -150,51 +151,63 @@ def _calibrate(r: "_Run") -> dict:
                            precision=r.precision)
 
 
-def _train_epoch(r: "_Run", budget: TimeBudget | None, progress) -> float:
-    """Train one epoch (``r.state.epoch``, 0-based, not yet done); return its mean training loss."""
-    config, epoch, d = r.config, r.state.epoch, r.d
+def _train_epoch(r: "_Run", budget: TimeBudget | None, progress) -> tuple[float, int, bool]:
+    """Train one epoch (``r.state.epoch``, 0-based, not yet done): all its steps, or those up to the end of the
+    schedule a time limit laid out; return its mean training loss, its steps, and whether the time ran out."""
+    config, epoch, d, scheduler = r.config, r.state.epoch, r.d, r.step.scheduler
     r.loader.set_epoch(epoch)
     r.generator.manual_seed(_epoch_seed(config.seed, epoch, d.rank))
     torch.manual_seed(_epoch_seed(config.seed, epoch, d.rank) + 1)  # dropout, drop path
     r.step.model.train()
     loss_sum = torch.zeros((), dtype=sum_dtype(r.device), device=r.device)
     if progress is not None and d.is_main:
-        progress.start(epoch + 1, r.state.planned_epochs, r.steps_per_epoch)
+        planned_here = scheduler.total_steps - scheduler.step_count if budget else r.steps_per_epoch
+        progress.start(epoch + 1, r.state.planned_epochs, max(1, min(r.steps_per_epoch, planned_here)))
     t_epoch = last_check = time.perf_counter()
     batches = iter(r.loader)
-    for i in range(1, r.steps_per_epoch + 1):
+    steps, out_of_time = 0, False
+    while steps < r.steps_per_epoch:
         loss = r.step([next(batches) for _ in range(config.accum_steps)], r.generator)
         loss_sum += loss
-        planned = budget.step_done(i, t_epoch, done=epoch, planned=r.state.planned_epochs) if budget else None
-        if planned is not None:  # early in a fresh time-limited run: lay the schedule out for what fits
-            _replan(r, (planned, False))
+        steps += 1
+        if budget is not None:
+            plan = budget.step_done(steps, t_epoch, epoch=epoch, done=scheduler.step_count,
+                                    planned=scheduler.total_steps)
+            if plan is not None:
+                out_of_time = _replan(r, plan, into_epoch=steps)
+            if out_of_time or scheduler.step_count >= scheduler.total_steps:  # the plan ends inside this epoch
+                break
         now = time.perf_counter()
         if now - last_check > 1.0 and d.is_main:  # the only host syncs inside an epoch: about 1 per second
             last_check = now
             current = float(loss) / (config.batch_size // d.world_size)
             if d.world_size == 1 and not math.isfinite(current):
-                _diverged(r, epoch, i, current)
+                _diverged(r, epoch, steps, current)
             if progress is not None:
-                progress.update(i, current, i * config.batch_size / max(now - t_epoch, 1e-9))
+                progress.update(steps, current, steps * config.batch_size / max(now - t_epoch, 1e-9))
     if progress is not None and d.is_main:
         progress.end()
     if d.world_size > 1:
         dist.all_reduce(loss_sum)
-    train_loss = float(loss_sum) / (r.steps_per_epoch * config.batch_size)
+    train_loss = float(loss_sum) / (steps * config.batch_size)
     if not math.isfinite(train_loss):
-        _diverged(r, epoch, r.steps_per_epoch, train_loss)
-    return train_loss
+        _diverged(r, epoch, steps, train_loss)
+    return train_loss, steps, out_of_time
 
 
-def _replan(r: "_Run", plan: tuple[int, bool]) -> bool:
-    """Apply a time-limit plan ``(planned epochs, out of time)``, the same on every rank (rank 0's: timings
-    differ between ranks, the schedule must not); return whether the run is out of time."""
+def _replan(r: "_Run", plan: tuple[int, bool], into_epoch: int = 0) -> bool:
+    """Apply a time-limit plan ``(planned steps, out of time)`` made ``into_epoch`` steps into an epoch (0: at its
+    end), the same on every rank (rank 0's: timings differ between ranks, the schedule must not); return
+    whether the run is out of time."""
     planned, out_of_time = _agree(r.d, r.device, *plan)
-    if planned != r.state.planned_epochs:
-        r.step.scheduler.resize(*schedule_steps(r.config, planned, r.steps_per_epoch))
-        r.state.planned_epochs = planned
+    scheduler = r.step.scheduler
+    if planned != scheduler.total_steps:
+        scheduler.resize(*schedule_steps(r.config, planned, r.steps_per_epoch))
+        epoch_start = scheduler.step_count - into_epoch
+        r.state.planned_epochs = r.state.epoch + math.ceil((planned - epoch_start) / r.steps_per_epoch)
         if r.d.is_main:
-            log.info("time limit %g min: the schedule now ends after epoch %d", r.config.time_limit_minutes, planned)
+            log.info("time limit %g min: the schedule now ends after %d steps (%s epochs)",
+                     r.config.time_limit_minutes, planned, f"{planned / r.steps_per_epoch:.2f}")
     return out_of_time
 
 
@@ -347,9 +360,10 @@ def _resume_state(config: TrainConfig, run: Path, step: TrainStep, device: torch
     step.scheduler.load_state_dict(state.scheduler)
     if state.scaler:
         step.scaler.load_state_dict(state.scaler)
-    if config.epochs != state.config_epochs:  # the user extended or shortened the run
+    if config.epochs != state.config_epochs:  # the user extended or shortened the run: whole epochs from here
         state.planned_epochs = state.config_epochs = config.epochs
-        step.scheduler.resize(config.epochs * steps_per_epoch, step.scheduler.warmup_steps)
+        step.scheduler.resize(step.scheduler.step_count + (config.epochs - state.epoch) * steps_per_epoch,
+                              step.scheduler.warmup_steps)
     if d.is_main:
         write_metrics(run, state.history)  # drop lines of an epoch the checkpoint does not hold
         log.info("resuming %s at epoch %d/%d", run, state.epoch + 1, state.planned_epochs)

@@ -105,12 +105,12 @@ def train_transform(config: TrainConfig, *, mean, std, image_size, num_classes: 
         cutmix_alpha=config.cutmix_alpha, mix_prob=config.mix_prob, label_smoothing=config.label_smoothing)
 
 
-def schedule_steps(config: TrainConfig, epochs: int, steps_per_epoch: int) -> tuple[int, int]:
-    """(total steps, warmup steps) of a schedule that ends after ``epochs``: the warmup lasts
+def schedule_steps(config: TrainConfig, total_steps: int, steps_per_epoch: int) -> tuple[int, int]:
+    """(total steps, warmup steps) of a schedule that ends after ``total_steps``: the warmup lasts
     ``warmup_epochs``, or less when a time limit shortens the run, keeping its share of ``config.epochs``."""
     warmup = min(round(config.warmup_epochs * steps_per_epoch),
-                 round(config.warmup_epochs / config.epochs * epochs * steps_per_epoch))
-    return epochs * steps_per_epoch, warmup
+                 round(config.warmup_epochs / config.epochs * total_steps))
+    return total_steps, warmup
 
 
 def make_train_step(model: nn.Module, config: TrainConfig, *, device: torch.device, precision: str,
@@ -121,7 +121,7 @@ def make_train_step(model: nn.Module, config: TrainConfig, *, device: torch.devi
     the model, made now), and the augmentation of the run on images normalised with ``mean``/``std``."""
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
                                 layer_decay=config.layer_decay)
-    total, warmup = schedule_steps(config, config.epochs, steps_per_epoch)
+    total, warmup = schedule_steps(config, config.epochs * steps_per_epoch, steps_per_epoch)
     scheduler = WarmupCosine(optimizer, lr=config.lr, min_lr=config.min_lr, total_steps=total, warmup_steps=warmup)
     ema = None
     if config.ema_decay is not None:
