@@ -178,7 +178,7 @@ class _VirtualClock:
 
 def test_time_limit_plans_in_steps_ends_the_cosine_with_the_time_and_cuts_the_last_epoch(tmp_path, monkeypatch):
     # 20 steps an epoch of 1 s each, an evaluation of 10 s after every epoch, 90 s: a plan in whole epochs fits 2
-    # (3 would cost 3 x (1.05 x 20 + 10) = 93 s) and ends at 60 s; in steps it trains 58 and ends at 88 s
+    # (3 would cost 3 x (1.05 x 20 + 10) = 93 s) and ends at 60 s; in steps it trains 59 and ends at 89 s
     clock = _VirtualClock(monkeypatch, step=1.0, evaluation=10.0)
     result = vitlab.train(tiny_config(tmp_path, epochs=10, time_limit_minutes=1.5, min_lr=1e-5),
                           data=tiny_splits(n_train=320))

@@ -204,10 +204,12 @@ def _replan(r: "_Run", plan: tuple[int, bool], into_epoch: int = 0) -> bool:
     if planned != scheduler.total_steps:
         scheduler.resize(*schedule_steps(r.config, planned, r.steps_per_epoch))
         epoch_start = scheduler.step_count - into_epoch
-        r.state.planned_epochs = r.state.epoch + math.ceil((planned - epoch_start) / r.steps_per_epoch)
-        if r.d.is_main:
-            log.info("time limit %g min: the schedule now ends after %d steps (%s epochs)",
-                     r.config.time_limit_minutes, planned, f"{planned / r.steps_per_epoch:.2f}")
+        epochs = r.state.epoch + math.ceil((planned - epoch_start) / r.steps_per_epoch)
+        if r.d.is_main:  # a line when the plan gains or loses an epoch; the small moves on the way in the debug log
+            log.log(logging.INFO if epochs != r.state.planned_epochs else logging.DEBUG,
+                    "time limit %g min: the schedule now ends after %d steps (%s epochs)",
+                    r.config.time_limit_minutes, planned, f"{planned / r.steps_per_epoch:.2f}")
+        r.state.planned_epochs = epochs
     return out_of_time
 
 
