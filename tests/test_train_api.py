@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import time
 
@@ -191,7 +192,18 @@ def test_time_limit_plans_in_steps_ends_the_cosine_with_the_time_and_cuts_the_la
     assert 90.0 - clock.now < 1.05 * 1.0 + 10.0 / 20 + 1.0  # less than a step and its share of evaluations unused
     assert result.history[-1]["lr"] == pytest.approx(1e-5)  # the cosine came down with the time
     assert [row["top1"] is not None for row in result.history] == [True] * 3
-    assert result.history[-1]["images_per_s"] == pytest.approx(steps[-1] * 16 / steps[-1], rel=1e-6)
+    assert result.history[-1]["images_per_s"] == pytest.approx(16.0)  # its own steps: 16 images a virtual second
+
+
+def test_time_limit_says_when_epochs_ends_the_run_before_the_time_does(tmp_path, monkeypatch, caplog):
+    # 90 s would hold 59 steps (the test above); epochs=2 caps the run at 40: one line says so, once
+    _VirtualClock(monkeypatch, step=1.0, evaluation=10.0)
+    with caplog.at_level(logging.INFO, logger="vitlab.training"):
+        result = vitlab.train(tiny_config(tmp_path, epochs=2, time_limit_minutes=1.5), data=tiny_splits(n_train=320))
+    assert result.stopped == "completed" and [row["steps"] for row in result.history] == [20, 20]
+    told = [r.getMessage() for r in caplog.records if "would fit" in r.getMessage()]
+    assert told == ["time limit 1.5 min: 2.9 epochs would fit, epochs=2 ends the run sooner (raise epochs to use "
+                    "the time)"]
 
 
 def test_time_limit_stops_inside_an_epoch_when_a_stall_leaves_no_time(tmp_path, monkeypatch):
@@ -275,7 +287,7 @@ def test_cli_recipes_lists_them(capsys):
     assert "cifar10-cpu:" in out and "tintn-cifar10:" in out and "model vit-mnist-hybrid" in out
     assert "note:     goal 80% reached" in out  # what the number means is said where it is
     mnist = out[out.index("\nmnist:"):out.index("\ntintn-cifar10:")]
-    assert mnist.count("    measured: ") == 2 and "capped at AVX2 kernels" in mnist  # one run per kind of CPU
+    assert mnist.count("    measured: ") == 3 and "capped at AVX2 kernels" in mnist  # runs on two kinds of CPU
 
 
 def test_init_from_pretrained_resets_head_and_resizes_positions(tmp_path):

@@ -165,7 +165,8 @@ class RunState:
     only in :meth:`record_best`.
     """
 
-    planned_epochs: int  # the schedule's length; a time limit may change it
+    planned_epochs: int  # the schedule's length in epochs; a time limit may change it (its plan is in steps,
+    # scheduler["total_steps"], and may end inside the last epoch)
     config_epochs: int  # TrainConfig.epochs when the plan was made (a resume with another value re-lays it)
     epoch: int = 0  # epochs done
     wall_time: float = 0.0  # seconds of training, all sessions of the run

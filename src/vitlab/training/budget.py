@@ -83,6 +83,7 @@ class TimeBudget:
     started: float = field(default_factory=time.perf_counter)
     step_times: list[float] = field(default_factory=list)  # seconds per step of each epoch trained so far
     eval_time: float | None = None
+    would_fit: int | None = None  # the steps the last plan found room for, before ``most_steps`` capped them
     _probe_start: tuple[int, float] | None = None
 
     @classmethod
@@ -151,6 +152,7 @@ class TimeBudget:
                               eval_time=self.eval_time or 0.0,
                               to_next_eval=(next_eval - epoch) * self.steps_per_epoch - into,
                               steps_per_eval=self.eval_every * self.steps_per_epoch, evaluating_now=evaluating_now)
+        self.would_fit = fits
         return revise_plan(planned, fits, done=done, most=self.most_steps)
 
 

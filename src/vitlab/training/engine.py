@@ -112,9 +112,14 @@ def _train(r: "_Run", progress) -> TrainResult:
             t_eval = time.perf_counter()
             final_eval = _evaluate(r, row)
             if budget is not None:  # the first evaluation measures what one costs, and plans with it
+                first = budget.eval_time is None
                 out_of_time |= _replan(r, budget.evaluation_done(time.perf_counter() - t_eval, epoch=state.epoch,
                                                                  done=step.scheduler.step_count,
                                                                  planned=step.scheduler.total_steps))
+                if first and r.d.is_main and (budget.would_fit or 0) > budget.most_steps:
+                    log.info("time limit %g min: %.1f epochs would fit, epochs=%d ends the run sooner (raise "
+                             "epochs to use the time)", config.time_limit_minutes,
+                             budget.would_fit / r.steps_per_epoch, config.epochs)
         state.wall_time = row["wall_time"] = spent + time.perf_counter() - started
         state.history.append(row)
         _save(r, row, best=state.record_best(row), writer=writer)
