@@ -80,14 +80,14 @@ def plot_run(run: str | Path) -> list[Path]:
 
 
 def list_recipes() -> list[dict[str, Any]]:
-    """The packaged recipes: name, description, model, data, and what it ``measured`` (accuracy, wall time,
-    machine, command) when a run of it was recorded."""
+    """The packaged recipes: name, description, model, data, and the runs of it that were ``measured`` (a list,
+    empty when none was recorded; each run: accuracy, wall time, machine, command, note)."""
     known = {f.name for f in fields(TrainConfig)}
     rows = []
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         raw = load_yaml(path)
         rows.append({"name": path.stem, "description": raw.get("description", ""), "model": raw.get("model"),
-                     "data": raw.get("data"), "epochs": raw.get("epochs"), "measured": raw.get("measured"),
+                     "data": raw.get("data"), "epochs": raw.get("epochs"), "measured": raw.get("measured") or [],
                      "fields": {k: v for k, v in raw.items() if k in known and k not in RECIPE_META_KEYS}})
     return rows
 

@@ -296,8 +296,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['name']}: {row['description']}")
         print(f"    model {row['model']}, data {row['data']}, {row['epochs']} epochs")
-        measured = row.get("measured") or []  # one real run, or a list of them (one per kind of CPU)
-        runs = [m for m in (measured if isinstance(measured, list) else [measured]) if m.get("top1") is not None]
+        runs = [m for m in row["measured"] if m.get("top1") is not None]
         for m in runs:
             print(f"    measured: {m['top1']}% test accuracy in {m.get('wall_time', '?')} on {m.get('machine', '?')}")
             print(f"    command:  {m.get('command', '?')}")

@@ -112,11 +112,11 @@ class TimeBudget:
         """After step ``step`` (1-based) of the epoch after ``epoch`` whole ones, begun at ``epoch_start``, the run
         having trained ``done`` steps in all: a new plan when :meth:`checks_at` this step and the step's time is
         known, else None."""
-        now = time.perf_counter()
         if not self.step_times and step == max(1, self.probe_steps // 4):
-            self._probe_start = (step, now)
+            self._probe_start = (step, time.perf_counter())
         if not self.checks_at(step):
             return None
+        now = time.perf_counter()
         if self.step_times:  # the current epoch so far counts as one more epoch in the median
             step_time = statistics.median([*self.step_times[-RECENT_EPOCHS:], (now - epoch_start) / step])
         elif self._probe_start is not None and step > self._probe_start[0]:
