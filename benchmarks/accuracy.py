@@ -143,9 +143,12 @@ def main() -> int:
         print(line)
     print(f"final test accuracy: {100 * result.top1:.2f}%  best: {100 * result.best_top1:.2f}% (epoch "
           f"{result.best_epoch})  epochs: {len(result.history)}  stopped: {result.stopped}")
-    if config.tta_hflip:  # the same final model scored on the images alone
-        plain = vitlab.evaluate(result.run_dir / "last", spec, tta_hflip=False, cache_dir=config.cache_dir)
-        print(f"final test accuracy without the flip test-time augmentation: {100 * plain['top1']:.2f}%")
+    if config.tta_shift and result.history[-1]["top1"] is not None:  # the curve's views: no moved ones
+        print(f"final test accuracy without the moved views of tta_shift: {100 * result.history[-1]['top1']:.2f}%")
+    if config.tta_hflip or config.tta_shift:  # the same final model scored on the images alone
+        plain = vitlab.evaluate(result.run_dir / "last", spec, tta_hflip=False, tta_shift=0,
+                                cache_dir=config.cache_dir)
+        print(f"final test accuracy on the images alone (no test-time augmentation): {100 * plain['top1']:.2f}%")
     print(f"training wall time: {result.wall_time / 60:.2f} min (with data loading: {total / 60:.2f} min)")
     print(f"machine: {machine()}")
     print(f"command: PYTHONPATH=src python benchmarks/accuracy.py {' '.join(sys.argv[1:])}")

@@ -162,7 +162,7 @@ class _VirtualClock:
         fake_time = types.SimpleNamespace(perf_counter=lambda: self.now, strftime=time.strftime, gmtime=time.gmtime)
         monkeypatch.setattr(engine, "time", fake_time)
         monkeypatch.setattr(budget, "time", fake_time)
-        train_step, evaluate = TrainStep.__call__, engine.evaluate_model
+        train_step, evaluate = TrainStep.__call__, engine.evaluate_views
 
         def timed_step(step_self, *args, **kwargs):
             self.steps += 1
@@ -174,7 +174,7 @@ class _VirtualClock:
             return evaluate(*args, **kwargs)
 
         monkeypatch.setattr(TrainStep, "__call__", timed_step)
-        monkeypatch.setattr(engine, "evaluate_model", timed_evaluation)
+        monkeypatch.setattr(engine, "evaluate_views", timed_evaluation)
 
 
 def test_time_limit_plans_in_steps_ends_the_cosine_with_the_time_and_cuts_the_last_epoch(tmp_path, monkeypatch):
@@ -363,6 +363,91 @@ def test_evaluate_hflip_averages_the_probabilities_of_image_and_mirror():
     assert again["confusion"] == got["confusion"] and again["test_loss"] == pytest.approx(got["test_loss"])
 
 
+def test_tta_views_are_airbench_multi_crop_weights_and_moves():
+    from vitlab.evaluation import _view, tta_views
+
+    assert tta_views(False, 0) == {(False, 0): 1.0}
+    assert tta_views(True, 0) == {(False, 0): 0.5, (True, 0): 0.5}
+    assert tta_views(False, 2) == {(False, 0): 0.5, (False, -2): 0.25, (False, 2): 0.25}
+    assert tta_views(True, 1) == {(False, 0): 0.25, (True, 0): 0.25, (False, -1): 0.125, (True, -1): 0.125,
+                                  (False, 1): 0.125, (True, 1): 0.125}
+    for bad in (-1, 1.5, True):
+        with pytest.raises(vitlab.ConfigError, match="tta_shift"):
+            tta_views(True, bad)
+    x = torch.arange(2 * 5 * 6, dtype=torch.float32).reshape(1, 2, 5, 6)
+    down = _view(x, (False, 2))  # moved 2 px down and right, the border reflected
+    assert torch.equal(down[..., 2:, 2:], x[..., :-2, :-2])
+    assert torch.equal(down[..., 0, 2:], x[..., 2, :-2]) and torch.equal(down[..., 2:, 1], x[..., :-2, 1])
+    up = _view(x, (True, -1))  # mirrored, then moved 1 px up and left
+    assert torch.equal(up[..., :-1, :-1], x.flip(-1)[..., 1:, 1:])
+    assert torch.equal(up[..., -1, :-1], x.flip(-1)[..., -2, 1:])
+
+
+def test_evaluate_with_tta_shift_averages_the_moved_views_as_written_apart():
+    import numpy as np
+    import torch.nn.functional as F
+
+    from vitlab.evaluation import evaluate_views, tta_views
+    from vitlab.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(vitlab.ViTConfig(**{**TINY_MODEL, "image_size": 8, "patch_size": 2,
+                                                  "num_classes": 4, "in_channels": 1})).eval()
+    for p in model.parameters():  # larger weights and position embeddings: a model that tells the views apart
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.3)
+    data = tiny_splits(n_test=24)
+    kwargs = dict(mean=data.mean, std=data.std, batch_size=10, classes=data.classes)
+    images = data.test.images.numpy()
+
+    def moved(a, d):  # numpy's reflection, moved d px down and right
+        padded = np.pad(a, [(0, 0), (0, 0), (abs(d), abs(d)), (abs(d), abs(d))], mode="reflect")
+        return padded[..., abs(d) - d:abs(d) - d + 8, abs(d) - d:abs(d) - d + 8]
+
+    def probs(a):
+        with torch.no_grad():
+            return model((torch.from_numpy(np.ascontiguousarray(a)).float() / 255 - 0.5) / 0.25).softmax(-1)
+
+    mirror = images[..., ::-1]
+    reference = (0.25 * (probs(images) + probs(mirror))
+                 + 0.125 * sum(probs(moved(a, d)) for a in (images, mirror) for d in (-2, 2)))
+    got = evaluate_model(model, data.test, tta_hflip=True, tta_shift=2, **kwargs)
+    assert got["views"] == 6
+    assert got["top1"] == (reference.argmax(-1) == data.test.labels).float().mean().item()
+    assert got["test_loss"] == pytest.approx(F.nll_loss(reference.log(), data.test.labels).item(), rel=1e-5)
+    flip_only = evaluate_model(model, data.test, tta_hflip=True, **kwargs)
+    assert flip_only["test_loss"] != pytest.approx(got["test_loss"], rel=1e-4)  # the moved views count
+    both = evaluate_views(model, data.test, [tta_views(True, 0), tta_views(True, 2)], **kwargs)  # one pass
+    assert [r["test_loss"] for r in both] == pytest.approx([flip_only["test_loss"], got["test_loss"]], rel=1e-6)
+    with pytest.raises(vitlab.ConfigError, match=r"tta_shift=8 must be smaller than the image side \(8 px\)"):
+        evaluate_model(model, data.test, tta_shift=8, **kwargs)
+
+
+def test_a_run_with_tta_shift_curves_the_flip_views_and_scores_its_final_model_with_the_moved_ones(tmp_path, tiny_data,
+                                                                                                   capsys):
+    config = tiny_config(tmp_path, epochs=2, tta_hflip=True, tta_shift=1)
+    result = vitlab.train(config, data=tiny_data.spec)
+    model = vitlab.load(result.run_dir / "last").model
+    kwargs = dict(mean=tiny_data.mean, std=tiny_data.std, batch_size=512, classes=tiny_data.classes)
+    flips = evaluate_model(model, tiny_data.test, tta_hflip=True, **kwargs)
+    full = evaluate_model(model, tiny_data.test, tta_hflip=True, tta_shift=1, **kwargs)
+    assert result.history[-1]["test_loss"] == pytest.approx(flips["test_loss"], rel=1e-6)  # the curve: flips
+    assert full["test_loss"] != pytest.approx(flips["test_loss"], rel=1e-6)  # the two can be told apart
+    saved = json.loads((result.run_dir / "eval.json").read_text())
+    assert saved["views"] == 6 and saved["test_loss"] == pytest.approx(full["test_loss"], rel=1e-6)
+    assert result.top1 == saved["top1"] == full["top1"]
+    eval_cli = ["eval", str(result.run_dir / "last"), "--data", tiny_data.spec, "--device", "cpu", "--precision",
+                "fp32", "--json"]
+    assert main(eval_cli) == 0  # as the run's final evaluation did
+    assert json.loads(capsys.readouterr().out)["test_loss"] == pytest.approx(full["test_loss"], rel=1e-6)
+    assert main(eval_cli + ["--tta-shift", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_loss"] == pytest.approx(flips["test_loss"], rel=1e-6)
+    assert main(eval_cli + ["--tta-shift", "99"]) == 2
+    assert "tta_shift=99 must be smaller than the image side" in capsys.readouterr().err
+    with pytest.raises(vitlab.ConfigError, match=r"TrainConfig.tta_shift=-1 must be an integer >= 0"):
+        tiny_config(tmp_path, tta_shift=-1)
+
+
 def test_time_limited_run_evaluates_every_nth_epoch_its_first_and_its_last(tmp_path):
     result = vitlab.train(tiny_config(tmp_path, epochs=4, eval_every=3, time_limit_minutes=1000), data=tiny_splits())
     assert [r["top1"] is not None for r in result.history] == [True, False, True, True]
@@ -444,15 +529,15 @@ def test_resume_applies_the_fields_the_caller_passes_even_at_their_defaults(tmp_
 def test_state_json_says_which_weights_best_holds_on_every_epoch(tmp_path, monkeypatch):
     import vitlab.training.engine as engine
 
-    real, calls = engine.evaluate_model, []
+    real, calls = engine.evaluate_views, []
 
-    def scripted(model, dataset, **kwargs):  # epoch 1: the EMA wins; epoch 2: neither improves on it
-        result = real(model, dataset, **kwargs)
+    def scripted(model, dataset, view_sets, **kwargs):  # epoch 1: the EMA wins; epoch 2: neither improves on it
+        results = real(model, dataset, view_sets, **kwargs)
         calls.append(model)
-        result["top1"] = [0.5, 0.7, 0.6, 0.6][len(calls) - 1]  # model, EMA, model, EMA
-        return result
+        results[0]["top1"] = [0.5, 0.7, 0.6, 0.6][len(calls) - 1]  # model, EMA, model, EMA
+        return results
 
-    monkeypatch.setattr(engine, "evaluate_model", scripted)
+    monkeypatch.setattr(engine, "evaluate_views", scripted)
     result = vitlab.train(tiny_config(tmp_path, epochs=2, ema_decay=0.9), data=tiny_splits())
     assert (result.best_top1, result.best_epoch) == (0.7, 1)
     for name in ("last", "best"):

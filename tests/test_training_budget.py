@@ -28,6 +28,10 @@ def test_the_rule_counts_the_evaluations_the_steps_pass_and_keeps_the_final_one_
     assert steps_that_fit(seconds_left=20.0 + 101 * 1.05 - 0.01, **kw) == 1100  # ... and 10 ms short
     assert steps_that_fit(seconds_left=5.0, **kw) == 1000  # not even the final evaluation fits: none more
     assert steps_that_fit(seconds_left=50.0, **{**kw, "eval_time": 0.0}) == 1047  # 50 // 1.05
+    # a final evaluation that scores 3x the views (tta_shift) is kept aside at 30 s: 900 steps (945 s, passing the
+    # evaluations after 100 and 500 steps: 995 s in all); a 901st step passes the one after 900: 1006.05 s
+    assert steps_that_fit(seconds_left=1000.0, final_eval_scale=3.0, **kw) == 1900
+    assert steps_that_fit(seconds_left=1006.06, final_eval_scale=3.0, **kw) == 1901
 
 
 def test_the_plan_follows_what_fits_up_to_epochs_and_stops_when_nothing_does():

@@ -237,7 +237,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     given = Path(args.checkpoint)
     out = args.out or str(given / "eval" if given.is_dir() else given.with_name(f"{given.stem}-eval"))
     result = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device,
-                      precision=args.precision, out=out, tta_hflip=args.tta_hflip)
+                      precision=args.precision, out=out, tta_hflip=args.tta_hflip, tta_shift=args.tta_shift)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "confusion"}))
         return 0
@@ -335,6 +335,9 @@ def _training_commands(sub) -> None:
     p.add_argument("--tta-hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="also score each image's mirror image and average the probabilities (default: as the run "
                         "evaluated, its tta_hflip)")
+    p.add_argument("--tta-shift", type=int, default=None, metavar="PIXELS",
+                   help="also score those views moved PIXELS diagonally, weighing half (airbench's multi-crop; "
+                        "default: as the run's final evaluation did, its tta_shift; 0: none)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_eval)
 

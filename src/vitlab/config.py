@@ -414,6 +414,9 @@ class TrainConfig:
     eval_every: int = 1  # evaluate on the test split every N epochs (and after the last)
     eval_batch_size: int = 512
     tta_hflip: bool = False  # evaluate each test image with its mirror image too (mean of the probabilities)
+    # the run's final evaluation (eval.json, `vitlab eval`) also scores those views moved this many pixels
+    # diagonally, weighing half (airbench's multi-crop); the per-epoch curve keeps the views above
+    tta_shift: int = 0
     plots: bool = True  # write curves.png and confusion_matrix.png at the end
     # hold out val_fraction of the training images (unless the data has a val/ folder of its own) and fit a
     # temperature for the logits on them at the end (temperature scaling; `vitlab calibrate RUN` refits it)
@@ -482,6 +485,8 @@ class TrainConfig:
             self.random_resized_crop = [float(x) for x in rrc]
         if not isinstance(self.crop_padding, int) or self.crop_padding < 0:
             raise bad("crop_padding", "must be an integer >= 0")
+        if not isinstance(self.tta_shift, int) or isinstance(self.tta_shift, bool) or self.tta_shift < 0:
+            raise bad("tta_shift", "must be an integer >= 0 (pixels; 0: no moved views)")
         if self.normalize not in NORMALIZATIONS:
             raise bad("normalize", f"is not one of {', '.join(NORMALIZATIONS)}")
         if self.precision not in PRECISIONS:

@@ -3,8 +3,8 @@
 One rule, applied early in the first epoch, at every quarter of an epoch and after every epoch:
 
     a step costs MARGIN x its training time; the run plans the most optimizer steps that fit in the time left
-    together with the evaluations they pass (one after every ``eval_every``-th epoch), the final evaluation, and
-    this epoch's when it is about to be evaluated.
+    together with the evaluations they pass (one after every ``eval_every``-th epoch), the final evaluation (which
+    may score more test-time views), and this epoch's when it is about to be evaluated.
 
 The warmup + cosine schedule is laid out over those steps, so the learning rate comes down to ``min_lr`` when the
 time runs out, and the last epoch ends where the plan does (its batches are the first part of that epoch's
@@ -35,12 +35,13 @@ CHECKS_PER_EPOCH = 4  # replans inside an epoch, besides the probe and the epoch
 
 
 def steps_that_fit(*, done: int, seconds_left: float, step_time: float, eval_time: float, to_next_eval: int,
-                   steps_per_eval: int, evaluating_now: bool = False) -> int:
+                   steps_per_eval: int, evaluating_now: bool = False, final_eval_scale: float = 1.0) -> int:
     """The rule: ``done`` plus the most steps of ``step_time`` seconds that fit in ``seconds_left`` together with
     the evaluations of ``eval_time`` they pass (the first after ``to_next_eval`` steps, then one every
-    ``steps_per_eval``), the final evaluation (and this epoch's, when ``evaluating_now``)."""
+    ``steps_per_eval``), the final evaluation, ``final_eval_scale`` times as long (it may score more views), and
+    this epoch's when ``evaluating_now``."""
     per_step = MARGIN * max(step_time, 1e-9)
-    kept_aside = eval_time * (1 + evaluating_now)
+    kept_aside = eval_time * (final_eval_scale + evaluating_now)
 
     def cost(n: int) -> float:
         passed = 0 if n <= to_next_eval else 1 + (n - to_next_eval - 1) // steps_per_eval  # the end's is final
@@ -71,7 +72,8 @@ class TimeBudget:
     ``seconds`` is the limit, ``spent`` what earlier sessions of a resumed run used, ``most_steps`` the length of
     the schedule ``TrainConfig.epochs`` asks for. ``probe_steps`` is how many steps of the first epoch are timed
     before the first plan (0: the first plan waits for the first quarter of an epoch); the first quarter of them is
-    not timed (kernel selection and allocation make the first steps slow).
+    not timed (kernel selection and allocation make the first steps slow). ``final_eval_scale``: how many times
+    an ordinary evaluation the final one costs (``TrainConfig.tta_shift`` adds views to it).
     """
 
     seconds: float
@@ -80,6 +82,7 @@ class TimeBudget:
     steps_per_epoch: int
     spent: float = 0.0
     probe_steps: int = 0
+    final_eval_scale: float = 1.0
     started: float = field(default_factory=time.perf_counter)
     step_times: list[float] = field(default_factory=list)  # seconds per step of each epoch trained so far
     eval_time: float | None = None
@@ -88,13 +91,14 @@ class TimeBudget:
 
     @classmethod
     def for_run(cls, minutes: float, *, eval_every: int, most_steps: int, steps_per_epoch: int, spent: float,
-                started: float, resuming: bool) -> "TimeBudget":
+                started: float, resuming: bool, final_eval_scale: float = 1.0) -> "TimeBudget":
         """The budget of a run whose session began at ``started`` (``time.perf_counter()``) after ``spent``
         seconds of earlier sessions; a fresh run of at least 20 steps an epoch plans after a tenth of its first
         epoch (at least 5 steps)."""
         probe = max(5, steps_per_epoch // 10) if not resuming and steps_per_epoch >= 20 else 0
         return cls(seconds=60.0 * minutes, eval_every=eval_every, most_steps=most_steps,
-                   steps_per_epoch=steps_per_epoch, spent=spent, started=started, probe_steps=probe)
+                   steps_per_epoch=steps_per_epoch, spent=spent, started=started, probe_steps=probe,
+                   final_eval_scale=final_eval_scale)
 
     def elapsed(self) -> float:
         """Seconds of training so far, all sessions of the run."""
@@ -151,7 +155,8 @@ class TimeBudget:
         fits = steps_that_fit(done=done, seconds_left=self.seconds - self.elapsed(), step_time=step_time,
                               eval_time=self.eval_time or 0.0,
                               to_next_eval=(next_eval - epoch) * self.steps_per_epoch - into,
-                              steps_per_eval=self.eval_every * self.steps_per_epoch, evaluating_now=evaluating_now)
+                              steps_per_eval=self.eval_every * self.steps_per_epoch, evaluating_now=evaluating_now,
+                              final_eval_scale=self.final_eval_scale)
         self.would_fit = fits
         return revise_plan(planned, fits, done=done, most=self.most_steps)
 

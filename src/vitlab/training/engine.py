@@ -34,7 +34,7 @@ from vitlab.config import TrainConfig, dump_yaml, to_dict
 from vitlab.data import BatchLoader, DatasetSplits, Preprocess, load_data, with_val_split
 from vitlab.data.transforms import NAMED_MEAN_STD
 from vitlab.errors import ConfigError, VitlabError
-from vitlab.evaluation import evaluate_model, fit_calibration
+from vitlab.evaluation import evaluate_views, fit_calibration, tta_views
 from vitlab.interop import load, load_pretrained
 from vitlab.models import VisionTransformer, create_model, get_config
 from vitlab.models.finetune import prepare_finetune
@@ -58,12 +58,12 @@ class TrainResult:
 
     run_dir: Path
     history: list[dict]
-    top1: float | None  # test top-1 of the last evaluated epoch
+    top1: float | None  # test top-1 of the run's final evaluation (eval.json: with tta_shift's views too)
     best_top1: float | None
     best_epoch: int | None
     wall_time: float  # seconds of training (all sessions of a resumed run)
     stopped: str  # "completed", "time_limit" or "stop_after_epoch"
-    final_eval: dict | None = field(default=None, repr=False)  # per-class accuracy and confusion, last epoch
+    final_eval: dict | None = field(default=None, repr=False)  # eval.json: per class, confusion, last epoch
     calibration: dict | None = field(default=None, repr=False)  # the fitted temperature (calibrate=true)
 
 
@@ -94,7 +94,8 @@ def _train(r: "_Run", progress) -> TrainResult:
     spent, started, stopped, final_eval = state.wall_time, time.perf_counter(), "completed", None
     budget = None if config.time_limit_minutes is None else TimeBudget.for_run(
         config.time_limit_minutes, eval_every=config.eval_every, most_steps=config.epochs * r.steps_per_epoch,
-        steps_per_epoch=r.steps_per_epoch, spent=spent, started=started, resuming=r.resuming)
+        steps_per_epoch=r.steps_per_epoch, spent=spent, started=started, resuming=r.resuming,
+        final_eval_scale=len(tta_views(config.tta_hflip, config.tta_shift)) / len(tta_views(config.tta_hflip, 0)))
     while state.epoch < state.planned_epochs:
         t_epoch = time.perf_counter()
         train_loss, steps, out_of_time = _train_epoch(r, budget, progress)
@@ -107,13 +108,14 @@ def _train(r: "_Run", progress) -> TrainResult:
             out_of_time |= _replan(r, budget.epoch_done(train_time, steps, epoch=state.epoch,
                                                         done=step.scheduler.step_count,
                                                         planned=step.scheduler.total_steps))
-        if (state.epoch % config.eval_every == 0 or state.epoch in (state.planned_epochs, config.stop_after_epoch)
-                or out_of_time or (budget is not None and budget.eval_time is None)):
+        last = state.epoch in (state.planned_epochs, config.stop_after_epoch) or out_of_time
+        if last or state.epoch % config.eval_every == 0 or (budget is not None and budget.eval_time is None):
             t_eval = time.perf_counter()
-            final_eval = _evaluate(r, row)
+            final_eval = _evaluate(r, row, final=last)
             if budget is not None:  # the first evaluation measures what one costs, and plans with it
                 first = budget.eval_time is None
-                out_of_time |= _replan(r, budget.evaluation_done(time.perf_counter() - t_eval, epoch=state.epoch,
+                seconds = (time.perf_counter() - t_eval) / (budget.final_eval_scale if last else 1.0)
+                out_of_time |= _replan(r, budget.evaluation_done(seconds, epoch=state.epoch,
                                                                  done=step.scheduler.step_count,
                                                                  planned=step.scheduler.total_steps))
                 if first and r.d.is_main and (budget.would_fit or 0) > budget.most_steps:
@@ -143,7 +145,8 @@ def _train(r: "_Run", progress) -> TrainResult:
             plot_run_files(r.dir, state.history, final_eval, calibration)
     _barrier(r.d)
     tested = [row for row in state.history if row["top1"] is not None]
-    return TrainResult(run_dir=r.dir, history=state.history, top1=tested[-1]["top1"] if tested else None,
+    top1 = final_eval["top1"] if final_eval is not None else tested[-1]["top1"] if tested else None
+    return TrainResult(run_dir=r.dir, history=state.history, top1=top1,
                        best_top1=state.best_top1, best_epoch=state.best_epoch, wall_time=state.wall_time,
                        stopped=stopped, final_eval=final_eval, calibration=calibration)
 
@@ -218,18 +221,25 @@ def _replan(r: "_Run", plan: tuple[int, bool], into_epoch: int = 0) -> bool:
     return out_of_time
 
 
-def _evaluate(r: "_Run", row: dict) -> dict:
-    """Evaluate the model (and its EMA) on the test split into ``row``; return the model's full result."""
+def _evaluate(r: "_Run", row: dict, *, final: bool = False) -> dict:
+    """Evaluate the model (and its EMA) on the test split into ``row`` (the curve's views: the image, and its
+    mirror image with ``tta_hflip``); return the model's full result, for the run's ``final`` evaluation with the
+    moved views of ``tta_shift`` as well (scored in the same pass)."""
     kwargs = dict(mean=r.preprocess.mean, std=r.preprocess.std, image_size=r.preprocess.image_size,
                   batch_size=r.config.eval_batch_size, device=r.device, precision=r.precision,
-                  classes=r.data.classes, tta_hflip=r.config.tta_hflip)
-    result = evaluate_model(r.step.model, r.data.test, **kwargs)
+                  classes=r.data.classes)
+    curve = tta_views(r.config.tta_hflip, 0)
+    if final and r.config.tta_shift:
+        result, full = evaluate_views(r.step.model, r.data.test, [curve, tta_views(r.config.tta_hflip,
+                                                                                    r.config.tta_shift)], **kwargs)
+    else:
+        result = full = evaluate_views(r.step.model, r.data.test, [curve], **kwargs)[0]
     row.update(test_loss=result["test_loss"], top1=result["top1"], top5=result["top5"],
                **{key: result[key] for key in ("ece", "mce", "brier")})
     if r.step.ema is not None:
-        ema = evaluate_model(r.step.ema, r.data.test, **kwargs)
+        ema = evaluate_views(r.step.ema, r.data.test, [curve], **kwargs)[0]
         row.update(ema_test_loss=ema["test_loss"], ema_top1=ema["top1"], ema_top5=ema["top5"])
-    return result
+    return full
 
 
 def _save(r: "_Run", row: dict, *, best: str | None, writer) -> None:
