@@ -368,3 +368,35 @@ def test_patch_dropout_keeps_prefix_tokens_and_a_random_subset_of_patches(kw):
 def test_patch_dropout_must_be_a_probability():
     with pytest.raises(ConfigError, match="patch_dropout"):
         tiny(patch_dropout=1.0)
+
+
+@pytest.mark.parametrize("style,filters,expected_set", [("conv_stem", 64, 54), ("conv", 24, 24)])
+def test_whitening_makes_the_first_convolutions_outputs_uncorrelated(style, filters, expected_set):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    hidden = 64 if style == "conv_stem" else 24  # conv_stem: 64 first filters over 3x3x3 = 27-pixel patches
+    m = VisionTransformer(tiny(patch_embed=style, hidden_dim=hidden, num_heads=4, patch_size=4 if style ==
+                               "conv_stem" else 2))
+    conv = m.patch_embed.stem[0] if style == "conv_stem" else m.patch_embed.proj
+    assert conv.out_channels == filters
+    before = conv.weight.detach().clone()
+    # correlated pixels and channels, as in photos: smooth random images with a shared component
+    base = F.avg_pool2d(torch.randn(300, 1, 20, 20), 5, stride=1)
+    images = base.expand(-1, 3, -1, -1) + 0.3 * F.avg_pool2d(torch.randn(300, 3, 20, 20), 5, stride=1)
+    assert m.patch_embed.whiten_(images) == (expected_set, filters)
+    k, dim = expected_set, conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    patches = F.unfold(images, conv.kernel_size, stride=conv.stride).transpose(1, 2).reshape(-1, dim).double()
+    cov = patches.T @ patches / len(patches)  # the reference, written apart: eigenvalues of the patch covariance
+    values = torch.linalg.eigvalsh(cov).flip(0)[:(k + 1) // 2]
+    out = patches @ conv.weight[:k].reshape(k, dim).double().T  # the layer's outputs (without bias) on the patches
+    got = out.T @ out / len(out)
+    expected = torch.zeros(k, k, dtype=torch.float64)
+    for i in range(k):  # filter 2j is eigenvector j, 2j + 1 its negative
+        for jj in range(k):
+            if i // 2 == jj // 2:
+                expected[i, jj] = (1 if i == jj else -1) * values[i // 2] / (values[i // 2] + 5e-4)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    assert torch.equal(conv.weight[k:], before[k:])  # the filters beyond 2 x 27 keep their initialisation
+    with pytest.raises(ConfigError, match="whiten_stem needs a convolutional patch embedding"):
+        VisionTransformer(tiny(patch_embed="linear")).patch_embed.whiten_(images)

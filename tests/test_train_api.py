@@ -448,6 +448,32 @@ def test_a_run_with_tta_shift_curves_the_flip_views_and_scores_its_final_model_w
         tiny_config(tmp_path, tta_shift=-1)
 
 
+def test_whiten_stem_starts_a_fresh_run_from_the_whitened_first_convolution(tmp_path, caplog):
+    from vitlab.data import Preprocess
+    from vitlab.models import create_model, get_config
+
+    data = tiny_splits(n_train=80)
+    overrides = dict(TINY_MODEL, patch_embed="conv")  # patch 2 over 1 channel: 4-pixel patches, 16 filters
+    config = tiny_config(tmp_path, epochs=1, lr=1e-12, min_lr=0.0, weight_decay=0.0, whiten_stem=True,
+                         model_overrides=overrides)
+    with caplog.at_level(logging.INFO, logger="vitlab.training"):
+        result = vitlab.train(config, data=data)
+    assert "whiten_stem: 8 of the first convolution's 16 filters whitened on the patches of 80 training images" \
+        in caplog.text
+    torch.manual_seed(0)  # the run's initial model, whitened apart on the same images
+    expected = create_model(get_config("vit-digits-p2", **overrides, num_classes=4, labels=data.classes))
+    pre = vitlab.load(result.run_dir / "last").preprocess
+    expected.patch_embed.whiten_(Preprocess(image_size=pre.image_size, channels=1, mean=pre.mean,
+                                            std=pre.std)(data.train.images))
+    trained = load_safetensors(result.run_dir / "last/model.safetensors")["patch_embed.proj.weight"]
+    torch.testing.assert_close(trained, expected.patch_embed.proj.weight.detach(), rtol=0, atol=1e-6)  # lr 1e-12
+    assert trained[:8].abs().max() > 5 * trained[8:].abs().max()  # whitened filters are large, the rest as before
+    for bad, message in ((dict(init="some.safetensors"), "would overwrite the pretrained first convolution"),
+                         (dict(whiten_stem="yes"), "must be true or false")):
+        with pytest.raises(vitlab.ConfigError, match=message):
+            tiny_config(tmp_path, **{"whiten_stem": True, **bad})
+
+
 def test_time_limited_run_evaluates_every_nth_epoch_its_first_and_its_last(tmp_path):
     result = vitlab.train(tiny_config(tmp_path, epochs=4, eval_every=3, time_limit_minutes=1000), data=tiny_splits())
     assert [r["top1"] is not None for r in result.history] == [True, False, True, True]

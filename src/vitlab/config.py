@@ -371,6 +371,9 @@ class TrainConfig:
     dropout: float | None = None  # overrides the model's
     init: str | None = None  # pretrained weights (any format vitlab.interop.load_pretrained reads)
     linear_probe: bool = False  # train the head only
+    # airbench's whitening initialisation of the first convolution (patch_embed conv or conv_stem) from the
+    # patches of the first 5000 training images; a fresh run only (not with `init`)
+    whiten_stem: bool = False
     layer_decay: float | None = None  # layer-wise lr decay for fine-tuning (e.g. 0.75)
     # schedule and optimiser
     epochs: int = 30
@@ -485,6 +488,11 @@ class TrainConfig:
             self.random_resized_crop = [float(x) for x in rrc]
         if not isinstance(self.crop_padding, int) or self.crop_padding < 0:
             raise bad("crop_padding", "must be an integer >= 0")
+        if not isinstance(self.whiten_stem, bool):
+            raise bad("whiten_stem", "must be true or false")
+        if self.whiten_stem and self.init:
+            raise bad("whiten_stem", f"would overwrite the pretrained first convolution of init={self.init!r}: "
+                      "leave it false when fine-tuning")
         if not isinstance(self.tta_shift, int) or isinstance(self.tta_shift, bool) or self.tta_shift < 0:
             raise bad("tta_shift", "must be an integer >= 0 (pixels; 0: no moved views)")
         if self.normalize not in NORMALIZATIONS:

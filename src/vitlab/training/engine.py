@@ -46,6 +46,7 @@ from vitlab.training.checkpoint import copy_checkpoint, load_training_state, sav
 from vitlab.training.step import TrainStep, make_train_step, schedule_steps
 
 log = logging.getLogger("vitlab.training")
+WHITEN_IMAGES = 5000  # whiten_stem's sample: airbench's (the first 5000 training images)
 
 
 class DivergedError(VitlabError):
@@ -332,7 +333,15 @@ def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTrans
                           f"({len(data.train)} images): lower batch_size")
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    model = _build_model(config, list(data.classes), model).to(device)
+    model = _build_model(config, list(data.classes), model)
+    preprocess = Preprocess(image_size=tuple(image_size), channels=channels, mean=tuple(mean), std=tuple(std))
+    if config.whiten_stem and not resuming:  # the same first images on every rank: the same filters
+        sample = data.train.images[:WHITEN_IMAGES]
+        done, filters = model.patch_embed.whiten_(preprocess(sample))
+        if d.is_main:
+            log.info("whiten_stem: %d of the first convolution's %d filters whitened on the patches of %d training "
+                     "images", done, filters, len(sample))
+    model = model.to(device)
     step = make_train_step(model, config, device=device, precision=precision, steps_per_epoch=steps_per_epoch,
                            num_classes=len(data.classes), image_size=image_size, mean=mean, std=std,
                            **_forward(config, model, device, d))
@@ -352,8 +361,7 @@ def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTrans
                  getattr(data, "name", config.data), len(data.train), len(data.test), len(data.classes),
                  steps_per_epoch, device, d.world_size, precision, run)
     return _Run(config=config, d=d, device=device, precision=precision, dir=run, resuming=resuming, data=data,
-                preprocess=Preprocess(image_size=tuple(image_size), channels=channels, mean=tuple(mean),
-                                      std=tuple(std)),
+                preprocess=preprocess,
                 loader=loader, steps_per_epoch=steps_per_epoch, step=step, state=state,
                 generator=torch.Generator(device=device))
 
