@@ -98,8 +98,8 @@ def time_to_accuracy(history: list[dict], targets: list[float], ats: list[float]
     for minutes in ats:
         done = [r for r in scored if r["wall_time"] <= minutes * 60]
         if done and minutes * 60 < wall_time + 1:
-            lines.append(f"by {minutes:g} min: {100 * done[-1]['top1']:.2f}% (epoch {done[-1]['epoch']}, "
-                         "mid-schedule)")
+            where = "the last epoch" if done[-1] is history[-1] else "mid-schedule"
+            lines.append(f"by {minutes:g} min: {100 * done[-1]['top1']:.2f}% (epoch {done[-1]['epoch']}, {where})")
     for target in targets:
         hit = next((r for r in scored if 100 * r["top1"] >= target), None)
         lines.append(f"to {target:g}%: {hit['wall_time'] / 60:.2f} min (epoch {hit['epoch']})" if hit else
