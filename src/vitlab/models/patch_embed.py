@@ -48,12 +48,13 @@ class PatchEmbed(nn.Module):
             self.proj = nn.Linear(in_channels * patch_size[0] * patch_size[1], hidden_dim, bias=bias)
 
     @torch.no_grad()
-    def whiten_(self, images: torch.Tensor, eps: float = 5e-4) -> tuple[int, int]:
+    def whiten_(self, images: torch.Tensor, eps: float = 5e-4, transform=None) -> tuple[int, int]:
         """Airbench's whitening initialisation (Keller Jordan's CIFAR-10 speedruns): the first convolution's
         filters become the eigenvectors of the (uncentred) covariance of the patches it sees in ``images`` (model
-        inputs, ``(B, C, H, W)`` float), each divided by the square root of its eigenvalue + ``eps``, in pairs
-        ``v, -v`` from the largest eigenvalue down, as many as the layer has filters (the rest keep theirs). Its
-        outputs on those patches are then uncorrelated, channel ``2i`` with variance ``l_i / (l_i + eps)``.
+        inputs, ``(B, C, H, W)`` float, or what ``transform`` makes of each slice of them, e.g. uint8 images and
+        their :class:`~vitlab.data.Preprocess`), each divided by the square root of its eigenvalue + ``eps``, in
+        pairs ``v, -v`` from the largest eigenvalue down, as many as the layer has filters (the rest keep theirs).
+        Its outputs on those patches are then uncorrelated, channel ``2i`` with variance ``l_i / (l_i + eps)``.
         Returns (filters set, filters)."""
         conv = self.stem[0] if self.style == "conv_stem" else self.proj if self.style == "conv" else None
         if conv is None:
@@ -62,8 +63,12 @@ class PatchEmbed(nn.Module):
         c, (kh, kw) = conv.in_channels, conv.kernel_size
         dim = c * kh * kw
         cov, count = torch.zeros(dim, dim, dtype=torch.float64), 0
-        for chunk in images.split(256):  # the patches at the layer's stride, inside the image (no padding)
-            patches = F.unfold(chunk.float().cpu(), (kh, kw), stride=conv.stride).transpose(1, 2).reshape(-1, dim)
+        (sh, sw), (h, w) = conv.stride, images.shape[-2:]
+        per_image = max(1, ((h - kh) // sh + 1) * ((w - kw) // sw + 1))
+        for chunk in images.split(max(1, 2 ** 20 // per_image)):  # about a million patches at a time
+            chunk = (transform(chunk) if transform is not None else chunk).float().cpu()
+            # the patches at the layer's stride, inside the image (no padding)
+            patches = F.unfold(chunk, (kh, kw), stride=conv.stride).transpose(1, 2).reshape(-1, dim)
             cov += patches.double().T @ patches.double()
             count += len(patches)
         if not count:

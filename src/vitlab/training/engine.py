@@ -337,7 +337,7 @@ def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTrans
     preprocess = Preprocess(image_size=tuple(image_size), channels=channels, mean=tuple(mean), std=tuple(std))
     if config.whiten_stem and not resuming:  # the same first images on every rank: the same filters
         sample = data.train.images[:WHITEN_IMAGES]
-        done, filters = model.patch_embed.whiten_(preprocess(sample))
+        done, filters = model.patch_embed.whiten_(sample, transform=preprocess)
         if d.is_main:
             log.info("whiten_stem: %d of the first convolution's %d filters whitened on the patches of %d training "
                      "images", done, filters, len(sample))
