@@ -334,19 +334,25 @@ def test_evaluate_holds_out_what_the_run_held_out(tmp_path):
         vitlab.evaluate(run.run_dir, f"folder:{root}", device="cpu")
 
 
-def test_evaluate_hflip_averages_the_probabilities_of_image_and_mirror():
-    import torch.nn.functional as F
-
+def _view_sensitive_model_and_data():
+    """A tiny model with large weights and position embeddings (it tells a view from another: left from right,
+    moved from not), 24 test images, and the keyword arguments to score them."""
     from vitlab.models import VisionTransformer
 
     torch.manual_seed(0)
     model = VisionTransformer(vitlab.ViTConfig(**{**TINY_MODEL, "image_size": 8, "patch_size": 2,
                                                   "num_classes": 4, "in_channels": 1})).eval()
-    for p in model.parameters():  # larger weights and position embeddings: a model that tells left from right
+    for p in model.parameters():
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.3)
     data = tiny_splits(n_test=24)
-    kwargs = dict(mean=data.mean, std=data.std, batch_size=10, classes=data.classes)
+    return model, data, dict(mean=data.mean, std=data.std, batch_size=10, classes=data.classes)
+
+
+def test_evaluate_hflip_averages_the_probabilities_of_image_and_mirror():
+    import torch.nn.functional as F
+
+    model, data, kwargs = _view_sensitive_model_and_data()
     x = (data.test.images.float() / 255 - 0.5) / 0.25
     with torch.no_grad():
         probs = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2  # the reference, written apart
@@ -388,16 +394,8 @@ def test_evaluate_with_tta_shift_averages_the_moved_views_as_written_apart():
     import torch.nn.functional as F
 
     from vitlab.evaluation import evaluate_views, tta_views
-    from vitlab.models import VisionTransformer
 
-    torch.manual_seed(0)
-    model = VisionTransformer(vitlab.ViTConfig(**{**TINY_MODEL, "image_size": 8, "patch_size": 2,
-                                                  "num_classes": 4, "in_channels": 1})).eval()
-    for p in model.parameters():  # larger weights and position embeddings: a model that tells the views apart
-        if p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.3)
-    data = tiny_splits(n_test=24)
-    kwargs = dict(mean=data.mean, std=data.std, batch_size=10, classes=data.classes)
+    model, data, kwargs = _view_sensitive_model_and_data()
     images = data.test.images.numpy()
 
     def moved(a, d):  # numpy's reflection, moved d px down and right
