@@ -190,12 +190,6 @@ def _logits(model: torch.nn.Module, dataset, transform: EvalTransform, *, batch_
         model.train(was_training)
 
 
-def _check_shift(shift: int, dataset, image_size) -> None:
-    side = min(tuple(image_size) if image_size is not None else tuple(dataset.images.shape[-2:]))
-    if shift >= side:  # reflection fills at most side - 1 pixels
-        raise ConfigError(f"tta_shift={shift} must be smaller than the image side ({side} px)")
-
-
 def _eval_transform(dataset, mean, std, image_size) -> EvalTransform:
     size = tuple(image_size) if image_size is not None else tuple(dataset.images.shape[-2:])
     return EvalTransform(mean=tuple(mean), std=tuple(std), image_size=size)
@@ -228,16 +222,18 @@ def evaluate_views(model: torch.nn.Module, dataset, view_sets: list[dict[View, f
     """:func:`evaluate_model`'s result for each of ``view_sets`` (:func:`tta_views`), in one pass over
     ``dataset``: training's last evaluation scores its curve's views and the run's final ones together."""
     device = torch.device(device)
-    for views in view_sets:
-        _check_shift(max(abs(shift) for _, shift in views), dataset, image_size)
+    transform = _eval_transform(dataset, mean, std, image_size)
+    shift, side = max(abs(s) for views in view_sets for _, s in views), min(transform.image_size)
+    if shift >= side:  # reflection fills at most side - 1 pixels
+        raise ConfigError(f"tta_shift={shift} must be smaller than the image side ({side} px)")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
         else (0, 1)
     if world > 1:
         dataset = dataset.subset(torch.arange(rank, len(dataset), world))
     num_classes = len(classes) if classes else int(getattr(model, "config").num_classes)
     tallies = [ClassificationTally(num_classes, device) for _ in view_sets]
-    for logits, labels in _logits(model, dataset, _eval_transform(dataset, mean, std, image_size),
-                                  batch_size=batch_size, device=device, precision=precision, view_sets=view_sets):
+    for logits, labels in _logits(model, dataset, transform, batch_size=batch_size, device=device,
+                                  precision=precision, view_sets=view_sets):
         for tally, set_logits in zip(tallies, logits):
             tally.update(set_logits / temperature, labels)
     results = []
