@@ -62,8 +62,8 @@ def splits_failing_on_rank_1(**kwargs):
     """:func:`tiny_splits` whose training set cannot be read in the process of rank 1 (a DataError), so rank 0
     is left waiting for it inside DistributedDataParallel's first broadcast."""
     splits = tiny_splits(**kwargs)
-    return dataclasses.replace(splits, train=FailsOnRank1(**{f.name: getattr(splits.train, f.name)
-                                                              for f in dataclasses.fields(splits.train)}))
+    train = splits.train
+    return dataclasses.replace(splits, train=FailsOnRank1(train.storage, train.labels, train.classes, train.files))
 
 
 class FailsOnRank1(ArrayDataset):

@@ -287,12 +287,12 @@ def test_folder_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     files = write_image_folder(tmp_path / "data", per_class=3)
     cache = tmp_path / "cache"
     first = load_data(f"folder:{tmp_path / 'data'}", image_size=8, cache_dir=cache)
-    assert len(list((cache / "folders").glob("*.npz"))) == 1
+    assert len(list((cache / "images").glob("*.npy"))) == 1
 
     def no_decoding(*a, **k):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(folder_source, "decode_files", no_decoding)
+    monkeypatch.setattr(folder_source, "_decode_chunk", no_decoding)
     second = load_data(f"folder:{tmp_path / 'data'}", image_size=8, cache_dir=cache)
     assert torch.equal(first.train.images, second.train.images)
     # a changed file (new mtime) is a new key: decoded again
@@ -309,7 +309,7 @@ def test_folder_env_cache_location(tmp_path, monkeypatch):
     write_image_folder(tmp_path / "data", per_class=2)
     monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "envcache"))
     load_data(f"folder:{tmp_path / 'data'}", image_size=8)
-    assert len(list((tmp_path / "envcache" / "folders").glob("*.npz"))) == 1
+    assert len(list((tmp_path / "envcache" / "images").glob("*.npy"))) == 1
 
 
 def test_folder_decodes_in_worker_processes(tmp_path):
@@ -404,7 +404,7 @@ def test_data_cache_lists_and_clears_the_decoded_folders(tmp_path, capsys):
     load_data(f"folder:{tmp_path / 'photos'}", image_size=8, cache_dir=cache)
     load_data(f"folder:{tmp_path / 'photos'}", image_size=16, cache_dir=cache)  # another size: another file
     files = folder_source.cache_files(cache)
-    assert len(files) == 2 and all(p.suffix == ".npz" and size == p.stat().st_size for p, size in files)
+    assert len(files) == 2 and all(p.suffix == ".npy" and size == p.stat().st_size for p, size in files)
     assert main(["data", "cache", "--cache-dir", str(cache)]) == 0
     out = capsys.readouterr().out
     assert str(files[0][0]) in out and "2 cache files" in out

@@ -184,7 +184,7 @@ def test_predict_with_worker_processes_equals_inline(checkpoint, images, monkeyp
     from vitlab.data.sources import folder as folder_source
 
     inline = predict(checkpoint, [images, images / "missing.png"], top_k=3)
-    monkeypatch.setattr(folder_source, "_INLINE_BELOW", 0)  # use the pool even for a few files
+    monkeypatch.setattr(folder_source, "INLINE_BELOW", 0)  # use the pool even for a few files
     pooled = predict(checkpoint, [images, images / "missing.png"], top_k=3, workers=2)
     assert [r.to_dict() for r in pooled] == [r.to_dict() for r in inline]
     assert [Path(r.file).name for r in pooled if not r.ok] == ["e_corrupt.jpg", "missing.png"]

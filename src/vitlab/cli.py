@@ -21,8 +21,9 @@ from vitlab.api import calibrate, evaluate, list_recipes, plot_run, resume_confi
 from vitlab.bench import benchmark, format_result
 from vitlab.config import apply_overrides, load_train_config, parse_override
 from vitlab.data import dataset_info
+from vitlab.data.load import data_kinds_help
 from vitlab.data.download import download_dataset
-from vitlab.data.sources.folder import cache_files, clear_cache, default_cache_dir
+from vitlab.data.cache import cache_files, clear_cache, default_cache_dir
 from vitlab.errors import VitlabError
 from vitlab.explain.attention import plot_attention
 from vitlab.explain.predict import format_table, predict
@@ -148,7 +149,7 @@ def cmd_data_cache(args: argparse.Namespace) -> int:
     for path, size in files:
         print(f"{size / 2**20:10.1f} MiB  {path}")
     total = sum(size for _, size in files)
-    print(f"{len(files)} cache file{'s' if len(files) != 1 else ''}, {total / 2**20:.1f} MiB in {where}/folders"
+    print(f"{len(files)} cache file{'s' if len(files) != 1 else ''}, {total / 2**20:.1f} MiB in {where}/images"
           f"{' (vitlab data cache --clear deletes them)' if files else ''}")
     return 0
 
@@ -170,10 +171,26 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     counts = info["class_counts"]["train"]
     names = ", ".join(f"{c} ({n})" for c, n in zip(info["classes"], counts))
     print(f"classes   {len(info['classes'])}: {names}")
+    for split, source in info["sources"].items():
+        where = {"memory": "in memory", "memory map": f"memory map {source.get('path')}",
+                 "shards": f"{source.get('shards')} shards"}[source["kind"]]
+        print(f"{'pixels' if split == 'train' else '':<9} {split}: {where} ({source['bytes'] / 2**20:,.1f} MiB)")
     if info["skipped_files"]:
         print(f"skipped   {len(info['skipped_files'])} bad files:")
         for msg in info["skipped_files"]:
             print(f"  {msg}")
+    return 0
+
+
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    """Write a dataset as WebDataset shards (``vitlab.data.pack``)."""
+    from vitlab.data.sources.wds import pack
+
+    meta = pack(args.spec, args.out, shard_size=args.shard_size, seed=args.seed, image_size=args.image_size,
+                channels=args.channels, cache_dir=args.cache_dir, workers=args.workers)
+    for split, info in meta["splits"].items():
+        print(f"{split:<6} {info['samples']:,} samples in {len(info['shards'])} shards")
+    print(f"ok: {args.out}; use it as --data wds:{args.out}")
     return 0
 
 
@@ -311,7 +328,7 @@ def _training_commands(sub) -> None:
     """The parsers of ``vitlab train, eval, calibrate, plot, recipes``."""
     p = sub.add_parser("train", help="train a ViT (no arguments: the small default model on the built-in digits)")
     p.add_argument("--model", help="model preset (`vitlab models`); default vit-digits-p2")
-    p.add_argument("--data", help="data spec: digits, mnist:DIR, cifar10:DIR, folder:DIR, ...; default digits")
+    p.add_argument("--data", help=f"data spec: {data_kinds_help()}; default digits")
     p.add_argument("--recipe", help="a recipe name (`vitlab recipes`) or a YAML file, e.g. RUN/config.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any TrainConfig field, e.g. --set lr=1e-3 --set epochs=50 (repeatable)")
@@ -426,8 +443,7 @@ def _model_and_data_commands(sub) -> None:
     p = sub.add_parser("data", help="inspect and download datasets")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     q = data_sub.add_parser("info", help="images per split, classes, image size and channels of a data spec")
-    q.add_argument("spec", help="digits | cifar10:DIR | cifar100:DIR | mnist:DIR | fashion-mnist:DIR | "
-                                "kmnist:DIR | idx:DIR | folder:DIR")
+    q.add_argument("spec", help=data_kinds_help())
     q.add_argument("--image-size", type=_image_size_arg, default=None, help="resize to this (e.g. 32 or 32x48)")
     q.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert to 1 (L) or 3 (RGB)")
     q.add_argument("--val-fraction", type=float, default=0.1, help="held out of a folder without val/test")
@@ -437,7 +453,18 @@ def _model_and_data_commands(sub) -> None:
     q.add_argument("--workers", type=int, default=None, help="decoding processes")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=cmd_data_info)
-    q = data_sub.add_parser("cache", help="the decoded-image cache of folder datasets: its files and size; --clear")
+    q = data_sub.add_parser("pack", help="write a dataset (a folder or any data spec) as WebDataset tar shards")
+    q.add_argument("spec", help="what to pack: folder:DIR (its files go in as they are) or any data spec")
+    q.add_argument("out", help="the folder to write SPLIT-000000.tar, ... and dataset.json in; use it as wds:OUT")
+    q.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
+    q.add_argument("--seed", type=int, default=0, help="the order the samples are written in (shuffled)")
+    q.add_argument("--image-size", type=_image_size_arg, default=None,
+                   help="resize to this first (PNG then; default: the files as they are)")
+    q.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert to 1 (L) or 3 (RGB) first")
+    q.add_argument("--cache-dir", default=None, help="decoded-image cache (default $VITLAB_CACHE or ~/.cache/vitlab)")
+    q.add_argument("--workers", type=int, default=None, help="decoding processes")
+    q.set_defaults(func=cmd_data_pack)
+    q = data_sub.add_parser("cache", help="the decoded-image cache: its files and size; --clear")
     q.add_argument("--cache-dir", default=None, help="the cache (default $VITLAB_CACHE or ~/.cache/vitlab)")
     q.add_argument("--clear", action="store_true", help="delete the cached images (folders are decoded again)")
     q.set_defaults(func=cmd_data_cache)

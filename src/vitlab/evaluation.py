@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from vitlab._device import autocast, default_precision, resolve_device, sum_dtype
 from vitlab._files import ensure_folder, write_json
-from vitlab.data import BatchLoader, DatasetSplits, EvalTransform, has_own_val, load_data, with_val_split
+from vitlab.data import DatasetSplits, EvalTransform, has_own_val, load_data, with_val_split
 from vitlab.errors import ConfigError, DataError
 from vitlab.interop import LoadedModel, load
 from vitlab.plots import RUN_FIGURE_DPI, calibration_figure, confusion_figure, save_figure
@@ -173,7 +173,7 @@ def _logits(model: torch.nn.Module, dataset, transform: EvalTransform, *, batch_
         if not len(dataset):
             return
         views = list(dict.fromkeys(view for views in view_sets for view in views))
-        loader = BatchLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, device=device)
+        loader = dataset.loader(batch_size=batch_size, shuffle=False, drop_last=False, device=device)
         for images, labels in loader:
             inputs = transform(images)
             with autocast(device, precision):
@@ -191,7 +191,7 @@ def _logits(model: torch.nn.Module, dataset, transform: EvalTransform, *, batch_
 
 
 def _eval_transform(dataset, mean, std, image_size) -> EvalTransform:
-    size = tuple(image_size) if image_size is not None else tuple(dataset.images.shape[-2:])
+    size = tuple(image_size) if image_size is not None else tuple(dataset.image_size)
     return EvalTransform(mean=tuple(mean), std=tuple(std), image_size=size)
 
 
@@ -228,8 +228,7 @@ def evaluate_views(model: torch.nn.Module, dataset, view_sets: list[dict[View, f
         raise ConfigError(f"tta_shift={shift} must be smaller than the image side ({side} px)")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
         else (0, 1)
-    if world > 1:
-        dataset = dataset.subset(torch.arange(rank, len(dataset), world))
+    dataset = dataset.part(rank, world)
     num_classes = len(classes) if classes else int(getattr(model, "config").num_classes)
     tallies = [ClassificationTally(num_classes, device) for _ in view_sets]
     for logits, labels in _logits(model, dataset, transform, batch_size=batch_size, device=device,

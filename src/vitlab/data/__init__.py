@@ -1,8 +1,10 @@
 """Where images come from and how they become batches.
 
-``load_data(spec)`` reads CIFAR (python format), MNIST-style IDX files, image folders or the built-in digits
-into uint8 :class:`ArrayDataset` splits; :class:`BatchLoader` cuts batches (sharded per rank) and moves them
-to the device; :class:`TrainTransform` / :class:`EvalTransform` augment and normalise them there.
+``load_data(spec)`` reads CIFAR (python format), MNIST-style IDX files, image folders, Hugging Face datasets saved
+to disk, WebDataset shards or the built-in digits into uint8 splits: :class:`ArrayDataset` (in memory, or
+memory-mapped from the decoded-image cache) or, for shards, a streamed dataset; their ``loader()`` cuts batches
+(sharded per rank, prefetched) and moves them to the device; :class:`TrainTransform` / :class:`EvalTransform`
+augment and normalise them there.
 """
 
 from vitlab.data.images import decode_image, list_image_files

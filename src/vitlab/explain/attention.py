@@ -102,7 +102,7 @@ def attention_grid(checkpoint: str | Path | LoadedModel, paths: Sequence[str | P
         split = load_data(data, image_size=loaded.preprocess.image_size, channels=loaded.preprocess.channels).test
         n = min(num_images, len(split))
         index = torch.linspace(0, len(split) - 1, n).round().long().unique() if n else torch.zeros(0, dtype=torch.long)
-        images = split.images[index]
+        images = split.take(index)
         true = [split.classes[int(split.labels[i])] for i in index]
         names = [split.files[int(i)] if split.files else f"{data}#{int(i)}" for i in index]
         display = None

@@ -80,7 +80,7 @@ def _evaluate(loaded: LoadedModel, num_images: int, method: str):
     split = data.test
     n = min(num_images, len(split))
     index = torch.linspace(0, len(split) - 1, n).round().long().unique()
-    panels, _ = attention_panels(loaded, split.images[index], method=method,
+    panels, _ = attention_panels(loaded, split.take(index), method=method,
                                  true_labels=[split.classes[int(split.labels[i])] for i in index])
     title = f"{'attention rollout' if method == 'rollout' else 'last-layer attention'} on test images"
     return result, figure_bytes(attention_figure(panels, title=title)), result["data"]

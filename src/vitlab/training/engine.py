@@ -31,9 +31,9 @@ import torch.distributed as dist
 from vitlab._device import default_precision, resolve_device, sum_dtype
 from vitlab._files import atomic_write_text, ensure_folder, write_json
 from vitlab.config import TrainConfig, dump_yaml, to_dict
-from vitlab.data import BatchLoader, DatasetSplits, Preprocess, load_data, with_val_split
+from vitlab.data import DatasetSplits, Preprocess, load_data, with_val_split
 from vitlab.data.transforms import NAMED_MEAN_STD
-from vitlab.errors import ConfigError, VitlabError
+from vitlab.errors import ConfigError, DataError, VitlabError
 from vitlab.evaluation import evaluate_views, fit_calibration, tta_views
 from vitlab.interop import load, load_pretrained
 from vitlab.models import VisionTransformer, create_model, get_config
@@ -286,7 +286,7 @@ class _Run:
     resuming: bool
     data: DatasetSplits
     preprocess: Preprocess  # what checkpoints record: size, channels, the normalisation the run trains with
-    loader: BatchLoader
+    loader: Any  # the training split's loader(): a BatchLoader, or a ShardLoader for WebDataset shards
     steps_per_epoch: int
     step: TrainStep
     state: RunState
@@ -325,8 +325,9 @@ def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTrans
     if config.batch_size % per_step:
         raise ConfigError(f"TrainConfig.batch_size={config.batch_size} must be divisible by world_size x "
                           f"accum_steps = {d.world_size} x {config.accum_steps}")
-    loader = BatchLoader(data.train, batch_size=config.batch_size // per_step, shuffle=True, seed=config.seed,
-                         drop_last=True, device=device, rank=d.rank, world_size=d.world_size)
+    _check_same_data(data, d, device)
+    loader = data.train.loader(batch_size=config.batch_size // per_step, shuffle=True, seed=config.seed,
+                               drop_last=True, device=device, rank=d.rank, world_size=d.world_size)
     steps_per_epoch = len(loader) // config.accum_steps
     if steps_per_epoch < 1:
         raise ConfigError(f"TrainConfig.batch_size={config.batch_size} is larger than the training set "
@@ -336,7 +337,7 @@ def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTrans
     model = _build_model(config, list(data.classes), model)
     preprocess = Preprocess(image_size=tuple(image_size), channels=channels, mean=tuple(mean), std=tuple(std))
     if config.whiten_stem and not resuming:  # the same first images on every rank: the same filters
-        sample = data.train.images[:WHITEN_IMAGES]
+        sample = data.train.head(WHITEN_IMAGES)
         done, filters = model.patch_embed.whiten_(sample, transform=preprocess)
         if d.is_main:
             log.info("whiten_stem: %d of the first convolution's %d filters whitened on the patches of %d training "
@@ -517,6 +518,19 @@ def _setup_distributed(device_name: str) -> _Dist:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         owns = True
     return _Dist(rank=rank, world_size=world, local_rank=local_rank, owns_group=owns)
+
+
+def _check_same_data(data: DatasetSplits, d: _Dist, device: torch.device) -> None:
+    """Every rank must train on the same images: a folder that changed between the ranks' listings (or their
+    caches) would otherwise train each rank on another dataset without a word."""
+    if d.world_size == 1:
+        return
+    prints: list = [None] * d.world_size
+    dist.all_gather_object(prints, (data.fingerprint(), len(data.train)))
+    if len(set(prints)) > 1:
+        sizes = ", ".join(f"rank {r}: {n:,} training images" for r, (_, n) in enumerate(prints))
+        raise DataError(f"{data.spec}: the ranks read different datasets ({sizes}); did the data change while the "
+                        "run started? Keep it unchanged while a run starts, then start again")
 
 
 def _agree(d: _Dist, device: torch.device, *values: int) -> tuple[int, ...]:

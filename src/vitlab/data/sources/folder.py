@@ -1,26 +1,27 @@
 """Image folders: ``ROOT/<class>/*.jpg``, with or without ``train/``, ``val/`` (``valid/``), ``test/`` split folders.
 
-Images are decoded in worker processes to uint8 at one size and cached on disk (keyed by the file list, file
-sizes, mtimes, the target size and channels), so a second epoch or the next run never decodes again.
+Images are decoded in worker processes to uint8 at one size into the image cache (:mod:`vitlab.data.cache`, keyed
+by the file list, file sizes, mtimes, the target size and channels) and memory-mapped from it, so a second epoch
+or the next run never decodes again, and a folder larger than the memory trains as well as a small one.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from vitlab.data.cache import (CHUNK, INLINE_BELOW, CachedImages, pool_context, cache_files, cache_key,
+                               cached_images, clear_cache, default_cache_dir, file_stamp)
 from vitlab.data.images import IMAGE_EXTENSIONS, decode_image, is_image_file, list_image_files, native_channels
-from vitlab.data.loader import ArrayDataset
-from vitlab._files import atomic_writer
+from vitlab.data.loader import ArrayDataset, LoadRequest, hold_out
 from vitlab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -30,15 +31,6 @@ SPLIT_FOLDER_NAMES = {
     "val": ("val", "valid", "validation"),
     "test": ("test", "testing"),
 }
-CACHE_VERSION = 2  # bump when decoding changes: old caches then miss
-_CHUNK = 256  # files per task sent to a worker process
-_INLINE_BELOW = 512  # fewer files than this decode in this process: starting workers costs more
-
-
-def default_cache_dir() -> Path:
-    """``$VITLAB_CACHE`` if set, else ``~/.cache/vitlab``."""
-    env = os.environ.get("VITLAB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vitlab"
 
 
 def find_split_folders(root: Path) -> dict[str, Path]:
@@ -127,7 +119,7 @@ def list_splits(root: Path) -> tuple[list[str], dict[str, FolderListing]]:
     return classes, out
 
 
-def _decode_chunk(paths: list[str], image_size: tuple[int, int], channels: int):
+def _decode_chunk(paths: Sequence[str], image_size: tuple[int, int], channels: int):
     """Worker task: decode ``paths`` -> (uint8 (n, C, H, W), [(i, error message), ...])."""
     h, w = image_size
     out = np.zeros((len(paths), channels, h, w), dtype=np.uint8)
@@ -140,26 +132,20 @@ def _decode_chunk(paths: list[str], image_size: tuple[int, int], channels: int):
     return out, errors
 
 
-def _pool_context():
-    # fork starts a worker in milliseconds and the workers only run PIL and NumPy; spawn elsewhere.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-
-
 def decode_files(files: list[str], image_size: tuple[int, int], channels: int,
                  workers: int | None = None) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Decode ``files`` to one uint8 array (N, C, H, W) with a process pool; returns it and the failures."""
+    """Decode ``files`` into memory, one uint8 array (N, C, H, W), with a process pool; returns it and the
+    failures. For a few files at a time (prediction); datasets decode into the cache (:func:`load_listing`)."""
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     n = len(files)
+    if workers <= 1 or n < INLINE_BELOW:
+        return _decode_chunk(files, image_size, channels)
     images = np.zeros((n, channels, image_size[0], image_size[1]), dtype=np.uint8)
     errors: list[tuple[int, str]] = []
-    if workers <= 1 or n < _INLINE_BELOW:
-        images, errors = _decode_chunk(files, image_size, channels)
-        return images, errors
-    starts = list(range(0, n, _CHUNK))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-        futures = [pool.submit(_decode_chunk, files[s:s + _CHUNK], image_size, channels) for s in starts]
+    starts = list(range(0, n, CHUNK))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
+        futures = [pool.submit(_decode_chunk, files[s:s + CHUNK], image_size, channels) for s in starts]
         for s, fut in zip(starts, futures):
             part, errs = fut.result()
             images[s:s + len(part)] = part
@@ -167,100 +153,36 @@ def decode_files(files: list[str], image_size: tuple[int, int], channels: int,
     return images, errors
 
 
-def cache_files(cache_dir: str | os.PathLike | None = None) -> list[tuple[Path, int]]:
-    """The decoded-image cache files (and half-written ones a killed process left) with their sizes in bytes,
-    largest first. Each is one image folder at one size; a changed folder gets a new file, the old one stays
-    until :func:`clear_cache`."""
-    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "folders"
-    if not root.is_dir():
-        return []
-    found = [(f, f.stat().st_size) for f in root.iterdir() if f.is_file() and (f.suffix == ".npz" or ".tmp" in f.name)]
-    return sorted(found, key=lambda item: (-item[1], item[0].name))
-
-
-def clear_cache(cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:
-    """Delete the decoded-image cache files: (files, bytes) removed. The next load of a folder decodes it again."""
-    removed = freed = 0
-    for f, size in cache_files(cache_dir):
-        try:
-            f.unlink()
-        except FileNotFoundError:
-            continue
-        removed, freed = removed + 1, freed + size
-    return removed, freed
-
-
-def _cache_key(files: list[str], image_size: tuple[int, int], channels: int) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, list(image_size), channels]).encode())
-    for f in files:
-        try:
-            st = os.stat(f)
-        except OSError as e:
-            raise DataError(f"{f}: cannot read the file ({e.strerror}); did it move while loading?") from None
-        h.update(f"\0{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:32]
-
-
-def _read_cache(path: Path, n: int, image_size: tuple[int, int], channels: int):
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            images, ok, errors = z["images"], z["ok"], [str(e) for e in z["errors"]]
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        log.warning("%s: unreadable cache file (%s); decoding again", path, e)
-        return None
-    if images.shape != (n, channels, *image_size) or ok.shape != (n,):
-        log.warning("%s: cache file does not match the folder; decoding again", path)
-        return None
-    return images, ok, errors
-
-
-def _write_cache(path: Path, images: np.ndarray, ok: np.ndarray, errors: list[str]) -> None:
-    """Write the cache atomically."""
-    with atomic_writer(path) as f:
-        # uncompressed: loading is a read at disk speed; the images compress poorly anyway
-        np.savez(f, images=images, ok=ok, errors=np.array(errors, dtype=np.str_))
-
-
 def load_listing(listing: FolderListing, classes: list[str], image_size: tuple[int, int], channels: int, *,
                  cache_dir: str | os.PathLike | None = None, skip_bad_files: bool = False,
                  workers: int | None = None) -> tuple[ArrayDataset, list[str]]:
-    """Decode (or read from the cache) one split folder -> (dataset, messages about skipped bad files)."""
+    """One split folder, decoded once into the image cache and memory-mapped from it -> (dataset, messages about
+    skipped bad files). The cache is keyed by the file list, sizes, mtimes, the target size and channels."""
     files = listing.files
-    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    cache_file = cache_root / "folders" / f"{_cache_key(files, image_size, channels)}.npz"
-    cached = _read_cache(cache_file, len(files), image_size, channels)
-    if cached is not None:
-        images, ok, errors = cached
-        log.info("%s: %d images read from the cache %s", listing.folder, len(files), cache_file)
-    else:
-        log.info("%s: decoding %d images to %dx%d, %d channel(s)", listing.folder, len(files), *image_size, channels)
-        images, failures = decode_files(files, image_size, channels, workers)
-        ok = np.ones(len(files), dtype=bool)
-        for i, _ in failures:
-            ok[i] = False
-        errors = [msg for _, msg in failures]
-        if not failures or skip_bad_files:
-            try:
-                _write_cache(cache_file, images, ok, errors)
-            except OSError as e:  # a read-only home must not stop training
-                log.warning("%s: could not write the cache (%s)", cache_file, e)
+    key = cache_key("folder", file_stamp(files), list(image_size), channels)
+    decode = partial(_decode_chunk, image_size=tuple(image_size), channels=channels)
+    cached = cached_images(key, (len(files), channels, *image_size), decode, files, cache_dir=cache_dir,
+                           workers=workers, what=str(listing.folder))
+    return checked_dataset(cached, torch.tensor(listing.labels, dtype=torch.int64), classes, list(files),
+                           skip_bad_files=skip_bad_files, what=str(listing.folder))
+
+
+def checked_dataset(cached: CachedImages, labels: torch.Tensor, classes: list[str], files: list[str] | None, *,
+                    skip_bad_files: bool, what: str) -> tuple[ArrayDataset, list[str]]:
+    """A decoded split as a dataset without its bad images, or the :class:`DataError` of the first of them
+    unless ``skip_bad_files``; returns it with the messages about the images left out."""
+    errors = cached.errors
     if errors and not skip_bad_files:
         more = f" ({len(errors) - 1} more bad files)" if len(errors) > 1 else ""
         raise DataError(f"{errors[0]}{more}; or pass skip_bad_files=True (--skip-bad-files) to leave them out")
     for msg in errors:
         log.warning("skipped %s", msg)
-    keep = np.nonzero(ok)[0]
+    keep = np.nonzero(cached.ok)[0]
     if len(keep) == 0:
-        raise DataError(f"{listing.folder}: none of its {len(files)} images could be read")
-    labels = torch.tensor(listing.labels, dtype=torch.int64)
-    if len(keep) < len(files):
-        images = images[keep]
-        labels = labels[torch.from_numpy(keep)]
-        files = [files[i] for i in keep]
-    return ArrayDataset(torch.from_numpy(np.ascontiguousarray(images)), labels, list(classes), list(files)), errors
+        raise DataError(f"{what}: none of its {len(cached.ok)} images could be read")
+    path = str(cached.path) if cached.path is not None else None
+    full = ArrayDataset(cached.images, labels, list(classes), files, moments=cached.moments, cache_file=path)
+    return (full if len(keep) == len(cached.ok) else full.subset(torch.from_numpy(keep))), errors
 
 
 def native_format(listing: FolderListing, image_size, channels) -> tuple[tuple[int, int], int]:
@@ -280,3 +202,18 @@ def native_format(listing: FolderListing, image_size, channels) -> tuple[tuple[i
     if image_size is None or channels is None:
         raise DataError(f"{listing.folder}: none of the first images can be read; check the files")
     return (int(image_size[0]), int(image_size[1])), int(channels)
+
+
+def load_folder(root: Path, request: LoadRequest) -> tuple[dict[str, ArrayDataset], list[str]]:
+    """An image folder's splits (memory-mapped from the cache), with a validation split held out of a folder
+    without one, and the messages about skipped bad files."""
+    classes, listings = list_splits(root)
+    main = listings.get("train") or listings["all"]
+    size, channels = native_format(main, request.image_size, request.channels)
+    loaded, skipped = {}, []
+    for split, listing in listings.items():
+        ds, errors = load_listing(listing, classes, size, channels, cache_dir=request.cache_dir,
+                                  skip_bad_files=request.skip_bad_files, workers=request.workers)
+        loaded["train" if split == "all" else split] = ds
+        skipped += errors
+    return hold_out(loaded, request), skipped
