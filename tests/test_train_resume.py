@@ -143,17 +143,35 @@ def test_optimizer_state_roundtrips_through_safetensors_and_json():
             assert torch.equal(fresh.state_dict()["state"][k][name], opt.state_dict()["state"][k][name])
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+def _digits_folder(root):
+    """The built-in digits written as an image folder (8x8 grayscale PNGs): a dataset read through a memory map."""
+    from PIL import Image
+
+    from vitlab.data import load_data
+
+    data = load_data("digits")
+    for split, ds in (("train", data.train), ("test", data.test)):
+        for i, (image, label) in enumerate(zip(ds.images, ds.labels)):
+            folder = root / split / ds.classes[int(label)]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[0].numpy()).save(folder / f"{i}.png")
+    return f"folder:{root}"
+
+
+@pytest.mark.parametrize("data", ["digits", "folder"], ids=["in-memory", "memory-mapped-folder"])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, data):
     """SIGKILL a real `vitlab train` process mid-run (after its first checkpoint, at whatever it is doing then),
-    resume it, and get the weights and metrics of a run that was never stopped."""
+    resume it, and get the weights and metrics of a run that was never stopped: on the in-memory digits, and on
+    the same images as a folder, whose batches are read from the cache's memory map by the prefetch thread."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
+    spec = _digits_folder(tmp_path / "digits") if data == "folder" else "digits"
     args = [sys.executable, "-m", "vitlab", "train", "--epochs", "8", "--quiet", "--set", "precision=fp32",
-            "--set", "threads=1", "--set", "hflip=true", "--set", "dropout=0.1"]
+            "--set", "threads=1", "--set", "hflip=true", "--set", "dropout=0.1", "--data", spec]
     for key, value in TINY_MODEL.items():
         args += ["--set", f"model_overrides.{key}={value}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -175,3 +193,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     a, b = load_safetensors(straight / "last/model.safetensors"), load_safetensors(killed / "last/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _metrics(straight) == _metrics(killed)
+    if data == "folder":  # the three runs mapped the one cache file of each split, built by the first
+        from vitlab.data.cache import cache_files
+
+        assert sorted(size for _, size in cache_files()) == [128 + 359 * 64, 128 + 1438 * 64]

@@ -180,7 +180,7 @@ def index_shard(path: str) -> ShardIndex:
         problems.append(f"{path}: not a readable tar shard ({e}); it is truncated or corrupt: write it again")
     for i, key in enumerate(keys):
         if not has_image[i] or labels[i] < 0:
-            missing = "an image (jpg, png, ...)" if not has_image[i] else "a label (cls)"
+            missing = "image (jpg, png, ...)" if not has_image[i] else "label (cls)"
             problems.append(f"{path}: sample {key} has no {missing}")
             labels[i] = -1
     return ShardIndex(path=path, keys=keys, labels=labels, problems=problems)
@@ -349,7 +349,8 @@ def _stream_shard(ds: ShardDataset, shard: int, keep: np.ndarray | None = "auto"
     def handler(exn: Exception) -> bool:
         if isinstance(exn, DataError):
             raise exn
-        message = f"{index.path}: not a readable tar shard ({exn}); it is truncated or corrupt: write it again"
+        reason = exn.args[0] if exn.args else type(exn).__name__  # webdataset appends the stream and url to args
+        message = f"{index.path}: not a readable tar shard ({reason}); it is truncated or corrupt: write it again"
         if ds.skip_bad_files:
             log.warning("skipped the rest of %s", message)
             return False  # stop reading this shard
@@ -430,9 +431,11 @@ class ShardLoader:
         return max(1, min(STREAMS, len(self.rank_shards())))
 
     def processes(self) -> int:
-        """Loader processes: ``dataset.workers`` (default up to 8), at most one a stream; 0 decodes in a thread."""
+        """Loader processes: up to ``dataset.workers`` (default up to 8), a divisor of the streams (so that taking
+        a batch from each process in turn takes one from each stream in turn); 0 decodes in a thread."""
         wanted = self.dataset.workers if self.dataset.workers is not None else min(8, os.cpu_count() or 1)
-        return max(0, min(wanted, self.streams()))
+        streams = self.streams()
+        return max([p for p in range(1, streams + 1) if streams % p == 0 and p <= wanted], default=0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         stream = _WorkerStream(self)
@@ -503,15 +506,11 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                 yield from self.dataset.samples(shard)
             return
         rng = random.Random(self.seed * 31 + worker)
-
-        def rounds():  # round after round of the worker's shards, each round in a new order
-            while True:
-                order = list(mine)
-                rng.shuffle(order)
-                for shard in order:
-                    yield from self.dataset.samples(shard)
-
-        yield from _shuffled(rounds(), SHUFFLE_BUFFER, rng)
+        while True:  # round after round of the stream's shards, each in a new order through the shuffle buffer
+            order = list(mine)
+            rng.shuffle(order)
+            yield from _shuffled((sample for shard in order for sample in self.dataset.samples(shard)),
+                                 SHUFFLE_BUFFER, rng)
 
 
 def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
