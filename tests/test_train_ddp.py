@@ -89,3 +89,48 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     big = vitlab.train(tiny_config(tmp_path, "big", **SETTINGS), data=data)
     accum = vitlab.train(tiny_config(tmp_path, "accum", accum_steps=4, **SETTINGS), data=data)
     _assert_close_runs(big.run_dir, accum.run_dir)
+
+
+def _rank_with_its_own_listing(rank, port, root, out):
+    """A rank whose folder listing differs from the other's (rank 1 sees one image more): both must refuse."""
+    import torch.distributed as dist
+
+    from vitlab.data import load_data
+    from vitlab.errors import DataError
+    from vitlab.training import engine
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        data = load_data(f"folder:{root / f'view{rank}'}", image_size=8)
+        engine._check_same_data(data, engine._Dist(rank=rank, world_size=2), torch.device("cpu"))
+        out.put((rank, "accepted"))
+    except DataError as e:
+        out.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_list_different_folders_stop_with_one_line(tmp_path):
+    import multiprocessing
+
+    from PIL import Image
+
+    for view, per_class in (("view0", 4), ("view1", 5)):  # the folder as each rank listed it
+        for c in ("a", "b"):
+            (tmp_path / view / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / view / c / f"{i}.png")
+    ctx = multiprocessing.get_context("fork")
+    out, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_rank_with_its_own_listing, args=(r, port, tmp_path, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    import re
+
+    for rank in (0, 1):
+        assert re.search(r"view[01]: the ranks read different datasets \(rank 0: \d+ training images, rank 1: \d+ "
+                         r"training images\); did the data change", results[rank]) and "\n" not in results[rank]

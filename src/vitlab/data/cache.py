@@ -273,8 +273,13 @@ def _write_chunk(decode: DecodeChunk, target: _Target, start: int, chunk: Sequen
 
 def _moments(images: np.ndarray) -> np.ndarray:
     """Per image and channel: (sum of the pixel values, sum of their squares), int64 (n, C, 2), exact."""
-    flat = images.reshape(images.shape[0], images.shape[1], -1).astype(np.int64)
-    return np.stack([flat.sum(-1), (flat * flat).sum(-1)], axis=-1)
+    out = np.zeros((images.shape[0], images.shape[1], 2), dtype=np.int64)
+    for i, image in enumerate(images):  # an image at a time: the temporaries stay small
+        flat = image.reshape(image.shape[0], -1)
+        out[i, :, 0] = flat.sum(-1, dtype=np.int64)
+        wide = flat.astype(np.uint16)  # 255 * 255 fits in 16 bits
+        out[i, :, 1] = (wide * wide).sum(-1, dtype=np.int64)
+    return out
 
 
 def pool_context():
