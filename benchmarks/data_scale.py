@@ -17,7 +17,8 @@ pages are the page cache's and are not counted):
           image decoded again: a stream has no decode cache) and training from the stream.
 
     PYTHONPATH=src python benchmarks/data_scale.py --root /tmp/vitlab-scale [--train 85000 --val 25000]
-        [--steps 200 --batch 16] [--phases generate,build,read,train,side,wds]
+        [--steps 200 --batch 16] [--phases generate,build,read,train,side,pack,wds_read,wds_train]
+        [--src OTHER_CHECKOUT/src]   # measure another version (the same phases) for a baseline
 
 Needs about 20 GB free under --root (1.6 GB of photos, 16.5 GB of cache, 1.6 GB of shards).
 """
@@ -36,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = 15  # fruit and vegetables, say
+SOURCE = [str(REPO / "src")]  # the vitlab the phases import (--src: another checkout's, to compare)
 
 
 # ---------------------------------------------------------------- memory of a process tree
@@ -71,7 +73,7 @@ def tree_rss_anon_kib(pid: int) -> int:
 def run_phase(name: str, args: list[str]) -> dict:
     """Run ``data_scale.py --phase-worker NAME ...`` in a new process; return its JSON result with the peak
     anonymous memory of its process tree and its wall time."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "PYTHONPATH": SOURCE[0]}
     proc = subprocess.Popen([sys.executable, __file__, "--phase-worker", name, *args], stdout=subprocess.PIPE,
                             env=env, text=True)
     peak, start = 0, time.perf_counter()
@@ -152,10 +154,9 @@ def phase_build(o) -> dict:
     data = _load(o, workers=o.workers)
     seconds = time.perf_counter() - start
     n = len(data.train) + len(data.test)
-    info = data.train.source_info()
+    cached = sum(f.stat().st_size for f in (Path(o.root) / "cache").rglob("*") if f.is_file())
     return {"images": n, "seconds": round(seconds, 1), "images_per_s": round(n / seconds, 1),
-            "images_per_s_per_core": round(n / seconds / o.workers, 1), "cache_bytes": info["bytes"] +
-            data.test.source_info()["bytes"]}
+            "images_per_s_per_core": round(n / seconds / o.workers, 1), "cache_bytes": cached}
 
 
 def phase_read(o) -> dict:
@@ -313,6 +314,7 @@ def main() -> None:
     p.add_argument("--wds-batches", type=int, default=40)
     p.add_argument("--ram-images", type=int, default=6000)
     p.add_argument("--phases", default="generate,build,read,train,side,pack,wds_read,wds_train")
+    p.add_argument("--src", default=None, help="the src/ folder of another vitlab checkout to measure (a baseline)")
     p.add_argument("--phase-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     o = p.parse_args()
@@ -321,6 +323,9 @@ def main() -> None:
         return
     import torch
 
+    if o.src:
+        SOURCE[0] = str(Path(o.src).resolve())
+    print(f"vitlab from {SOURCE[0]}")
     print(f"machine: {cpu_line()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     print(f"data: {o.train:,} train + {o.val:,} val synthetic JPEG photos (~{o.side} px) in {o.root}, read at "
           f"{o.size} px: {(o.train + o.val) * 3 * o.size * o.size / 1e9:.1f} GB of pixels")

@@ -189,3 +189,18 @@ def test_predict_with_worker_processes_equals_inline(checkpoint, images, monkeyp
     assert [r.to_dict() for r in pooled] == [r.to_dict() for r in inline]
     assert [Path(r.file).name for r in pooled if not r.ok] == ["e_corrupt.jpg", "missing.png"]
     assert "e_corrupt.jpg" in pooled[4].error and "not found" in pooled[5].error
+
+
+def test_many_files_are_predicted_from_the_image_cache_as_from_memory(checkpoint, images, monkeypatch):
+    import sys
+
+    from vitlab.data.cache import cache_files
+
+    predict_module = sys.modules["vitlab.explain.predict"]  # the package exports the function under that name
+
+    in_memory = predict(checkpoint, [images, images / "missing.png"], top_k=3)
+    assert cache_files() == []
+    monkeypatch.setattr(predict_module, "CACHE_FROM", 1)
+    mapped = predict(checkpoint, [images, images / "missing.png"], top_k=3)
+    assert [r.to_dict() for r in mapped] == [r.to_dict() for r in in_memory]
+    assert len(cache_files()) == 1 and any(not r.ok for r in mapped)

@@ -333,16 +333,24 @@ def clear_cache(cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:
         except FileNotFoundError:
             continue
         removed, freed = removed + 1, freed + size
+    shards = cache_root(cache_dir).parent / "shards"  # WebDataset shard indexes: small, rebuilt on demand
+    for f in shards.glob("*.json") if shards.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
     return removed, freed
 
 
-def file_stamp(paths: Sequence[str]) -> list:
-    """What keys a cache to files: each path (absolute), size and modification time."""
+def file_stamp(paths: Sequence[str], missing_ok: bool = False) -> list:
+    """What keys a cache to files: each path (absolute), size and modification time (a file that cannot be
+    read: a :class:`DataError`, or with ``missing_ok`` the size -1, for its decoding to report)."""
     out = []
     for f in paths:
         try:
             st = os.stat(f)
         except OSError as e:
-            raise DataError(f"{f}: cannot read the file ({e.strerror}); did it move while loading?") from None
+            if not missing_ok:
+                raise DataError(f"{f}: cannot read the file ({e.strerror}); did it move while loading?") from None
+            out.append((os.path.abspath(f), -1, -1))
+            continue
         out.append((os.path.abspath(f), st.st_size, st.st_mtime_ns))
     return out

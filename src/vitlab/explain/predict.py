@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # Files decoded at once: 1024 RGB images at 224 px are 154 MB; decode_files starts worker processes
 # from 512 files, so a long list is decoded in parallel.
 _DECODE_WINDOW = 1024
+CACHE_FROM = 512  # this many files or more are decoded into the image cache (once) and read from its map
 
 
 @dataclass
@@ -61,7 +62,8 @@ def predict(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] | 
     The probabilities are softmax(logits / T) with the checkpoint's fitted temperature T (``vitlab calibrate``;
     1 when none was fitted), so they mean what they say; T never changes the order of the classes.
     Unreadable files give a :class:`Prediction` with ``error`` set (check ``.ok``). Many files are decoded
-    by ``workers`` processes (default: up to 8), as for folder datasets.
+    by ``workers`` processes (default: up to 8), as for folder datasets; from :data:`CACHE_FROM` files on, into
+    the image cache, once, and read back from its memory map (memory does not grow with the number of files).
     """
     if top_k < 1:
         raise ConfigError(f"top_k={top_k} must be at least 1")
@@ -72,10 +74,13 @@ def predict(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] | 
         paths = [paths]
     files = list_images(paths)
     pre = loaded.preprocess
+    if len(files) >= CACHE_FROM:  # a folder of many photos: decoded once into the image cache, read from its map
+        windows = [(files, *_cached(files, pre, workers))]
+    else:  # a few photos: decoded in memory, a window at a time
+        windows = ((window, *decode_files([str(f) for f in window], pre.image_size, pre.channels, workers))
+                   for window in _batches(files, max(batch_size, _DECODE_WINDOW)))
     results: list[Prediction] = []
-    for window in _batches(files, max(batch_size, _DECODE_WINDOW)):
-        # the folder datasets' decoder: same decode_image and DataError messages, worker processes for many files
-        decoded, failures = decode_files([str(f) for f in window], pre.image_size, pre.channels, workers)
+    for window, decoded, failures in windows:
         errors = dict(failures)
         ok: list[int] = []
         for i, path in enumerate(window):
@@ -87,9 +92,26 @@ def predict(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] | 
         window_results = results[len(results) - len(window):]
         for index in _batches(ok, batch_size):
             names = [window_results[i].file for i in index]
-            for i, done in zip(index, predict_decoded(loaded, torch.from_numpy(decoded[index]), names, top_k)):
+            batch = decoded[torch.as_tensor(index)] if torch.is_tensor(decoded) else torch.from_numpy(decoded[index])
+            for i, done in zip(index, predict_decoded(loaded, batch, names, top_k)):
                 window_results[i].top = done.top
     return results
+
+
+def _cached(files, pre, workers) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+    """``files`` decoded at the model's size through the image cache: (the memory-mapped images, the failures)."""
+    from functools import partial
+
+    from vitlab.data.cache import cache_key, cached_images, file_stamp
+    from vitlab.data.sources.folder import _decode_chunk
+
+    names = [str(f) for f in files]
+    key = cache_key("folder", file_stamp(names, missing_ok=True), list(pre.image_size), pre.channels)  # a dataset's key: shared
+    decode = partial(_decode_chunk, image_size=tuple(pre.image_size), channels=pre.channels)
+    cached = cached_images(key, (len(names), pre.channels, *pre.image_size), decode, names, workers=workers,
+                           what=f"{len(names)} images to predict")
+    bad = [int(i) for i in (~torch.from_numpy(cached.ok)).nonzero().flatten()]
+    return cached.images, list(zip(bad, cached.errors))
 
 
 @torch.inference_mode()
