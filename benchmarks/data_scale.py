@@ -3,7 +3,8 @@
 It writes a synthetic photo folder of that size (smooth JPEG "photos" about 256 px, 15 classes, on local disk
 under ``--root``: never committed), then measures, each phase in a process of its own while this one samples
 the anonymous resident memory (RssAnon, summed over the phase's process tree every 0.1 s; a memory map's file
-pages are the page cache's and are not counted):
+pages are the page cache's and are not counted; Pss_Anon beside it counts a page that forked worker processes
+share with their parent once, not once in each):
 
 - build:  ``load_data(folder, image_size=224)`` with an empty cache: decode every photo into the memory-mapped
           cache (16.5 GB of pixels), images/s and images/s per core;
@@ -51,23 +52,28 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _rss_anon_kib(pid: int) -> int:
+def _field_kib(path: str, name: str) -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(name):
                 return int(line.split()[1])
     except OSError:
         pass
     return 0
 
 
-def tree_rss_anon_kib(pid: int) -> int:
-    total, todo = 0, [pid]
+def tree_memory_kib(pid: int) -> tuple[int, int]:
+    """(RssAnon, Pss_Anon) summed over ``pid`` and its descendants. RssAnon counts a page that forked processes
+    share (copy-on-write: the parent's torch, model and data structures) once in each of them; Pss_Anon divides
+    it among them, so it is what the tree holds."""
+    rss = pss = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
-        total += _rss_anon_kib(p)
+        rss += _field_kib(f"/proc/{p}/status", "RssAnon:")
+        pss += _field_kib(f"/proc/{p}/smaps_rollup", "Pss_Anon:")
         todo += _children(p)
-    return total
+    return rss, pss
 
 
 def run_phase(name: str, args: list[str]) -> dict:
@@ -76,15 +82,18 @@ def run_phase(name: str, args: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": SOURCE[0]}
     proc = subprocess.Popen([sys.executable, __file__, "--phase-worker", name, *args], stdout=subprocess.PIPE,
                             env=env, text=True)
-    peak, start = 0, time.perf_counter()
+    peak = peak_pss = 0
+    start = time.perf_counter()
     while proc.poll() is None:
-        peak = max(peak, tree_rss_anon_kib(proc.pid))
+        rss, pss = tree_memory_kib(proc.pid)
+        peak, peak_pss = max(peak, rss), max(peak_pss, pss)
         time.sleep(0.1)
     out = proc.stdout.read()
     if proc.returncode:
         raise SystemExit(f"phase {name} failed ({proc.returncode})")
     result = json.loads(out.strip().splitlines()[-1])
-    result.update(peak_rss_anon_mib=round(peak / 1024), wall_s=round(time.perf_counter() - start, 1))
+    result.update(peak_rss_anon_mib=round(peak / 1024), peak_pss_anon_mib=round(peak_pss / 1024),
+                  wall_s=round(time.perf_counter() - start, 1))
     return result
 
 

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from vitlab.data.sources.folder import decode_files
+from vitlab.data.sources.folder import cached_files, decode_files
 from vitlab.errors import ConfigError
 from vitlab.explain.images import list_images
 from vitlab.interop import LoadedModel, load
@@ -100,16 +100,9 @@ def predict(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] | 
 
 def _cached(files, pre, workers) -> tuple[torch.Tensor, list[tuple[int, str]]]:
     """``files`` decoded at the model's size through the image cache: (the memory-mapped images, the failures)."""
-    from functools import partial
-
-    from vitlab.data.cache import cache_key, cached_images, file_stamp
-    from vitlab.data.sources.folder import _decode_chunk
-
     names = [str(f) for f in files]
-    key = cache_key("folder", file_stamp(names, missing_ok=True), list(pre.image_size), pre.channels)  # a dataset's key: shared
-    decode = partial(_decode_chunk, image_size=tuple(pre.image_size), channels=pre.channels)
-    cached = cached_images(key, (len(names), pre.channels, *pre.image_size), decode, names, workers=workers,
-                           what=f"{len(names)} images to predict")
+    cached = cached_files(names, tuple(pre.image_size), pre.channels, workers=workers, missing_ok=True,
+                          what=f"{len(names)} images to predict")
     bad = [int(i) for i in (~torch.from_numpy(cached.ok)).nonzero().flatten()]
     return cached.images, list(zip(bad, cached.errors))
 

@@ -159,12 +159,21 @@ def load_listing(listing: FolderListing, classes: list[str], image_size: tuple[i
     """One split folder, decoded once into the image cache and memory-mapped from it -> (dataset, messages about
     skipped bad files). The cache is keyed by the file list, sizes, mtimes, the target size and channels."""
     files = listing.files
-    key = cache_key("folder", file_stamp(files), list(image_size), channels)
-    decode = partial(_decode_chunk, image_size=tuple(image_size), channels=channels)
-    cached = cached_images(key, (len(files), channels, *image_size), decode, files, cache_dir=cache_dir,
-                           workers=workers, what=str(listing.folder))
+    cached = cached_files(files, image_size, channels, cache_dir=cache_dir, workers=workers,
+                          what=str(listing.folder))
     return checked_dataset(cached, torch.tensor(listing.labels, dtype=torch.int64), classes, list(files),
                            skip_bad_files=skip_bad_files, what=str(listing.folder))
+
+
+def cached_files(files: Sequence[str], image_size: tuple[int, int], channels: int, *, cache_dir=None,
+                 workers: int | None = None, what: str = "images", missing_ok: bool = False) -> CachedImages:
+    """Image files decoded at ``image_size`` and ``channels`` through the image cache (keyed by the paths, sizes,
+    mtimes, the size and channels), memory-mapped. ``missing_ok``: a missing file is a decoding failure to
+    report (prediction) instead of a :class:`DataError` now."""
+    key = cache_key("folder", file_stamp(files, missing_ok=missing_ok), list(image_size), channels)
+    decode = partial(_decode_chunk, image_size=tuple(image_size), channels=channels)
+    return cached_images(key, (len(files), channels, *image_size), decode, list(files), cache_dir=cache_dir,
+                         workers=workers, what=what)
 
 
 def checked_dataset(cached: CachedImages, labels: torch.Tensor, classes: list[str], files: list[str] | None, *,

@@ -335,14 +335,35 @@ class ShardDataset:
                 "bytes": sum(os.path.getsize(s.path) for s in self.shards)}
 
 
-def _stream_shard(ds: ShardDataset, shard: int, keep: np.ndarray | None = "auto") -> Iterator[tuple[np.ndarray, int]]:
-    """Decode shard ``shard`` of ``ds`` in order with WebDataset's tar reader: (image, label) of each held sample.
+def _stream_shard(ds: ShardDataset, shard: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Decode shard ``shard`` of ``ds`` in order: (image, label) of each held sample (see :func:`_raw_samples`)."""
+    for raw in _raw_samples(ds, shard):
+        image = _decode(ds, raw)
+        if image is not None:
+            yield image, raw[2]
 
-    A sample without an image or label, an undecodable image and a truncated end are skipped (with a log line)
-    when ``ds.skip_bad_files``, else a :class:`DataError` names the shard and the key."""
+
+def _decode(ds: ShardDataset, raw: tuple[str, bytes, int]) -> np.ndarray | None:
+    """A raw sample's image at the dataset's size and channels (None: undecodable, skipped)."""
+    name, data, _ = raw
+    try:
+        return decode_image(io.BytesIO(data), ds.image_size, ds.channels, name=name)
+    except DataError as e:
+        if not ds.skip_bad_files:
+            raise DataError(f"{e}; or pass skip_bad_files=True (--skip-bad-files) to leave it out") from None
+        log.warning("skipped %s", e)
+        return None
+
+
+def _raw_samples(ds: ShardDataset, shard: int) -> Iterator[tuple[str, bytes, int]]:
+    """Shard ``shard`` of ``ds`` read in order with WebDataset's tar reader: (``SHARD#KEY``, the image file's
+    bytes, the label) of each held sample, not yet decoded (a shuffle buffer holds these, a few KB each).
+
+    A sample without an image or label and a truncated end are skipped (with a log line) when
+    ``ds.skip_bad_files``, else a :class:`DataError` names the shard and the key."""
     wds = _webdataset()
     index = ds.shards[shard]
-    keep = ds._keep_of(shard) if isinstance(keep, str) else keep
+    keep = ds._keep_of(shard)
     good = set(index.good)
     position = -1  # among the shard's good samples
 
@@ -366,16 +387,8 @@ def _stream_shard(ds: ShardDataset, shard: int, keep: np.ndarray | None = "auto"
         position += 1
         if keep is not None and not keep[position]:
             continue
-        key = sample.get("__key__")
         data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-        try:
-            image = decode_image(io.BytesIO(data), ds.image_size, ds.channels, name=f"{index.path}#{key}")
-        except DataError as e:
-            if not ds.skip_bad_files:
-                raise DataError(f"{e}; or pass skip_bad_files=True (--skip-bad-files) to leave it out") from None
-            log.warning("skipped %s", e)
-            continue
-        yield image, index.labels[number]
+        yield f"{index.path}#{sample.get('__key__')}", data, index.labels[number]
 
 
 # ---------------------------------------------------------------- batches
@@ -509,23 +522,38 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         while True:  # round after round of the stream's shards, each in a new order through the shuffle buffer
             order = list(mine)
             rng.shuffle(order)
-            yield from _shuffled((sample for shard in order for sample in self.dataset.samples(shard)),
-                                 SHUFFLE_BUFFER, rng)
+            raw = (sample for shard in order for sample in _raw_samples(self.dataset, shard))
+            for name, data, label in _shuffled(raw, SHUFFLE_BUFFER, rng):  # decoded after shuffling
+                image = _decode(self.dataset, (name, data, label))
+                if image is not None:
+                    yield image, label
 
 
-def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Items through a shuffle buffer of ``size`` (WebDataset's shuffle: each output is a random pick of the
-    buffer, which the next input refills)."""
+def _shuffled(items: Iterator, size: int, rng: random.Random, initial: int = 100) -> Iterator:
+    """Items through a shuffle buffer of up to ``size`` (WebDataset's shuffle: output starts once ``initial``
+    items are in, the buffer grows by two items for each one out until it is full, and each output is a random
+    pick of it)."""
+    items = iter(items)
     buffer: list = []
+
+    def pick():
+        i = rng.randrange(len(buffer))
+        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+        return buffer.pop()
+
     for item in items:
+        buffer.append(item)
         if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = item
-    rng.shuffle(buffer)
-    yield from buffer
+            extra = next(items, _NONE)
+            if extra is not _NONE:
+                buffer.append(extra)
+        if len(buffer) >= min(initial, size):
+            yield pick()
+    while buffer:
+        yield pick()
+
+
+_NONE = object()
 
 
 # ---------------------------------------------------------------- loading
