@@ -4,8 +4,11 @@ file or a full disk is handled, and the prefetching loader that reads batches fr
 from __future__ import annotations
 
 import errno
+import inspect
+import json
 import logging
-import multiprocessing
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -182,33 +185,49 @@ def test_an_unwritable_cache_folder_decodes_into_a_temporary_map(tmp_path, caplo
     assert torch.equal(d.train.images, reference.train.images)
 
 
-def _load_in_process(root, cache, barrier, out):
-    """One 'rank' of a machine: wait for the other, then load the folder; report whether it decoded."""
-    records: list[str] = []
+_RANK = """
+import json, logging, sys, time
+from pathlib import Path
+import torch
+from vitlab.data import load_data
 
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
+{mapped_file}
 
-    logging.getLogger("vitlab.data.cache").addHandler(Keep())
-    logging.getLogger("vitlab.data.cache").setLevel(logging.INFO)
-    barrier.wait()
-    d = load_data(f"folder:{root}", image_size=8, cache_dir=cache, workers=2)
-    decoded = sum("decoding" in r for r in records)
-    out.put((decoded, d.train.cache_file, mapped_file(d.train.storage), int(d.train.images.sum())))
+root, cache, me, other = (Path(a) for a in sys.argv[1:5])
+records = []
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append(record.getMessage())
+
+logging.getLogger("vitlab.data.cache").addHandler(Keep())
+logging.getLogger("vitlab.data.cache").setLevel(logging.INFO)
+me.touch()
+deadline = time.monotonic() + 60
+while not other.exists() and time.monotonic() < deadline:  # both start loading at the same moment
+    time.sleep(0.01)
+d = load_data(f"folder:{{root}}", image_size=8, cache_dir=cache, workers=2)
+print(json.dumps([sum("decoding" in r for r in records), str(d.train.cache_file), mapped_file(d.train.storage),
+                  int(d.train.images.sum())]))
+"""
 
 
 def test_two_processes_of_one_machine_build_the_cache_once_and_map_the_same_file(tmp_path):
+    """Two fresh interpreters (as torchrun starts its ranks) load one folder at the same moment: one decodes it
+    into the cache under the lock, the other waits and maps the same file."""
     root = write_folder(tmp_path / "photos", per_class=300, size=(10, 10))  # 900 files: a pool, several chunks
-    ctx = multiprocessing.get_context("fork")
-    barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_load_in_process, args=(root, tmp_path / "cache", barrier, out)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    script = _RANK.format(mapped_file=inspect.getsource(mapped_file))
+    ready = [tmp_path / "ready0", tmp_path / "ready1"]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(root), str(tmp_path / "cache"), str(ready[i]),
+                               str(ready[1 - i])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     assert sorted(r[0] for r in results) == [0, 1]  # one built it, the other waited and mapped it
     assert results[0][1] == results[1][1] == results[0][2] == results[1][2]  # both map the one file
     assert results[0][3] == results[1][3]
