@@ -31,7 +31,7 @@ import torch
 from vitlab import TrainConfig, create_model
 from vitlab.bench import make_step
 from vitlab.data import BatchLoader, TrainTransform, load_data
-from vitlab.data.sources.folder import default_cache_dir
+from vitlab.data.cache import default_cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from vitlab.data import BatchLoader, channel_mean_std, load_data
 from vitlab.data import cache as cache_module
+from vitlab.data.cache import cache_files
 from vitlab.data.loader import ArrayDataset, prefetched
 from vitlab.data.sources import folder as folder_source
 from vitlab.errors import DataError
@@ -114,7 +115,7 @@ def test_a_build_that_fails_midway_leaves_no_cache_that_looks_complete(tmp_path,
     assert left == []  # no .npy, no record, no temporary file
     monkeypatch.setattr(folder_source, "_decode_chunk", real)
     d = load_data(f"folder:{root}", image_size=4, cache_dir=cache, workers=1)
-    assert len(d.train) + len(d.val) == 600 and len(folder_source.cache_files(cache)) == 1
+    assert len(d.train) + len(d.val) == 600 and len(cache_files(cache)) == 1
 
 
 def test_a_disk_that_fills_up_mid_build_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
@@ -231,7 +232,7 @@ def test_two_processes_of_one_machine_build_the_cache_once_and_map_the_same_file
     assert sorted(r[0] for r in results) == [0, 1]  # one built it, the other waited and mapped it
     assert results[0][1] == results[1][1] == results[0][2] == results[1][2]  # both map the one file
     assert results[0][3] == results[1][3]
-    assert len(folder_source.cache_files(tmp_path / "cache")) == 1
+    assert len(cache_files(tmp_path / "cache")) == 1
 
 
 def test_prefetch_gives_the_batches_in_order_stops_with_the_consumer_and_raises_its_errors():

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from vitlab.data import load_data, parse_data_spec
+from vitlab.data.cache import cache_files
 from vitlab.data.sources import folder as folder_source
 from vitlab.errors import DataError
 
@@ -403,16 +404,16 @@ def test_data_cache_lists_and_clears_the_decoded_folders(tmp_path, capsys):
     cache = tmp_path / "cache"
     load_data(f"folder:{tmp_path / 'photos'}", image_size=8, cache_dir=cache)
     load_data(f"folder:{tmp_path / 'photos'}", image_size=16, cache_dir=cache)  # another size: another file
-    files = folder_source.cache_files(cache)
+    files = cache_files(cache)
     assert len(files) == 2 and all(p.suffix == ".npy" and size == p.stat().st_size for p, size in files)
     assert main(["data", "cache", "--cache-dir", str(cache)]) == 0
     out = capsys.readouterr().out
     assert str(files[0][0]) in out and "2 cache files" in out
     assert main(["data", "cache", "--cache-dir", str(cache), "--clear"]) == 0
     assert "removed 2 cache files" in capsys.readouterr().out
-    assert folder_source.cache_files(cache) == [] and (tmp_path / "photos").is_dir()
+    assert cache_files(cache) == [] and (tmp_path / "photos").is_dir()
     again = load_data(f"folder:{tmp_path / 'photos'}", image_size=8, cache_dir=cache)  # decoded again
-    assert len(again.train) + len(again.test) == 10 and len(folder_source.cache_files(cache)) == 1
+    assert len(again.train) + len(again.test) == 10 and len(cache_files(cache)) == 1
 
 
 def test_idx_label_out_of_range_names_the_labels_file(tmp_path):

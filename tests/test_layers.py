@@ -8,7 +8,10 @@ counts as one at the top of the file: a lazy import must not hide a loop.
 from __future__ import annotations
 
 import ast
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,47 @@ def test_the_check_names_an_import_against_the_layers(tmp_path, source, target):
     file.write_text(file.read_text(encoding="utf-8") + f"\n\ndef _late():\n    import {target}  # noqa\n")
     assert violations(copy) == [f"vitlab/{source}:{lines + 4}: {_layer(_module(file, copy))} imports {target} "
                                 f"({_layer(target)})"]
+
+
+def _modules_after(code: str, env: dict | None = None) -> tuple[set[str], str]:
+    """The top-level modules a fresh interpreter holds after running ``code``, and what it printed."""
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(sorted({m.split('.')[0] for m in "
+                          "sys.modules}))"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    *printed, modules = out.stdout.strip().splitlines()
+    return set(ast.literal_eval(modules)), "\n".join(printed)
+
+
+WEB = {"starlette", "uvicorn", "multipart", "python_multipart"}
+
+
+def test_import_vitlab_loads_neither_the_web_stack_nor_matplotlib_and_its_names_load_on_use():
+    modules, _ = _modules_after("import vitlab")
+    assert not modules & (WEB | {"matplotlib", "torch", "PIL"})
+    modules, printed = _modules_after("import vitlab\nfrom vitlab import train, ViTConfig, serve\n"
+                                      "print(train.__module__, ViTConfig.__module__, serve.__module__)")
+    assert printed == "vitlab.api vitlab.config vitlab.server.app" and "torch" in modules
+    assert "matplotlib" not in modules and "vitlab" in modules
+
+
+def test_vitlab_version_imports_no_torch():
+    modules, printed = _modules_after("from vitlab.cli import main\nmain(['--version'])")
+    assert printed == f"vitlab {vitlab_version()}" and "torch" not in modules
+
+
+def vitlab_version() -> str:
+    from vitlab._version import __version__
+    return __version__
+
+
+def test_without_the_web_packages_serve_says_what_to_install_in_one_line_and_the_rest_works():
+    blocked = "import sys\nfor m in ('starlette', 'uvicorn', 'multipart', 'python_multipart'):\n    sys.modules[m] = None\n"
+    out = subprocess.run([sys.executable, "-c", blocked + "from vitlab.cli import main\n"
+                          "raise SystemExit(main(['serve', 'runs/x']))"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert re.fullmatch(r'vitlab: error: vitlab serve needs the web packages \((starlette|uvicorn) is not installed\): '
+                        r'pip install "vitlab\[serve\]"\n', out.stderr), out.stderr
+    modules, printed = _modules_after(blocked + "from vitlab.cli import main\nmain(['models', '--json'])\n"
+                                      "import vitlab\ntry:\n    vitlab.serve\nexcept ImportError as e:\n"
+                                      "    print(type(e).__name__)")
+    assert printed.splitlines()[0].startswith('{"name": ') and printed.splitlines()[-1] == "MissingExtraError"

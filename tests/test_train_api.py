@@ -132,8 +132,25 @@ def test_progress_bar_is_quiet_off_a_terminal():
 
 # ---------------------------------------------------------------- training behaviours
 def test_fp16_on_cpu_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="precision='fp16' needs a CUDA GPU"):
+    with pytest.raises(ConfigError, match=r"^TrainConfig.precision='fp16' needs a CUDA GPU \(device is cpu\)"):
         vitlab.train(tiny_config(tmp_path, precision="fp16"), data=tiny_splits())
+
+
+def test_one_rule_decides_the_precision_for_training_evaluation_and_bench(monkeypatch):
+    """auto is bf16 exactly where the CPU has native bf16 matmul; fp16 off a GPU and unknown names are refused
+    the same way by every caller (bench warned where training refused)."""
+    from vitlab import _device, bench
+
+    for fast, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(_device, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert _device.resolve_precision("auto", "cpu") == _device.resolve_precision(None, "cpu") == expected
+    assert _device.resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ConfigError, match="^precision='fp16' needs a CUDA GPU"):
+        bench.benchmark("vit-cifar-tiny-p4", batch=2, precision="fp16", repeats=1)
+    with pytest.raises(ConfigError, match="^precision='fp8' is not one of auto, fp32, bf16, fp16$"):
+        bench.benchmark("vit-cifar-tiny-p4", batch=2, precision="fp8", repeats=1)
+    with pytest.raises(ConfigError, match="^precision='fp16' needs a CUDA GPU"):
+        vitlab.evaluate("no-such-run", precision="fp16", device="cpu")  # refused before anything is read
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path):

@@ -50,6 +50,23 @@ def _cpuinfo() -> str:
         return ""
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what TrainConfig.precision, --precision and bench accept
+
+
+def resolve_precision(precision: str | None, device: str | torch.device, *, field: str = "precision") -> str:
+    """The one rule for a precision: "auto" (or None) is :func:`default_precision` of ``device``; a name that is
+    not one of :data:`PRECISIONS`, or fp16 off a CUDA GPU (CPU fp16 matmul runs at a fraction of fp32's speed), is
+    a :class:`~vitlab.errors.ConfigError` naming ``field``. Returns "fp32", "bf16" or "fp16"."""
+    dev = torch.device(device)
+    if precision is None or precision == "auto":
+        return default_precision(dev)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{field}={precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and dev.type != "cuda":
+        raise ConfigError(f"{field}='fp16' needs a CUDA GPU (device is {dev.type}): use bf16 or fp32")
+    return precision
+
+
 def default_precision(device: str | torch.device) -> str:
     """The fast default: bf16 on a GPU that supports it and on CPUs with native bf16 matmul, else fp32."""
     dev = torch.device(device)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from vitlab._device import AUTOCAST_DTYPES, autocast, cpu_has_fast_bf16, default_precision, resolve_device
+from vitlab._device import AUTOCAST_DTYPES, autocast, cpu_has_fast_bf16, default_precision, resolve_device, resolve_precision
 from vitlab.config import TrainConfig, ViTConfig
 from vitlab.errors import ConfigError
 from vitlab.models import create_model
@@ -33,7 +33,7 @@ from vitlab.training.step import logits_of, make_train_step
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, **AUTOCAST_DTYPES}
+DTYPES = {"fp32": torch.float32, **AUTOCAST_DTYPES}  # a precision's matmul dtype
 MODES = ("train", "infer")
 
 # Training costs forward + backward; the backward of a matmul is two matmuls of the same size, so a training
@@ -55,7 +55,7 @@ def matmul_peak(device: str | torch.device = "cpu", dtype: str | torch.dtype = "
     full rate, short enough to take well under a second).
     """
     dev = resolve_device(device)
-    dt = PRECISIONS[dtype] if isinstance(dtype, str) else dtype
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     n = size or (8192 if dev.type == "cuda" else 2048)
     a = torch.randn(n, n, device=dev).to(dt)
     b = torch.randn(n, n, device=dev).to(dt)
@@ -273,7 +273,7 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
     ``model_or_preset``: a preset name (``vitlab models``), a :class:`ViTConfig`, or any module mapping
     ``(B, C, H, W)`` images to logits (then pass ``flops_per_image`` unless it has a vitlab config, and
     ``image_size``/``in_channels``/``num_classes`` unless it has ``config.image_size`` etc.).
-    ``precision``: "fp32", "bf16" or "fp16" autocast (``None`` = :func:`default_precision`).
+    ``precision``: "fp32", "bf16" or "fp16" autocast (``None`` or "auto": :func:`resolve_precision`'s rule, as training).
     ``compile``: ``torch.compile`` the model (compile time is reported separately, not in the timings).
     ``steps_per_repeat``: ``None`` picks enough steps for ~0.3 s per repeat (GPU steps take milliseconds).
     ``gradient_checkpointing``: recompute each block in backward (vitlab models) to save memory.
@@ -290,11 +290,7 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is not one of {', '.join(MODES)}")
     dev = resolve_device(device)
-    precision = precision or default_precision(dev)
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and dev.type == "cpu":
-        log.warning("fp16 on CPU runs matmuls at a tiny fraction of fp32 speed; use bf16 or fp32")
+    precision = resolve_precision(precision, dev)
     if repeats < 1 or batch < 1:
         raise ConfigError(f"repeats={repeats} and batch={batch} must be >= 1")
     model, name, cfg = _resolve_model(model_or_preset, overrides)

@@ -12,6 +12,7 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from vitlab._device import PRECISIONS
 from vitlab.errors import ConfigError
 
 T = TypeVar("T")
@@ -347,7 +348,6 @@ def dump_yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 NORMALIZATIONS = ("auto", "data", "imagenet", "inception", "clip")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 

@@ -24,3 +24,7 @@ class ImageTooLargeError(DataError):
 
 class CheckpointError(VitlabError):
     """A checkpoint or weight file is missing, corrupt, or does not fit the model."""
+
+
+class MissingExtraError(VitlabError, ImportError):
+    """An optional part of vitlab needs a package that is not installed; the message names the extra to install."""

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vitlab._device import autocast, default_precision, resolve_device, sum_dtype
+from vitlab._device import autocast, resolve_device, resolve_precision, sum_dtype
 from vitlab._files import ensure_folder, write_json
 from vitlab.data import DatasetSplits, EvalTransform, has_own_val, load_data, with_val_split
 from vitlab.errors import ConfigError, DataError
@@ -275,13 +275,15 @@ def _load_like_run(loaded: LoadedModel, data: str | None, run_config: dict[str, 
 
 
 def evaluate_held_out(loaded: LoadedModel, data: str | None = None, *, batch_size: int = 512,
-                      device: str | torch.device = "cpu", precision: str = "fp32", tta_hflip: bool | None = None,
+                      device: str | torch.device = "cpu", precision: str = "auto", tta_hflip: bool | None = None,
                       tta_shift: int | None = None, cache_dir: str | None = None,
                       workers: int | None = None) -> tuple[dict, DatasetSplits]:
     """Score ``loaded`` on the test split of ``data`` (default: its run's data spec), loaded as its run loaded it
     (``val_fraction``, ``seed``, ``skip_bad_files``, the run's ``cache_dir`` unless given); ``tta_hflip`` and
-    ``tta_shift`` None: as the run's final evaluation did. The logits are divided by ``loaded.temperature``, as prediction divides them.
-    Returns the result and the dataset (whose ``test`` split was scored)."""
+    ``tta_shift`` None: as the run's final evaluation did. The logits are divided by ``loaded.temperature``, as
+    prediction divides them. ``precision`` "auto": :func:`resolve_precision`'s rule, as :func:`evaluate` (the report
+    scores with this). Returns the result and the dataset (whose ``test`` split was scored)."""
+    precision = resolve_precision(precision, device)
     run_config = _run_config(loaded)
     splits = _load_like_run(loaded, data, run_config, cache_dir, workers)
     flip = bool(run_config.get("tta_hflip", False)) if tta_hflip is None else tta_hflip
@@ -309,7 +311,7 @@ def evaluate(checkpoint: str | Path | LoadedModel, data: str | None = None, *, b
     if out is not None:
         ensure_folder(out, "--out")  # before the work: a bad folder is named at once
     dev = resolve_device(device)
-    precision = default_precision(dev) if precision == "auto" else precision
+    precision = resolve_precision(precision, dev)
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load(checkpoint, device=str(dev))
     result, _ = evaluate_held_out(loaded, data, batch_size=batch_size, device=dev, precision=precision,
                                   tta_hflip=tta_hflip, tta_shift=tta_shift, cache_dir=cache_dir,
@@ -428,7 +430,7 @@ def calibrate(checkpoint: str | Path | LoadedModel, data: str | None = None, *, 
     split's NLL, ECE, MCE, Brier before and after) and writes ``reliability.png``.
     """
     dev = resolve_device(device)
-    precision = default_precision(dev) if precision == "auto" else precision
+    precision = resolve_precision(precision, dev)
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load(checkpoint, device=str(dev))
     run_config = _run_config(loaded)
     splits = _load_like_run(loaded, data, run_config, cache_dir, workers)

@@ -13,13 +13,11 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import uvicorn
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
@@ -33,32 +31,13 @@ from vitlab._device import resolve_device
 from vitlab._version import __version__
 from vitlab.errors import ConfigError, DataError, ImageTooLargeError
 from vitlab.interop import LoadedModel, load
+from vitlab.server.limits import Limits
 from vitlab.server.model import ATTENTION, ServedModel, Upload
 
 log = logging.getLogger(__name__)
 
 FIELD = "image"  # the form field that carries the images
 OPTIONS = ("top_k", "attention", "heads")
-_SLACK = 64 * 1024  # a request's multipart headers and option fields, beside its files
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may send: ``max_bytes`` per file, ``max_files`` files, ``max_pixels`` per image
-    (default PIL's decompression-bomb limit, ``Image.MAX_IMAGE_PIXELS``, refused rather than warned about)."""
-
-    max_bytes: int = 8 * 1024 * 1024
-    max_files: int = 16
-    max_pixels: int = Image.MAX_IMAGE_PIXELS
-
-    def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_files", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-
-    @property
-    def max_request_bytes(self) -> int:
-        return self.max_files * self.max_bytes + _SLACK
 
 
 class Refused(Exception):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vitlab._device import default_precision, resolve_device, sum_dtype
+from vitlab._device import resolve_device, resolve_precision, sum_dtype
 from vitlab._files import atomic_write_text, ensure_folder, write_json
 from vitlab.config import TrainConfig, dump_yaml, to_dict
 from vitlab.data import DatasetSplits, Preprocess, load_data, with_val_split
@@ -298,11 +298,7 @@ def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTrans
     device = resolve_device(config.device, d.local_rank)
     if config.threads is not None:
         torch.set_num_threads(config.threads)  # process-wide: on a busy CPU one thread can be much faster
-    # "auto": bf16 autocast where the device has fast bf16 matmul (recent x86 CPUs, GPUs), else fp32
-    precision = default_precision(device) if config.precision == "auto" else config.precision
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"TrainConfig.precision='fp16' needs a CUDA GPU (device is {device.type}): use bf16 "
-                          "or fp32")
+    precision = resolve_precision(config.precision, device, field="TrainConfig.precision")
     run, resuming = _resumed_run(config, d)
     if run is None and config.out:  # a bad --out is named before the data is loaded
         run = _new_run(config, "", d)

@@ -18,8 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from vitlab.data.cache import (CHUNK, INLINE_BELOW, CachedImages, pool_context, cache_files, cache_key,
-                               cached_images, clear_cache, default_cache_dir, file_stamp)
+from vitlab.data.cache import CHUNK, INLINE_BELOW, CachedImages, cache_key, cached_images, file_stamp, pool_context
 from vitlab.data.images import IMAGE_EXTENSIONS, decode_image, is_image_file, list_image_files, native_channels
 from vitlab.data.loader import ArrayDataset, LoadRequest, hold_out
 from vitlab.errors import DataError

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from functools import partial
 from pathlib import Path
 from urllib.parse import parse_qsl

@@ -1,21 +1,17 @@
-"""The ``vitlab`` command: parses arguments, calls the Python API, formats output and errors.
-
-Each subcommand is a ``cmd_*`` function over a public function a notebook can call the same way.
-A :class:`~vitlab.errors.VitlabError` is printed in one or two lines and exits with status 2.
-"""
+"""The ``vitlab`` commands: one ``cmd_*`` function a subcommand, each over a public function a notebook can call
+the same way, and :func:`build_parser`. :func:`vitlab.cli.main` runs them."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
+from vitlab._device import PRECISIONS
 from vitlab._version import __version__
 from vitlab.api import calibrate, evaluate, list_recipes, plot_run, resume_config, train
 from vitlab.bench import benchmark, format_result
@@ -24,14 +20,13 @@ from vitlab.data import dataset_info
 from vitlab.data.load import data_kinds_help
 from vitlab.data.download import download_dataset
 from vitlab.data.cache import cache_files, clear_cache, default_cache_dir
-from vitlab.errors import VitlabError
 from vitlab.explain.attention import plot_attention
 from vitlab.explain.predict import format_table, predict
 from vitlab.explain.report import write_report
 from vitlab.interop import convert, export, load
 from vitlab.models import PRESETS, create_model, get_config
 from vitlab.runs import BEST, LAST
-from vitlab.server import Limits, serve
+from vitlab.server import Limits
 from vitlab.training.progress import ProgressBar
 
 
@@ -90,6 +85,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     """``vitlab finetune CHECKPOINT --data SPEC ...`` is ``vitlab train --init CHECKPOINT --data SPEC ...``:
     the head is replaced for the data's classes and the positions resized to ``--set image_size=N``."""
+    from vitlab.cli import main
+
     return main(["train", "--init", str(args.checkpoint), *args.train_args])
 
 
@@ -133,6 +130,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The web page and JSON API over a trained model, until Ctrl-C."""
+    from vitlab.server import serve  # the web stack (the serve extra) loads here, or says what to install
+
     limits = Limits(max_bytes=int(args.max_upload_mb * 2**20), max_files=args.max_files, max_pixels=args.max_pixels)
     serve(args.checkpoint, host=args.host, port=args.port, device=args.device, limits=limits)
     return 0
@@ -347,7 +346,7 @@ def _training_commands(sub) -> None:
     p.add_argument("--out", help="folder for eval.json and confusion_matrix.png (default RUN_OR_CHECKPOINT/eval)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto (default): bf16 where the device has fast bf16 matmul, else fp32, as training does")
     p.add_argument("--tta-hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="also score each image's mirror image and average the probabilities (default: as the run "
@@ -365,7 +364,7 @@ def _training_commands(sub) -> None:
                    "calibrate=true held out, is what T is fitted on")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_calibrate)
 
@@ -510,7 +509,7 @@ def _bench_command(sub) -> None:
     p.add_argument("--model", required=True, help="preset name (see `vitlab models`)")
     p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
     p.add_argument("--mode", choices=["train", "infer"], default="train")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="autocast precision (default: bf16 where the device has fast bf16 matmul, else fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time reported apart)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -529,7 +528,7 @@ def _bench_command(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``vitlab`` argument parser: one sub-parser a command, each with its ``cmd_*`` function."""
     parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers that train well.")
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _training_commands(sub)
     _explain_commands(sub)
@@ -538,30 +537,3 @@ def build_parser() -> argparse.ArgumentParser:
     _pretrained_commands(sub)
     _bench_command(sub)
     return parser
-
-
-def _version() -> str:
-    return f"vitlab {__version__}"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``vitlab`` console script and ``python -m vitlab``."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-    if func is None:
-        parser.print_help()
-        return 0
-    logging.basicConfig(level=logging.INFO if not getattr(args, "quiet", False) else logging.WARNING,
-                        format="%(message)s")
-    try:
-        return int(func(args) or 0)
-    except VitlabError as e:
-        print(f"vitlab: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the file system said no (a full disk, a read-only folder): its message names the path
-        print(f"vitlab: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("vitlab: interrupted", file=sys.stderr)
-        return 130
