@@ -147,6 +147,25 @@ def test_attention_as_png_and_as_numbers(server, run, photos):
     assert "attention" not in _post(server, [_image(photos["png1"])]).json()["results"][0]
 
 
+def test_one_forward_pass_an_upload_gives_the_probabilities_and_the_attention_map(server, photos):
+    """With an attention map the model runs once per request (the maps' pass gives the probabilities too), and
+    those probabilities are the ones a request without a map gets."""
+    model = server.app.state.served.loaded.model
+    passes = []
+    hook = model.register_forward_hook(lambda module, args, out: passes.append(len(args[0])))
+    try:
+        results = {a: _post(server, [_image(photos["png1"]), _image(photos["png2"])], attention=a).json()["results"]
+                   for a in ("none", "png", "grid")}
+    finally:
+        hook.remove()
+    assert passes == [2, 2, 2]  # one batched pass of both uploads a request
+    for a in ("png", "grid"):
+        for plain, mapped in zip(results["none"], results[a]):
+            assert [t["label"] for t in plain["top"]] == [t["label"] for t in mapped["top"]]
+            np.testing.assert_allclose([t["probability"] for t in mapped["top"]],
+                                       [t["probability"] for t in plain["top"]], atol=1e-5)
+
+
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that declares ``width`` x ``height`` pixels and holds one empty row: tiny, but PIL sees its size."""
     def chunk(kind: bytes, data: bytes) -> bytes:

@@ -25,6 +25,7 @@ from vitlab._files import ensure_folder, write_json
 from vitlab.data import DatasetSplits, EvalTransform, has_own_val, load_data, with_val_split
 from vitlab.errors import ConfigError, DataError
 from vitlab.interop import LoadedModel, load
+from vitlab.models import class_probabilities
 from vitlab.plots import RUN_FIGURE_DPI, calibration_figure, confusion_figure, save_figure
 from vitlab.runs import (CONFUSION, EVAL, RELIABILITY, is_run_folder, read_calibration, read_run_config,
                          write_temperature)
@@ -96,7 +97,7 @@ class ClassificationTally:
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits = logits.float()
         self.loss += F.cross_entropy(logits, labels, reduction="sum").to(self.loss.dtype)
-        probs = logits.softmax(dim=-1)
+        probs = class_probabilities(logits)
         self.bins.update(probs, labels)
         # Brier: sum over classes of (p - onehot)^2 = sum p^2 - 2 p_true + 1, in [0, 2]
         brier = probs.square().sum(-1) - 2 * probs.gather(1, labels[:, None]).squeeze(1) + 1

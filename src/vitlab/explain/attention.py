@@ -13,7 +13,7 @@ from vitlab.data import load_data
 from vitlab.data.transforms import resize_uint8
 from vitlab.errors import ConfigError, DataError
 from vitlab.explain.images import list_images, read_image, true_label_from_folder
-from vitlab.explain.maps import compute_attention_maps, upsample_maps
+from vitlab.explain.maps import AttentionMaps, compute_attention_maps, upsample_maps
 from vitlab.interop import LoadedModel, load
 from vitlab.plots import Panel, attention_figure, figure_format, save_figure
 
@@ -42,17 +42,21 @@ class AttentionItem:
 
 def attention_panels(loaded: LoadedModel, images: torch.Tensor, *, true_labels: Sequence[str | None] | None = None,
                      display: torch.Tensor | None = None, method: str = "rollout", heads: bool = False,
-                     head_fusion: str = "mean", discard_ratio: float = 0.0,
-                     batch_size: int = 32) -> tuple[list[Panel], list[tuple[str, float]]]:
+                     head_fusion: str = "mean", discard_ratio: float = 0.0, batch_size: int = 32,
+                     maps: AttentionMaps | None = None) -> tuple[list[Panel], list[tuple[str, float]]]:
     """Panels for uint8 ``images`` ``(B, C, H, W)`` at the model's size; ``display`` (same images, any
-    larger size) is what gets drawn, else ``images`` upsampled. Returns the panels and (label, probability)."""
+    larger size) is what gets drawn, else ``images`` upsampled. ``maps``: the maps of all of ``images``
+    computed already (the server's one pass), else they are computed here. Returns the panels and (label,
+    probability)."""
     device = next(loaded.model.parameters()).device
     panels, preds = [], []
+    if maps is not None:
+        batch_size = max(len(images), 1)
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        result = compute_attention_maps(loaded.model, loaded.preprocess(chunk.to(device)), method=method,
-                                        head_fusion=head_fusion, discard_ratio=discard_ratio,
-                                        temperature=loaded.temperature)
+        result = maps if maps is not None else compute_attention_maps(
+            loaded.model, loaded.preprocess(chunk.to(device)), method=method, head_fusion=head_fusion,
+            discard_ratio=discard_ratio, temperature=loaded.temperature)
         if display is not None:
             shown = display[start:start + batch_size]
         else:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vitlab.errors import ConfigError
 from vitlab.explain.rollout import attention_rollout, fuse_heads, last_layer_attention
-from vitlab.models import VisionTransformer
+from vitlab.models import VisionTransformer, class_probabilities
 
 METHODS = ("rollout", "last")
 
@@ -54,7 +54,7 @@ def compute_attention_maps(model: VisionTransformer, images: torch.Tensor, metho
     else:
         maps = fuse_heads(heads, head_fusion)
         maps = maps / maps.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
-    return AttentionMaps(probs=(out.logits.float() / temperature).softmax(dim=-1), maps=maps, head_maps=heads)
+    return AttentionMaps(probs=class_probabilities(out.logits, temperature), maps=maps, head_maps=heads)
 
 
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

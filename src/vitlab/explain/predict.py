@@ -117,9 +117,17 @@ def predict_decoded(loaded: LoadedModel, images: torch.Tensor, names: Sequence[s
         raise ConfigError(f"top_k={top_k} must be at least 1")
     device = next(loaded.model.parameters()).device
     x = loaded.preprocess(images.to(device))  # uint8 (B, C, H, W) -> float
-    probs = loaded.probabilities(x)  # softmax of the logits over the fitted temperature
-    values, indices = probs.topk(min(top_k, len(loaded.labels)), dim=-1)
-    return [Prediction(file=name, top=[(loaded.labels[j], v) for j, v in zip(idxs, vals)])
+    return top_predictions(loaded.labels, loaded.probabilities(x), names, top_k)
+
+
+def top_predictions(labels: Sequence[str], probs: torch.Tensor, names: Sequence[str],
+                    top_k: int = 5) -> list[Prediction]:
+    """The ``top_k`` (label, probability) of each row of ``probs`` ``(B, K)`` (class probabilities computed
+    already, e.g. with an attention map in the same pass), named ``names``."""
+    if top_k < 1:
+        raise ConfigError(f"top_k={top_k} must be at least 1")
+    values, indices = probs.topk(min(top_k, len(labels)), dim=-1)
+    return [Prediction(file=name, top=[(labels[j], v) for j, v in zip(idxs, vals)])
             for name, vals, idxs in zip(names, values.tolist(), indices.tolist())]
 
 
@@ -139,4 +147,4 @@ def format_table(results: Sequence[Prediction]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Prediction", "predict", "predict_decoded", "format_table"]
+__all__ = ["Prediction", "predict", "predict_decoded", "top_predictions", "format_table"]

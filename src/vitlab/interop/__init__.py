@@ -31,7 +31,7 @@ from vitlab.interop.jax_npz import is_jax_npz, load_jax_npz, read_npz_keys
 from vitlab.interop.onnx_export import export_onnx
 from vitlab.interop.timm import export_timm, is_timm_state_dict, load_timm, timm_model, unsupported_family
 from vitlab.interop.torchvision import is_torchvision_state_dict, load_torchvision, torchvision_model
-from vitlab.models import VisionTransformer
+from vitlab.models import VisionTransformer, class_probabilities
 from vitlab.runs import CONFIG_JSON, WEIGHTS, read_preprocess, read_temperature, resolve_checkpoint, write_preprocess
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class LoadedModel:
 
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(B, K)`` of preprocessed ``inputs``: softmax(logits / temperature)."""
-        return (self.model(inputs).float() / self.temperature).softmax(dim=-1)
+        return class_probabilities(self.model(inputs), self.temperature)
 
 
 def load(path: str | Path, *, format: str | None = None, num_heads: int | None = None, device: str = "cpu",

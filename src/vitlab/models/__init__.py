@@ -1,7 +1,7 @@
 """The network and nothing else: no data, no training, no printing."""
 
 from vitlab.models.registry import PRESETS, create_model, get_config, list_models
-from vitlab.models.vit import ViTOutput, VisionTransformer, load_state_dict_strict
+from vitlab.models.vit import ViTOutput, VisionTransformer, class_probabilities, load_state_dict_strict
 
-__all__ = ["VisionTransformer", "ViTOutput", "create_model", "get_config", "list_models", "PRESETS",
+__all__ = ["VisionTransformer", "ViTOutput", "class_probabilities", "create_model", "get_config", "list_models", "PRESETS",
            "load_state_dict_strict"]

@@ -24,6 +24,12 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def class_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logits / temperature) in float32: the one place vitlab turns logits into class probabilities
+    (prediction, attention maps, the server, evaluation's calibration bins)."""
+    return (logits.float() / temperature).softmax(dim=-1)
+
+
 @dataclass
 class ViTOutput:
     """What ``forward`` returns when hidden states or attentions are asked for.

@@ -22,7 +22,7 @@ from vitlab.data import decode_image
 from vitlab.errors import ConfigError
 from vitlab.explain.attention import attention_panels, display_size
 from vitlab.explain.maps import AttentionMaps, compute_attention_maps
-from vitlab.explain.predict import predict_decoded
+from vitlab.explain.predict import predict_decoded, top_predictions
 from vitlab.interop import LoadedModel
 from vitlab.plots import Panel, heatmap_overlay
 from vitlab.runs import is_run_folder, read_run_config, read_state
@@ -92,18 +92,22 @@ class ServedModel:
         images = self.decode(uploads)
         shown = self.decode(uploads, display_size(self.loaded.preprocess.image_size, OVERLAY_MIN_SIDE)) \
             if attention == "png" else None
-        with self.lock:  # only the model's passes run under it
-            predictions = predict_decoded(self.loaded, images, [u.name for u in uploads], top_k)
-            panels = attention_panels(self.loaded, images, display=shown, heads=heads)[0] if attention == "png" else []
-            maps = self._maps(images) if attention == "grid" else None
+        names = [u.name for u in uploads]
+        with self.lock:  # only the model's pass runs under it: one forward, with the maps when asked for
+            maps = self._maps(images) if attention != "none" else None
+            predictions = predict_decoded(self.loaded, images, names, top_k) if maps is None else \
+                top_predictions(self.loaded.labels, maps.probs, names, top_k)
+        panels = attention_panels(self.loaded, images, display=shown, heads=heads, maps=maps)[0] \
+            if attention == "png" else []
+        grids = maps if attention == "grid" else None
         results = [{"file": p.file, "top": [{"label": label, "probability": prob} for label, prob in p.top]}
                    for p in predictions]
         for result, panel in zip(results, panels):
             result["attention"] = _overlays(panel)
-        for i, result in enumerate(results if maps is not None else []):
-            result["attention"] = {"method": "rollout", "grid": _rounded(maps.maps[i])}
+        for i, result in enumerate(results if grids is not None else []):
+            result["attention"] = {"method": "rollout", "grid": _rounded(grids.maps[i])}
             if heads:
-                result["attention"]["heads"] = _rounded(maps.head_maps[i])
+                result["attention"]["heads"] = _rounded(grids.head_maps[i])
         return results
 
     def _maps(self, images: torch.Tensor) -> AttentionMaps:
