@@ -25,7 +25,8 @@ __all__ = ["ViTConfig", "TrainConfig", "VisionTransformer", "ViTOutput", "create
 
 # public name -> the module that defines it
 _LAZY = {
-    **dict.fromkeys(["LoadedModel", "calibrate", "evaluate", "list_recipes", "load", "plot_run", "train"], "vitlab.api"),
+    **dict.fromkeys(["LoadedModel", "calibrate", "evaluate", "list_recipes", "load", "plot_run", "train"],
+                    "vitlab.api"),
     **dict.fromkeys(["TrainConfig", "ViTConfig"], "vitlab.config"),
     "evaluate_model": "vitlab.evaluation",
     **dict.fromkeys(["VisionTransformer", "ViTOutput", "create_model", "get_config", "list_models"], "vitlab.models"),

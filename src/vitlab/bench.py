@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from vitlab._device import AUTOCAST_DTYPES, autocast, cpu_has_fast_bf16, default_precision, resolve_device, resolve_precision
+from vitlab._device import (AUTOCAST_DTYPES, autocast, cpu_has_fast_bf16, default_precision, resolve_device,
+                            resolve_precision)
 from vitlab.config import TrainConfig, ViTConfig
 from vitlab.errors import ConfigError
 from vitlab.models import create_model
@@ -273,7 +274,8 @@ def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mod
     ``model_or_preset``: a preset name (``vitlab models``), a :class:`ViTConfig`, or any module mapping
     ``(B, C, H, W)`` images to logits (then pass ``flops_per_image`` unless it has a vitlab config, and
     ``image_size``/``in_channels``/``num_classes`` unless it has ``config.image_size`` etc.).
-    ``precision``: "fp32", "bf16" or "fp16" autocast (``None`` or "auto": :func:`resolve_precision`'s rule, as training).
+    ``precision``: "fp32", "bf16" or "fp16" autocast (``None`` or "auto": :func:`resolve_precision`'s rule, as
+    training; fp16 needs a CUDA GPU).
     ``compile``: ``torch.compile`` the model (compile time is reported separately, not in the timings).
     ``steps_per_repeat``: ``None`` picks enough steps for ~0.3 s per repeat (GPU steps take milliseconds).
     ``gradient_checkpointing``: recompute each block in backward (vitlab models) to save memory.

@@ -113,8 +113,6 @@ def predict_decoded(loaded: LoadedModel, images: torch.Tensor, names: Sequence[s
     """Top-``top_k`` predictions for images already decoded at the model's size and channels (uint8
     ``(B, C, H, W)``, as :func:`vitlab.data.decode_image` gives them), named ``names``: the step
     :func:`predict` runs on each batch of files, for callers that decode in memory (the web server)."""
-    if top_k < 1:
-        raise ConfigError(f"top_k={top_k} must be at least 1")
     device = next(loaded.model.parameters()).device
     x = loaded.preprocess(images.to(device))  # uint8 (B, C, H, W) -> float
     return top_predictions(loaded.labels, loaded.probabilities(x), names, top_k)

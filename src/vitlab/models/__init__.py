@@ -3,5 +3,5 @@
 from vitlab.models.registry import PRESETS, create_model, get_config, list_models
 from vitlab.models.vit import ViTOutput, VisionTransformer, class_probabilities, load_state_dict_strict
 
-__all__ = ["VisionTransformer", "ViTOutput", "class_probabilities", "create_model", "get_config", "list_models", "PRESETS",
-           "load_state_dict_strict"]
+__all__ = ["VisionTransformer", "ViTOutput", "class_probabilities", "create_model", "get_config", "list_models",
+           "PRESETS", "load_state_dict_strict"]

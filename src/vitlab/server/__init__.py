@@ -33,7 +33,7 @@ def __getattr__(name: str) -> Any:
         if (e.name or "").split(".")[0] not in _WEB:
             raise
         raise MissingExtraError(f"vitlab serve needs the web packages ({e.name} is not installed): "
-                          f'pip install "vitlab[serve]"') from e
+                                'pip install "vitlab[serve]"') from e
     return getattr(module, name)
 
 
