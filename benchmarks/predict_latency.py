@@ -23,7 +23,7 @@ from PIL import Image
 from vitlab import create_model
 from vitlab._files import write_json
 from vitlab import load
-from vitlab.explain.predict import predict
+from vitlab.api import predict
 
 PRESETS = ("vit-cifar-tiny-p4", "vit-s16")
 SHARED_PHOTO = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fruits360-subset" / "Test" / "apple"

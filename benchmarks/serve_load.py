@@ -27,7 +27,7 @@ import httpx
 import torch
 
 from vitlab import load
-from vitlab.explain.predict import predict
+from vitlab.api import predict
 
 SHARED_PHOTO = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fruits360-subset" / "Test" / "lemon"
 

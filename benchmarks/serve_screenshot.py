@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 from playwright.sync_api import expect, sync_playwright
 
+from vitlab import load
 from vitlab.server import RunningServer, create_app
 
 CHROMIUM = "/usr/bin/chromium"
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--heads", action="store_true", help="also open the per-head maps")
     parser.add_argument("--width", type=int, default=760)
     args = parser.parse_args()
-    with RunningServer(create_app(args.run)) as server, sync_playwright() as p:
+    with RunningServer(create_app(load(args.run))) as server, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         page = browser.new_page(viewport={"width": args.width, "height": 600})
         httpx.post(server.url + "/api/predict", files={"image": Path(args.photo).open("rb")},

@@ -36,7 +36,7 @@ def main() -> int:
     import torch
 
     import vitlab
-    from vitlab.evaluation import _load_like_run, _run_config, evaluate_views
+    from vitlab.evaluation import evaluate_views, load_like_run, run_config
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoints", nargs="+")
@@ -46,7 +46,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     for path in args.checkpoints:
         loaded = vitlab.load(path, device="cpu")
-        splits = _load_like_run(loaded, None, _run_config(loaded), None, None)
+        splits = load_like_run(loaded, None, run_config(loaded), None, None)
         sets = view_sets(not args.no_flip)
         pre = loaded.preprocess
         t0 = time.perf_counter()

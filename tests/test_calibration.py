@@ -14,12 +14,12 @@ from PIL import Image
 
 from vitlab import ConfigError, TrainConfig, calibrate, load
 from vitlab.cli import main
-from vitlab.evaluation import (TEMPERATURE_RANGE, CalibrationBins, ClassificationTally, evaluate,
-                               fit_temperature)
-from vitlab.explain.predict import predict
+from vitlab.api import evaluate
+from vitlab.metrics import TEMPERATURE_RANGE, CalibrationBins, ClassificationTally, fit_temperature
+from vitlab.api import predict
 from vitlab.explain.report import write_report
 from vitlab.plots import curves_figure, reliability_figure
-from vitlab.runs import PREPROCESS, read_calibration
+from vitlab.checkpoints import PREPROCESS, read_calibration
 
 tm = pytest.importorskip("torchmetrics.classification")
 from torchmetrics.functional.classification.calibration_error import (  # noqa: E402
@@ -192,7 +192,7 @@ def _photos(root, splits):
 
 
 def _train(root, out, **changes):
-    from vitlab.training import fit
+    from vitlab.api import train as fit  # the figures are vitlab.train's
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

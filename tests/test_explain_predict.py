@@ -14,11 +14,11 @@ import vitlab
 from vitlab import ViTConfig, VisionTransformer
 from vitlab._files import write_json
 from vitlab.cli import main
-from vitlab.explain.attention import plot_attention
+from vitlab.api import plot_attention
 from vitlab.explain.images import list_images
 from vitlab.explain.maps import compute_attention_maps, upsample_maps
 from vitlab.plots import heatmap_overlay
-from vitlab.explain.predict import predict
+from vitlab.api import predict
 from vitlab.explain.rollout import attention_rollout
 
 MEAN, STD = [0.2, 0.4, 0.6], [0.3, 0.2, 0.1]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from vitlab.cli import main
 from vitlab.config import TrainConfig
-from vitlab.explain.predict import predict
+from vitlab.api import predict
 from vitlab.explain.report import most_confused_pairs, write_report
 
 CLASSES = ["dark", "mid", "light"]

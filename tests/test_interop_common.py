@@ -12,7 +12,7 @@ from conftest import randomise
 from safetensors.torch import save_file
 
 from vitlab import ConfigError, ViTConfig, VisionTransformer
-from vitlab.interop import detect_format, export_hf, load_pretrained
+from vitlab.interop import detect_format, export_hf, load_pretrained, read_pretrained
 from vitlab.interop.jax_npz import to_jax_arrays
 from vitlab.interop.timm import to_timm_state_dict
 from vitlab.interop.torchvision import to_torchvision_state_dict
@@ -77,7 +77,7 @@ def test_a_num_heads_the_file_contradicts_is_refused(tmp_path, fmt, file, field)
 
 
 def test_run_folders_resolve_as_training_resolves_them(tmp_path):
-    from vitlab.runs import resolve_checkpoint
+    from vitlab.checkpoints import resolve_checkpoint
 
     best, last = randomise(VisionTransformer(CFG), seed=1), randomise(VisionTransformer(CFG), seed=2)
     run = tmp_path / "run"
@@ -127,21 +127,21 @@ def test_a_pickled_state_dict_is_read_once(tmp_path, monkeypatch):
 ])
 def test_pretrained_normalization_is_what_the_format_says(tmp_path, fmt, expected):
     path = _write(randomise(VisionTransformer(CFG)), fmt, tmp_path)
-    assert load_pretrained(path, num_heads=3).pretrained_normalization == expected
+    assert read_pretrained(path, num_heads=3).normalization == expected
 
 
 def test_pretrained_normalization_from_the_folder_files(tmp_path):
-    from vitlab.interop import convert
+    from vitlab.api import convert
 
     model = randomise(VisionTransformer(CFG))
     hf = export_hf(model, tmp_path / "hf")
     (hf / "preprocessor_config.json").write_text(json.dumps(
         {"do_normalize": True, "image_mean": [0.1, 0.2, 0.3], "image_std": 0.25}))  # one number: every channel
-    assert load_pretrained(hf).pretrained_normalization == ((0.1, 0.2, 0.3), (0.25, 0.25, 0.25))
+    assert read_pretrained(hf).normalization == ((0.1, 0.2, 0.3), (0.25, 0.25, 0.25))
     # `vitlab convert` carries it into the vitlab folder's preprocess.json, where fine-tuning finds it
     folder = convert(hf, tmp_path / "converted")
     assert json.loads((folder / "preprocess.json").read_text())["mean"] == [0.1, 0.2, 0.3]
-    assert load_pretrained(folder).pretrained_normalization == ((0.1, 0.2, 0.3), (0.25, 0.25, 0.25))
+    assert read_pretrained(folder).normalization == ((0.1, 0.2, 0.3), (0.25, 0.25, 0.25))
     (hf / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False, "image_mean": [0.1] * 3,
                                                              "image_std": [0.2] * 3}))
-    assert load_pretrained(hf).pretrained_normalization is None
+    assert read_pretrained(hf).normalization is None

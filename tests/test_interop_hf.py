@@ -12,7 +12,7 @@ from conftest import randomise
 transformers = pytest.importorskip("transformers")
 
 from vitlab import CheckpointError, ConfigError, ViTConfig, VisionTransformer  # noqa: E402
-from vitlab.interop import detect_format, export_hf, load_pretrained  # noqa: E402
+from vitlab.interop import detect_format, export_hf, load_pretrained, read_pretrained  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,7 +152,7 @@ def test_export_writes_the_normalisation_for_the_image_processor(tmp_path):
     from PIL import Image
 
     from vitlab.data import EvalTransform
-    from vitlab.interop import export
+    from vitlab.api import export
 
     model = randomise(VisionTransformer(ViTConfig(image_size=32, patch_size=8, hidden_dim=32, depth=1, num_heads=4,
                                                   mlp_dim=64, num_classes=3)).eval())
@@ -165,5 +165,5 @@ def test_export_writes_the_normalisation_for_the_image_processor(tmp_path):
     theirs = processor(Image.fromarray(pixels.numpy()), return_tensors="pt")["pixel_values"]
     ours = EvalTransform(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), image_size=32)(pixels.permute(2, 0, 1)[None])
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
-    assert load_pretrained(out).pretrained_normalization == ((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    assert read_pretrained(out).normalization == ((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
     assert not (export_hf(model, tmp_path / "bare") / "preprocessor_config.json").exists()  # nothing known

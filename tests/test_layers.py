@@ -1,8 +1,9 @@
-"""The imports of src/vitlab run downwards only, as the README's Layout section (and ../shared/DESIGN.md) draw it.
+"""The imports of src/vitlab run downwards only, as the README's Layout section and docs/design.md draw it.
 
 Every module belongs to a layer; it may import its own layer and the layers below it, never a layer above nor
-another layer of the same rank (training and explain do not import each other). An import inside a function
-counts as one at the top of the file: a lazy import must not hide a loop.
+another layer of the same rank (training and explain do not import each other). Only the api imports interop
+(foreign formats), and training imports no figures. An import inside a function counts as one at the top of the
+file: a lazy import must not hide a loop.
 """
 
 from __future__ import annotations
@@ -22,17 +23,24 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "vitlab"
 LAYER = {"errors": "ground", "_files": "ground", "_device": "ground", "_version": "ground"}
 RANKS = {
     "ground": 0, "config": 1,
-    "models": 2,  # the network only
-    "runs": 3, "data": 3,  # run folders; images and batches
-    "plots": 4,  # every figure
-    "interop": 5,  # other formats in and out, and vitlab.load
-    "evaluation": 6,  # scoring a model or a checkpoint
-    "training": 7, "explain": 7,  # the loop; what a trained model learned
+    "checkpoints": 2,  # vitlab's own files: model, checkpoint and run folders
+    "models": 3, "data": 3,  # the network only; images and batches
+    "loaded": 4, "metrics": 4,  # a model ready to use (LoadedModel); scores, pure
+    "plots": 5,  # every figure
+    "evaluation": 6,  # running a model over a split and scoring it
+    "training": 7, "explain": 7, "interop": 7,  # the loop; what a trained model learned; foreign formats
     "bench": 8,  # times training's step
     "server": 8,  # vitlab serve: the web page and JSON API over explain's prediction path
     "notebook": 8,  # progress display and the inline result of vitlab.train
-    "api": 9, "cli": 10, "package": 11, "__main__": 12,  # package: vitlab/__init__.py
+    "api": 9, "cli": 10, "package": 11, "__main__": 12,  # api: the verbs; package: vitlab/__init__.py
 }
+
+
+# beyond the ranks: the only layers that may import a layer (besides itself), and imports ranks would allow but
+# the design does not (training takes a ready model and draws nothing; evaluation scores, the verbs draw; the
+# metrics are pure: no files, no data)
+ONLY_FROM = {"interop": {"api"}}
+NEVER = {"training": {"interop", "plots"}, "evaluation": {"plots"}, "metrics": {"checkpoints", "data"}}
 
 
 def _layer(module: str) -> str:
@@ -72,7 +80,8 @@ def violations(root: Path = SRC) -> list[str]:
         own = _layer(module)
         for line, target in _imports(path, module):
             other = _layer(target)
-            if other != own and RANKS[other] >= RANKS[own]:
+            if other != own and (RANKS[other] >= RANKS[own] or other in NEVER.get(own, ())
+                                 or own not in ONLY_FROM.get(other, {own})):
                 found.append(f"{path.relative_to(root.parent)}:{line}: {own} imports {target} ({other})")
     return found
 
@@ -88,9 +97,11 @@ def test_imports_run_downwards_only():
 
 @pytest.mark.parametrize("source, target", [
     ("models/vit.py", "vitlab.data"), ("training/engine.py", "vitlab.explain"), ("training/step.py", "vitlab.bench"),
-    ("explain/report.py", "vitlab.training"), ("interop/hf.py", "vitlab.evaluation"), ("data/load.py", "vitlab.cli"),
-    ("runs.py", "vitlab.plots"), ("config.py", "vitlab"), ("server/app.py", "vitlab.api"),
-    ("server/model.py", "vitlab.bench"),
+    ("explain/report.py", "vitlab.training"), ("interop/hf.py", "vitlab.training"), ("data/load.py", "vitlab.cli"),
+    ("checkpoints.py", "vitlab.models"), ("config.py", "vitlab"), ("server/app.py", "vitlab.api"),
+    ("server/model.py", "vitlab.bench"), ("loaded.py", "vitlab.evaluation"), ("metrics.py", "vitlab.data"),
+    ("training/engine.py", "vitlab.interop"), ("training/step.py", "vitlab.plots"), ("evaluation.py", "vitlab.plots"),
+    ("explain/predict.py", "vitlab.interop"), ("server/app.py", "vitlab.interop"), ("cli/commands.py", "vitlab.interop"),
 ])
 def test_the_check_names_an_import_against_the_layers(tmp_path, source, target):
     """A copy of the package with one upward import added inside a function: the check names exactly that one."""
@@ -120,8 +131,8 @@ def test_import_vitlab_loads_neither_the_web_stack_nor_matplotlib_and_its_names_
     assert not modules & (WEB | {"matplotlib", "torch", "PIL"})
     modules, printed = _modules_after("import vitlab\nfrom vitlab import train, ViTConfig, serve\n"
                                       "print(train.__module__, ViTConfig.__module__, serve.__module__)")
-    assert printed == "vitlab.api vitlab.config vitlab.server.app" and "torch" in modules
-    assert "matplotlib" not in modules and "vitlab" in modules
+    assert printed == "vitlab.api.runs vitlab.config vitlab.api.explain" and "torch" in modules
+    assert not modules & (WEB | {"matplotlib"}) and "vitlab" in modules  # serve loads the web stack when called
 
 
 def test_vitlab_version_imports_no_torch():
@@ -142,6 +153,6 @@ def test_without_the_web_packages_serve_says_what_to_install_in_one_line_and_the
     assert re.fullmatch(r'vitlab: error: vitlab serve needs the web packages \((starlette|uvicorn) is not installed\): '
                         r'pip install "vitlab\[serve\]"\n', out.stderr), out.stderr
     modules, printed = _modules_after(blocked + "from vitlab.cli import main\nmain(['models', '--json'])\n"
-                                      "import vitlab\ntry:\n    vitlab.serve\nexcept ImportError as e:\n"
+                                      "import vitlab\ntry:\n    vitlab.serve('runs/x')\nexcept ImportError as e:\n"
                                       "    print(type(e).__name__)")
     assert printed.splitlines()[0].startswith('{"name": ') and printed.splitlines()[-1] == "MissingExtraError"

@@ -311,7 +311,7 @@ def test_save_and_load_keeps_the_conv_stem_batchnorm_statistics(tmp_path, extra)
 
 
 def test_load_errors_name_the_file_and_key(tmp_path):
-    with pytest.raises(CheckpointError, match="not a folder"):
+    with pytest.raises(CheckpointError, match="nope: not found"):
         VisionTransformer.from_pretrained(tmp_path / "nope")
     VisionTransformer(tiny()).save_pretrained(tmp_path / "a")
     # A checkpoint of another shape: the first mis-shaped key is named.

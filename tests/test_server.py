@@ -29,8 +29,8 @@ import vitlab
 from vitlab.cli import main
 from vitlab.data import load_data
 from vitlab.explain.maps import compute_attention_maps
-from vitlab.explain.predict import predict
-from vitlab.runs import read_state
+from vitlab.api import predict
+from vitlab.checkpoints import read_state
 from vitlab.server import Limits, RunningServer, create_app
 
 from _train_fixtures import tiny_config
@@ -55,7 +55,7 @@ def run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(run):
     """The app over the run, served by uvicorn in a thread on a free port of 127.0.0.1 (small upload limits)."""
-    app = create_app(run, limits=LIMITS)
+    app = create_app(vitlab.load(run), limits=LIMITS)
     with RunningServer(app) as running:
         running.app = app
         yield running
@@ -224,7 +224,7 @@ def test_nothing_is_written_to_disk(run, monkeypatch):
     rolled = []
     rollover = tempfile.SpooledTemporaryFile.rollover
     monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", lambda self: rolled.append(self) or rollover(self))
-    with RunningServer(create_app(run, limits=Limits(max_bytes=2 * 1024 * 1024))) as local:
+    with RunningServer(create_app(vitlab.load(run), limits=Limits(max_bytes=2 * 1024 * 1024))) as local:
         r = _post(local, [("image", "big.png", buffer.getvalue())])
     assert r.status_code == 200 and rolled == []
 

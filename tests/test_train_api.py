@@ -19,7 +19,8 @@ import vitlab.training
 from vitlab.cli import main
 from vitlab.config import TrainConfig, load_train_config, to_dict
 from vitlab.errors import ConfigError
-from vitlab.evaluation import ClassificationTally, evaluate_model
+from vitlab.evaluation import evaluate_model
+from vitlab.metrics import ClassificationTally
 from vitlab.training.optim import lr_at, param_groups
 from vitlab.training.progress import ProgressBar
 
@@ -523,20 +524,15 @@ def test_tensorboard_events_hold_the_metrics(tmp_path):
 
 
 def test_finetuning_normalises_as_the_pretrained_weights_were(tmp_path):
-    import vitlab.interop
-
     data = tiny_splits()
     start = vitlab.train(tiny_config(tmp_path, "start", epochs=1), data=data)
     pre = json.loads((start.run_dir / "last/preprocess.json").read_text())
     pre.update(mean=[0.3], std=[0.2])  # as if pretrained on other data
     (start.run_dir / "last/preprocess.json").write_text(json.dumps(pre))
-    model = vitlab.interop.load_pretrained(start.run_dir / "last")
-    tuned = vitlab.training.fit(tiny_config(tmp_path, "tuned", epochs=1, init=str(start.run_dir / "last")),
-                             data=data, model=model)
+    tuned = vitlab.train(tiny_config(tmp_path, "tuned", epochs=1, init=str(start.run_dir / "last")), data=data)
     assert json.loads((tuned.run_dir / "last/preprocess.json").read_text())["mean"] == [0.3]
-    model = vitlab.interop.load_pretrained(start.run_dir / "last")
-    own = vitlab.training.fit(tiny_config(tmp_path, "own", epochs=1, init=str(start.run_dir / "last"),
-                                       normalize="data"), data=data, model=model)
+    own = vitlab.train(tiny_config(tmp_path, "own", epochs=1, init=str(start.run_dir / "last"), normalize="data"),
+                       data=data)
     assert json.loads((own.run_dir / "last/preprocess.json").read_text())["mean"] == [0.5]  # tiny_splits' own
     with pytest.raises(ConfigError, match="normalize='imagenet' is for RGB images"):
         vitlab.train(tiny_config(tmp_path, "rgb", epochs=1, normalize="imagenet"), data=data)
@@ -548,8 +544,8 @@ def test_finetuning_normalises_as_the_pretrained_weights_were(tmp_path):
 def test_fit_starts_from_the_weights_that_init_names(tmp_path):
     start = vitlab.train(tiny_config(tmp_path, "start", epochs=1), data=tiny_splits())
     other = tiny_splits(classes=3)
-    tuned = vitlab.training.fit(tiny_config(tmp_path, "tuned", epochs=1, init=str(start.run_dir / "last"), lr=1e-9,
-                                            min_lr=0.0, weight_decay=0.0), data=other)
+    tuned = vitlab.train(tiny_config(tmp_path, "tuned", epochs=1, init=str(start.run_dir / "last"), lr=1e-9,
+                                     min_lr=0.0, weight_decay=0.0), data=other)
     before, after = vitlab.load(start.run_dir / "last").model, vitlab.load(tuned.run_dir / "last").model
     assert after.config.labels == ["c0", "c1", "c2"]  # a new head for the new classes ...
     # ... on the pretrained body (lr ~ 0), not on a fresh preset's
@@ -607,7 +603,7 @@ def test_cli_names_an_output_path_that_cannot_be_a_folder(tmp_path, capsys):
 def test_vitlab_train_is_a_function_with_its_real_signature():
     import inspect
 
-    assert inspect.isfunction(vitlab.train) and vitlab.train.__module__ == "vitlab.api"
+    assert inspect.isfunction(vitlab.train) and vitlab.train.__module__ == "vitlab.api.runs"
     assert list(inspect.signature(vitlab.train).parameters) == ["config", "data", "progress", "devices", "changes"]
     assert vitlab.evaluate is not vitlab.evaluate_model  # a checkpoint on a data spec; a model on a dataset split
     assert list(inspect.signature(vitlab.evaluate_model).parameters)[:2] == ["model", "dataset"]

@@ -10,9 +10,9 @@ import torch
 from _train_fixtures import TINY_MODEL, tiny_config, tiny_splits
 
 import vitlab
-from vitlab import runs
+from vitlab import checkpoints as ckpt
+from vitlab import checkpoints as runs
 from vitlab._files import load_safetensors
-from vitlab.training import checkpoint as ckpt
 from vitlab.training import engine, step
 
 pytestmark = pytest.mark.usefixtures("one_thread")

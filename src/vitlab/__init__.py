@@ -13,30 +13,30 @@ from vitlab._version import __version__
 from vitlab.errors import CheckpointError, ConfigError, DataError, MissingExtraError, VitlabError
 
 if TYPE_CHECKING:
-    from vitlab.api import LoadedModel, calibrate, evaluate, list_recipes, load, plot_run, train
+    from vitlab.api import (LoadedModel, calibrate, convert, evaluate, export, list_recipes, load, plot_attention,
+                            plot_run, predict, serve, train, write_report)
     from vitlab.config import TrainConfig, ViTConfig
     from vitlab.evaluation import evaluate_model
     from vitlab.models import VisionTransformer, ViTOutput, create_model, get_config, list_models
-    from vitlab.server import serve
 
 __all__ = ["ViTConfig", "TrainConfig", "VisionTransformer", "ViTOutput", "create_model", "get_config", "list_models",
            "train", "evaluate", "evaluate_model", "load", "LoadedModel", "plot_run", "list_recipes", "VitlabError",
-           "ConfigError", "DataError", "CheckpointError", "MissingExtraError", "serve", "calibrate", "__version__"]
+           "ConfigError", "DataError", "CheckpointError", "MissingExtraError", "serve", "calibrate", "convert",
+           "export", "predict", "plot_attention", "write_report", "__version__"]
 
 # public name -> the module that defines it
 _LAZY = {
-    **dict.fromkeys(["LoadedModel", "calibrate", "evaluate", "list_recipes", "load", "plot_run", "train"],
-                    "vitlab.api"),
+    **dict.fromkeys(["LoadedModel", "calibrate", "convert", "evaluate", "export", "list_recipes", "load",
+                     "plot_attention", "plot_run", "predict", "serve", "train", "write_report"], "vitlab.api"),
     **dict.fromkeys(["TrainConfig", "ViTConfig"], "vitlab.config"),
     "evaluate_model": "vitlab.evaluation",
     **dict.fromkeys(["VisionTransformer", "ViTOutput", "create_model", "get_config", "list_models"], "vitlab.models"),
-    "serve": "vitlab.server",
 }
 
 
 # the subpackages and modules reachable as attributes after a bare ``import vitlab`` (``vitlab.data.dataset_info``)
-_SUBMODULES = ("api", "bench", "config", "data", "evaluation", "explain", "interop", "models", "notebook", "plots",
-               "runs", "server", "training")
+_SUBMODULES = ("api", "bench", "checkpoints", "config", "data", "evaluation", "explain", "interop", "loaded",
+               "metrics", "models", "notebook", "plots", "server", "training")
 
 
 def __getattr__(name: str) -> Any:

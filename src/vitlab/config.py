@@ -280,6 +280,18 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str | None = No
         raise ConfigError(f"{where}{e}") from None
 
 
+def check_num_heads(overrides: dict[str, Any], stored: int, source: str, field: str) -> None:
+    """Refuse a ``num_heads`` override that contradicts the head count a checkpoint stores (``field`` says where).
+
+    The fused qkv weight has the same shape for any head count, so a wrong one would load silently and compute
+    something else.
+    """
+    given = overrides.get("num_heads")
+    if given is not None and given != stored:
+        raise ConfigError(f"{source}: num_heads={given!r} but the file's {field} is {stored}; leave num_heads unset "
+                          f"(the file gives it) or pass {stored}")
+
+
 class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML's safe loader, reading numbers as YAML 1.2 does: ``1e-3`` is a float (YAML 1.1, which PyYAML
     follows, wants ``1.0e-3`` and reads ``1e-3`` as a string), so recipes and ``--set`` agree."""

@@ -1,136 +1,35 @@
-"""Scoring a classifier on labelled images: test loss, top-1, top-5, per-class accuracy, the confusion matrix,
-and calibration (NLL, ECE, MCE, the L2 calibration error, the Brier score, a reliability histogram).
+"""Running a model over labelled images and scoring it (the scores themselves: :mod:`vitlab.metrics`).
 
-- :func:`evaluate_model`: a model object on a dataset split (training calls it after its epochs).
-- :func:`evaluate`: a trained model (a run or checkpoint folder, or any file :func:`vitlab.load` reads) on
-  the test split of a data spec, by default its own run's data. A folder without a test split is split by the
-  run's own ``val_fraction`` and ``seed``, so it scores exactly the images the run held out.
-- :func:`calibrate`: fit the temperature T that the logits are divided by (temperature scaling, Guo et al.
-  2017) on a validation split, never the test split, and save it with the checkpoint's preprocessing.
+- :func:`evaluate_model` / :func:`evaluate_views`: a model object on a dataset split (training calls them after
+  its epochs), with test-time views (:func:`tta_views`).
+- :func:`evaluate_held_out`: a loaded checkpoint on the test split of a data spec, by default its own run's data,
+  loaded as its run loaded it (:func:`load_like_run`). A folder without a test split is split by the run's own
+  ``val_fraction`` and ``seed``, so it scores exactly the images the run held out.
+- :func:`fit_calibration`: fit the temperature T that the logits are divided by on a validation split, never the
+  test split, and save it with the checkpoint's preprocessing.
+
+Files and figures (``eval.json``, ``confusion_matrix.png``, ``reliability.png``) are the verbs' business
+(:mod:`vitlab.api`), not this module's.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vitlab._device import autocast, resolve_device, resolve_precision, sum_dtype
-from vitlab._files import ensure_folder, write_json
+from vitlab._device import autocast, resolve_precision
+from vitlab.checkpoints import read_run_config, write_temperature
 from vitlab.data import DatasetSplits, EvalTransform, has_own_val, load_data, with_val_split
 from vitlab.errors import ConfigError, DataError
-from vitlab.interop import LoadedModel, load
-from vitlab.models import class_probabilities
-from vitlab.plots import RUN_FIGURE_DPI, calibration_figure, confusion_figure, save_figure
-from vitlab.runs import (CONFUSION, EVAL, RELIABILITY, is_run_folder, read_calibration, read_run_config,
-                         write_temperature)
+from vitlab.loaded import LoadedModel
+from vitlab.metrics import TEMPERATURE_RANGE, ClassificationTally, calibration_scores, fit_temperature
 
 log = logging.getLogger(__name__)
-
-
-CALIBRATION_BINS = 15
-
-
-class CalibrationBins:
-    """The top-label reliability histogram: per confidence bin, how many samples, how many right, and the sum
-    of their confidences (the top softmax probability), as sums that add up over batches and processes.
-
-    The bins are torchmetrics' ``MulticlassCalibrationError`` (and Guo et al.'s): ``num_bins`` equal-width
-    bins on [0, 1] with edges ``torch.linspace(0, 1, num_bins + 1)`` in float32; a confidence on an edge
-    belongs to the bin above it, and a confidence of exactly 1 to an extra last slot of its own, which the
-    errors count like any bin (``torch.bucketize(..., right=True) - 1``).
-    """
-
-    def __init__(self, device: torch.device, num_bins: int = CALIBRATION_BINS):
-        self.edges = torch.linspace(0, 1, num_bins + 1, device=device)
-        self.count = torch.zeros(num_bins + 1, dtype=torch.int64, device=device)
-        self.correct = torch.zeros(num_bins + 1, dtype=torch.int64, device=device)
-        self.confidence = torch.zeros(num_bins + 1, dtype=sum_dtype(device), device=device)
-
-    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a batch: ``probs`` (B, K) class probabilities, ``labels`` (B,)."""
-        confidence, predicted = probs.float().max(dim=-1)
-        slot = torch.bucketize(confidence, self.edges, right=True) - 1  # (B,)
-        slots = len(self.count)
-        self.count += torch.bincount(slot, minlength=slots)
-        self.correct += torch.bincount(slot[predicted == labels], minlength=slots)
-        self.confidence.index_add_(0, slot, confidence.to(self.confidence.dtype))
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The sums (count, correct, confidence per bin), for summing across processes."""
-        return self.count, self.correct, self.confidence
-
-    def result(self) -> dict:
-        """``ece`` (L1), ``mce`` (max), ``ece_l2`` (root of the count-weighted mean squared gap) and
-        ``reliability``: the bins' edges, counts, accuracies and mean confidences (0 where a bin is empty)."""
-        count = self.count.double().cpu()
-        accuracy = self.correct.double().cpu() / count.clamp(min=1)
-        confidence = self.confidence.double().cpu() / count.clamp(min=1)
-        gap = (accuracy - confidence).abs()
-        weight = count / count.sum().clamp(min=1)
-        return {"ece": float((gap * weight).sum()), "mce": float(gap.max()),
-                "ece_l2": math.sqrt(float((gap ** 2 * weight).sum())),
-                "reliability": {"edges": self.edges.cpu().tolist(), "count": self.count.cpu().tolist(),
-                                "accuracy": accuracy.tolist(), "confidence": confidence.tolist()}}
-
-
-class ClassificationTally:
-    """Sums over evaluation batches, kept on the device (no host sync per batch): loss, top-1, top-5 hits, the
-    confusion matrix, the Brier score and the reliability histogram (:class:`CalibrationBins`). ``reduce()``
-    sums across processes; ``result()`` turns the sums into metrics."""
-
-    def __init__(self, num_classes: int, device: torch.device):
-        self.num_classes = num_classes
-        self.loss = torch.zeros((), dtype=sum_dtype(device), device=device)
-        self.brier = torch.zeros((), dtype=sum_dtype(device), device=device)
-        self.top1 = torch.zeros((), dtype=torch.int64, device=device)
-        self.top5 = torch.zeros((), dtype=torch.int64, device=device)
-        self.count = torch.zeros((), dtype=torch.int64, device=device)
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)  # (true, pred)
-        self.bins = CalibrationBins(device)
-
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        logits = logits.float()
-        self.loss += F.cross_entropy(logits, labels, reduction="sum").to(self.loss.dtype)
-        probs = class_probabilities(logits)
-        self.bins.update(probs, labels)
-        # Brier: sum over classes of (p - onehot)^2 = sum p^2 - 2 p_true + 1, in [0, 2]
-        brier = probs.square().sum(-1) - 2 * probs.gather(1, labels[:, None]).squeeze(1) + 1
-        self.brier += brier.sum().to(self.brier.dtype)
-        k = min(5, self.num_classes)
-        topk = logits.topk(k, dim=-1).indices  # (B, k)
-        hits = topk == labels[:, None]
-        self.top1 += hits[:, 0].sum()
-        self.top5 += hits.any(dim=-1).sum()
-        self.count += labels.numel()
-        self.confusion += torch.bincount(labels * self.num_classes + topk[:, 0],
-                                         minlength=self.num_classes ** 2).view(self.num_classes, self.num_classes)
-
-    def reduce(self) -> None:
-        """Sum the tallies of all processes (no-op without torch.distributed)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for t in (self.loss, self.brier, self.top1, self.top5, self.count, self.confusion, *self.bins.tensors()):
-                dist.all_reduce(t)
-
-    def result(self, classes: list[str] | None = None) -> dict:
-        """``test_loss`` (= ``nll``, the mean negative log-likelihood), ``top1``, ``top5`` (fractions), the
-        calibration (``ece``, ``mce``, ``ece_l2``, ``brier``, ``reliability``: see :class:`CalibrationBins`),
-        ``per_class`` accuracy and ``confusion`` (rows: true)."""
-        n = max(int(self.count), 1)
-        confusion = self.confusion.cpu()
-        per_true = confusion.sum(dim=1).clamp(min=1)
-        per_class = (confusion.diag() / per_true).tolist()
-        names = classes or [str(i) for i in range(self.num_classes)]
-        return {"test_loss": float(self.loss) / n, "top1": int(self.top1) / n, "top5": int(self.top5) / n,
-                "nll": float(self.loss) / n, "brier": float(self.brier) / n, **self.bins.result(),
-                "count": int(self.count), "classes": names,
-                "per_class": {name: acc for name, acc in zip(names, per_class)},
-                "confusion": confusion.tolist()}
 
 
 View = tuple[bool, int]  # (mirrored, shift): an image, flipped left-right or not, moved `shift` pixels diagonally
@@ -206,7 +105,7 @@ def evaluate_model(model: torch.nn.Module, dataset, *, mean, std, image_size=Non
     With ``tta_hflip`` (test-time augmentation) each image is scored with its mirror image as well, and with
     ``tta_shift`` > 0 with those views moved ``tta_shift`` pixels diagonally (:func:`tta_views`); the class
     probabilities are averaged and the loss is the cross-entropy of that average. The logits are divided by
-    ``temperature`` (a fitted one: :func:`calibrate`) before they are scored.
+    ``temperature`` (a fitted one: :func:`fit_calibration`) before they are scored.
 
     Under torch.distributed each rank takes every world_size-th image (no padding, so no image counts
     twice) and the sums are reduced, so every rank returns the same result.
@@ -254,23 +153,23 @@ def check_classes(model_config, classes: list[str], data: str, source) -> None:
                         f"{model_config.num_classes} outputs")
 
 
-def _run_config(loaded: LoadedModel) -> dict[str, Any]:
-    """The config.yaml of the run a checkpoint folder belongs to (``RUN/best`` -> ``RUN``), or {}."""
-    run = loaded.path.parent
-    return read_run_config(run) if loaded.path.is_dir() and is_run_folder(run) else {}
+def run_config(loaded: LoadedModel) -> dict[str, Any]:
+    """The config.yaml of the run ``loaded`` belongs to (:attr:`LoadedModel.run`), or {}."""
+    return read_run_config(loaded.run) if loaded.run is not None else {}
 
 
-def _load_like_run(loaded: LoadedModel, data: str | None, run_config: dict[str, Any], cache_dir: str | None,
-                   workers: int | None) -> DatasetSplits:
-    """The dataset ``data`` (default: the run's data spec) loaded as ``loaded``'s run loaded it."""
-    spec = data or run_config.get("data")
+def load_like_run(loaded: LoadedModel, data: str | None, config: dict[str, Any], cache_dir: str | None,
+                  workers: int | None) -> DatasetSplits:
+    """The dataset ``data`` (default: the run's data spec) loaded as ``loaded``'s run (``config``: its
+    :func:`run_config`) loaded it."""
+    spec = data or config.get("data")
     if not spec:
         raise ConfigError(f"{loaded.path}: no run config.yaml names its data; pass the data spec (--data SPEC)")
     pre = loaded.preprocess
     splits = load_data(spec, image_size=pre.image_size, channels=pre.channels,
-                       val_fraction=run_config.get("val_fraction", 0.1), seed=run_config.get("seed", 0),
-                       cache_dir=cache_dir or run_config.get("cache_dir"),
-                       skip_bad_files=bool(run_config.get("skip_bad_files", False)), workers=workers)
+                       val_fraction=config.get("val_fraction", 0.1), seed=config.get("seed", 0),
+                       cache_dir=cache_dir or config.get("cache_dir"),
+                       skip_bad_files=bool(config.get("skip_bad_files", False)), workers=workers)
     check_classes(loaded.model.config, list(splits.classes), spec, loaded.path)
     return splits
 
@@ -282,88 +181,18 @@ def evaluate_held_out(loaded: LoadedModel, data: str | None = None, *, batch_siz
     """Score ``loaded`` on the test split of ``data`` (default: its run's data spec), loaded as its run loaded it
     (``val_fraction``, ``seed``, ``skip_bad_files``, the run's ``cache_dir`` unless given); ``tta_hflip`` and
     ``tta_shift`` None: as the run's final evaluation did. The logits are divided by ``loaded.temperature``, as
-    prediction divides them. ``precision`` "auto": :func:`resolve_precision`'s rule, as :func:`evaluate` (the report
-    scores with this). Returns the result and the dataset (whose ``test`` split was scored)."""
+    prediction divides them. ``precision`` "auto": :func:`resolve_precision`'s rule (``vitlab evaluate`` and the
+    report both score with this). Returns the result and the dataset (whose ``test`` split was scored)."""
     precision = resolve_precision(precision, device)
-    run_config = _run_config(loaded)
-    splits = _load_like_run(loaded, data, run_config, cache_dir, workers)
-    flip = bool(run_config.get("tta_hflip", False)) if tta_hflip is None else tta_hflip
-    shift = int(run_config.get("tta_shift", 0)) if tta_shift is None else tta_shift
+    config = run_config(loaded)
+    splits = load_like_run(loaded, data, config, cache_dir, workers)
+    flip = bool(config.get("tta_hflip", False)) if tta_hflip is None else tta_hflip
+    shift = int(config.get("tta_shift", 0)) if tta_shift is None else tta_shift
     pre = loaded.preprocess
     result = evaluate_model(loaded.model, splits.test, mean=pre.mean, std=pre.std, image_size=pre.image_size,
                             batch_size=batch_size, device=device, precision=precision, classes=loaded.labels,
                             tta_hflip=flip, tta_shift=shift, temperature=loaded.temperature)
     return {"checkpoint": str(loaded.path), "data": splits.spec, **result}, splits
-
-
-def evaluate(checkpoint: str | Path | LoadedModel, data: str | None = None, *, batch_size: int = 512,
-             device: str = "auto", precision: str = "auto", tta_hflip: bool | None = None,
-             tta_shift: int | None = None, out: str | Path | None = None, cache_dir: str | None = None, workers: int | None = None) -> dict:
-    """Evaluate a trained model on the test split of ``data`` (default: its run's own data): test loss, top-1,
-    top-5, per-class accuracy and the confusion matrix.
-
-    ``checkpoint``: a run folder (its ``best/``, else ``last/``), a checkpoint folder, any file
-    :func:`vitlab.load` reads, or a loaded model. ``precision`` "auto" is what training used (bf16 where the
-    device has fast bf16 matmul). ``tta_hflip``: also score each image's mirror image and average the
-    probabilities; ``tta_shift``: also score those views moved that many pixels (:func:`tta_views`; both None:
-    as the run's final evaluation did). With ``out``, writes ``eval.json`` and ``confusion_matrix.png``
-    (class names on the axes) into that folder.
-    """
-    if out is not None:
-        ensure_folder(out, "--out")  # before the work: a bad folder is named at once
-    dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load(checkpoint, device=str(dev))
-    result, _ = evaluate_held_out(loaded, data, batch_size=batch_size, device=dev, precision=precision,
-                                  tta_hflip=tta_hflip, tta_shift=tta_shift, cache_dir=cache_dir,
-                                  workers=workers)
-    if out is not None:
-        out = Path(out)
-        write_json(out / EVAL, result)
-        title = f"{loaded.path}: top-1 {100 * result['top1']:.2f}%"
-        save_figure(confusion_figure(result["confusion"], result["classes"], title=title), out / CONFUSION,
-                    dpi=RUN_FIGURE_DPI)
-    return result
-
-
-# ---------------------------------------------------------------- temperature scaling
-TEMPERATURE_RANGE = (0.01, 100.0)
-SCORES = ("top1", "nll", "ece", "mce", "ece_l2", "brier", "reliability")
-
-
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature T in :data:`TEMPERATURE_RANGE` that minimises the mean negative log-likelihood of
-    softmax(``logits`` / T) for ``labels``: a golden-section search on log T, in float64. The NLL is convex in
-    1/T, so it has one minimum and the search finds it; dividing by T > 0 never changes the top class."""
-    if not len(labels):
-        raise DataError("no images to fit a temperature on: the validation split is empty")
-    z, y = logits.detach().double().cpu(), labels.cpu()
-
-    def nll(log_t: float) -> float:
-        return float(F.cross_entropy(z / math.exp(log_t), y))
-
-    lo, hi = (math.log(t) for t in TEMPERATURE_RANGE)
-    shrink = (math.sqrt(5) - 1) / 2
-    a, b = hi - shrink * (hi - lo), lo + shrink * (hi - lo)
-    fa, fb = nll(a), nll(b)
-    while hi - lo > 1e-9:
-        if fa <= fb:  # the minimum is left of b
-            hi, b, fb = b, a, fa
-            a = hi - shrink * (hi - lo)
-            fa = nll(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + shrink * (hi - lo)
-            fb = nll(b)
-    return math.exp((lo + hi) / 2)
-
-
-def calibration_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Top-1 and the calibration metrics (NLL, ECE, MCE, L2, Brier, the reliability bins) of ``logits``."""
-    tally = ClassificationTally(logits.shape[-1], logits.device)
-    tally.update(logits, labels)
-    result = tally.result()
-    return {key: result[key] for key in SCORES}
 
 
 @torch.no_grad()
@@ -376,6 +205,22 @@ def _all_logits(loaded: LoadedModel, dataset, **kwargs) -> tuple[torch.Tensor, t
     if not batches:
         raise DataError("no images to score: the split is empty")
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def calibration_splits(loaded: LoadedModel, data: str | None = None, *, cache_dir: str | None = None,
+                       workers: int | None = None) -> DatasetSplits:
+    """The data to fit ``loaded``'s temperature on, loaded as its run loaded it, with its validation split: the
+    ``val/`` folder of a folder dataset that has one beside ``test/``, else the images a run trained with
+    ``calibrate=true`` held out of its training split (``val_fraction``, ``seed``). A run that trained on all of
+    its training images has none left to fit on (the test split is never used): that is a :class:`ConfigError`."""
+    config = run_config(loaded)
+    splits = load_like_run(loaded, data, config, cache_dir, workers)
+    if not config.get("calibrate") and not has_own_val(splits):
+        raise ConfigError(f"{loaded.path}: its run trained on every training image of {splits.spec} (calibrate "
+                          "was false) and the data has no val/ folder, so no image is left to fit a temperature "
+                          "on (never the test split); train with --set calibrate=true, which holds out "
+                          "val_fraction of the training images, or pass --data a folder with a val/ folder")
+    return with_val_split(splits, config.get("val_fraction", 0.1), config.get("seed", 0))
 
 
 def fit_calibration(loaded: LoadedModel, splits: DatasetSplits, *, batch_size: int = 512,
@@ -405,48 +250,5 @@ def fit_calibration(loaded: LoadedModel, splits: DatasetSplits, *, batch_size: i
     return {"temperature": temperature, **record}
 
 
-def figure_folder(loaded: LoadedModel) -> Path:
-    """Where a checkpoint's figures go: its run folder (``RUN/best`` -> ``RUN``), else the checkpoint folder."""
-    return loaded.path.parent if is_run_folder(loaded.path.parent) else loaded.path
-
-
-def save_reliability(loaded: LoadedModel) -> Path:
-    """Draw ``reliability.png`` (before and after the fitted temperature) from the checkpoint's
-    ``calibration.json`` into :func:`figure_folder`."""
-    folder = figure_folder(loaded)
-    fig = calibration_figure(read_calibration(loaded.path), title=folder.name)
-    return save_figure(fig, folder / RELIABILITY, dpi=RUN_FIGURE_DPI)
-
-
-def calibrate(checkpoint: str | Path | LoadedModel, data: str | None = None, *, batch_size: int = 512,
-              device: str = "auto", precision: str = "auto", cache_dir: str | None = None,
-              workers: int | None = None) -> dict:
-    """Fit the temperature of a trained model after the fact and save it beside its weights, so that
-    :func:`vitlab.predict`, the report, the server and the ONNX export divide its logits by it.
-
-    T is fitted on the validation split: the ``val/`` folder of a folder dataset that has one beside ``test/``,
-    else the images a run trained with ``calibrate=true`` held out of its training split (``val_fraction``,
-    ``seed``). A run that trained on all of its training images has none left to fit on (the test split is never
-    used): that is a :class:`ConfigError`. Prints nothing; returns :func:`fit_calibration`'s record (the test
-    split's NLL, ECE, MCE, Brier before and after) and writes ``reliability.png``.
-    """
-    dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load(checkpoint, device=str(dev))
-    run_config = _run_config(loaded)
-    splits = _load_like_run(loaded, data, run_config, cache_dir, workers)
-    if not run_config.get("calibrate") and not has_own_val(splits):
-        raise ConfigError(f"{loaded.path}: its run trained on every training image of {splits.spec} (calibrate "
-                          "was false) and the data has no val/ folder, so no image is left to fit a temperature "
-                          "on (never the test split); train with --set calibrate=true, which holds out "
-                          "val_fraction of the training images, or pass --data a folder with a val/ folder")
-    splits = with_val_split(splits, run_config.get("val_fraction", 0.1), run_config.get("seed", 0))
-    result = fit_calibration(loaded, splits, batch_size=batch_size, device=dev, precision=precision)
-    save_reliability(loaded)
-    return {"checkpoint": str(loaded.path), "data": splits.spec, **result}
-
-
-__all__ = ["CalibrationBins", "ClassificationTally", "tta_views", "evaluate_model", "evaluate_views",
-           "evaluate_held_out", "evaluate",
-           "check_classes", "fit_temperature", "calibration_scores", "fit_calibration", "calibrate",
-           "save_reliability", "TEMPERATURE_RANGE"]
+__all__ = ["tta_views", "evaluate_model", "evaluate_views", "evaluate_held_out", "check_classes", "load_like_run",
+           "run_config", "calibration_splits", "fit_calibration"]

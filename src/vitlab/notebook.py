@@ -24,9 +24,9 @@ from vitlab.errors import DataError
 from vitlab.explain.attention import attention_grid
 from vitlab.explain.predict import Prediction, predict
 from vitlab.explain.report import img_tag, write_report
-from vitlab.interop import LoadedModel, load
+from vitlab.loaded import LoadedModel, load_checkpoint
 from vitlab.plots import confusion_figure, curves_figure, figure_bytes
-from vitlab.runs import read_run_config
+from vitlab.checkpoints import read_run_config
 from vitlab.training import TrainResult
 from vitlab.training.progress import epoch_eta, format_time
 
@@ -175,12 +175,12 @@ class RunResult(TrainResult):
         if images is None:
             options.update(data=read_run_config(self.run_dir)["data"], num_images=num_images)
         paths = [images] if isinstance(images, (str, Path)) else list(images or ())
-        fig, _ = attention_grid(self.run_dir, paths, **options)
+        fig, _ = attention_grid(self.load(), paths, **options)
         return PNGImage(figure_bytes(fig), "attention maps")
 
     def predict(self, images: Sequence[str | Path] | str | Path, top_k: int = 3) -> list[Prediction]:
         """The trained model's top-``top_k`` classes for image files and folders (:func:`vitlab.explain.predict`)."""
-        return predict(self.run_dir, images, top_k=top_k)
+        return predict(self.load(), images, top_k=top_k)
 
     def report(self, output: str | Path | None = None) -> HTMLPage:
         """Write the run's HTML report (``vitlab report``; default ``RUN/report.html``), shown inline."""
@@ -188,7 +188,7 @@ class RunResult(TrainResult):
 
     def load(self) -> LoadedModel:
         """The trained model with its preprocessing and labels (``vitlab.load(run_dir)``: best, else last)."""
-        return load(self.run_dir)
+        return load_checkpoint(self.run_dir)
 
     def _repr_html_(self) -> str:
         facts = [("run folder", self.run_dir), ("epochs", len(self.history)), ("stopped", self.stopped),

@@ -18,7 +18,7 @@ import torch
 
 from vitlab._files import atomic_write_bytes
 from vitlab.errors import ConfigError
-from vitlab.runs import CONFUSION, CURVES, RELIABILITY
+from vitlab.checkpoints import CONFUSION, CURVES, RELIABILITY
 
 FIGURE_FORMATS = ("png", "svg", "pdf", "jpg")
 RUN_FIGURE_DPI = 110

@@ -9,39 +9,20 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from vitlab._device import PRECISIONS
 from vitlab._version import __version__
-from vitlab.api import calibrate, evaluate, list_recipes, plot_run, resume_config, train
-from vitlab.bench import benchmark, format_result
+from vitlab.api import (calibrate, convert, evaluate, export, list_recipes, load, plot_attention, plot_run, predict,
+                        read_pretrained, resume_config, serve, train, write_report)
+from vitlab.api.explain import format_table
+from vitlab.api.tools import (BEST, LAST, Limits, ProgressBar, benchmark, cache_files, clear_cache, data_kinds_help,
+                              dataset_info, default_cache_dir, download_dataset, format_result, model_table, pack)
 from vitlab.config import apply_overrides, load_train_config, parse_override
-from vitlab.data import dataset_info
-from vitlab.data.load import data_kinds_help
-from vitlab.data.download import download_dataset
-from vitlab.data.cache import cache_files, clear_cache, default_cache_dir
-from vitlab.explain.attention import plot_attention
-from vitlab.explain.predict import format_table, predict
-from vitlab.explain.report import write_report
-from vitlab.interop import convert, export, load
-from vitlab.models import PRESETS, create_model, get_config
-from vitlab.runs import BEST, LAST
-from vitlab.server import Limits
-from vitlab.training.progress import ProgressBar
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Print the presets: name, image size, patch (+ "stem": a convolutional stem), layers, hidden, heads,
     parameters, GFLOPs per image."""
-    rows = []
-    for name, preset in PRESETS.items():
-        cfg = get_config(name)
-        with torch.device("meta"):  # counting ViT-H/14's parameters should not allocate 2.5 GB
-            params = create_model(cfg).num_parameters()
-        rows.append(dict(name=name, image_size=list(cfg.image_size), patch=list(cfg.patch_size),
-                         patch_embed=cfg.patch_embed, layers=cfg.depth,
-                         hidden=cfg.hidden_dim, heads=cfg.num_heads, params=params,
-                         gflops=cfg.flops_per_image() / 1e9, description=preset.description))
+    rows = model_table()
     if args.json:
         for row in rows:
             print(json.dumps(row))
@@ -65,11 +46,11 @@ def _load_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert any supported checkpoint to a vitlab save_pretrained folder."""
-    loaded = load(args.checkpoint, format=args.format, num_heads=args.num_heads, **_load_overrides(args))
-    out = convert(loaded.model, args.out)
-    c = loaded.model.config
+    found = read_pretrained(args.checkpoint, format=args.format, num_heads=args.num_heads, **_load_overrides(args))
+    out = convert(found, args.out)
+    c = found.model.config
     size = lambda hw: str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"  # noqa: E731
-    print(f"{args.checkpoint} ({loaded.format}) -> {out}: {c.depth} layers, hidden {c.hidden_dim}, "
+    print(f"{args.checkpoint} ({found.format}) -> {out}: {c.depth} layers, hidden {c.hidden_dim}, "
           f"{c.num_heads} heads, patch {size(c.patch_size)}, image {size(c.image_size)}, {c.num_classes} classes")
     return 0
 
@@ -130,8 +111,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The web page and JSON API over a trained model, until Ctrl-C."""
-    from vitlab.server import serve  # the web stack (the serve extra) loads here, or says what to install
-
     limits = Limits(max_bytes=int(args.max_upload_mb * 2**20), max_files=args.max_files, max_pixels=args.max_pixels)
     serve(args.checkpoint, host=args.host, port=args.port, device=args.device, limits=limits)
     return 0
@@ -183,8 +162,6 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
 def cmd_data_pack(args: argparse.Namespace) -> int:
     """Write a dataset as WebDataset shards (``vitlab.data.pack``)."""
-    from vitlab.data.sources.wds import pack
-
     meta = pack(args.spec, args.out, shard_size=args.shard_size, seed=args.seed, image_size=args.image_size,
                 channels=args.channels, cache_dir=args.cache_dir, workers=args.workers)
     for split, info in meta["splits"].items():

@@ -14,7 +14,7 @@ from vitlab.data.transforms import resize_uint8
 from vitlab.errors import ConfigError, DataError
 from vitlab.explain.images import list_images, read_image, true_label_from_folder
 from vitlab.explain.maps import AttentionMaps, compute_attention_maps, upsample_maps
-from vitlab.interop import LoadedModel, load
+from vitlab.loaded import LoadedModel
 from vitlab.plots import Panel, attention_figure, figure_format, save_figure
 
 log = logging.getLogger(__name__)
@@ -76,18 +76,18 @@ def attention_panels(loaded: LoadedModel, images: torch.Tensor, *, true_labels: 
     return panels, preds
 
 
-def plot_attention(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] = (),
+def plot_attention(loaded: LoadedModel, paths: Sequence[str | Path] = (),
                    output: str | Path = "attention.png", *, dpi: int = 100, **options) -> list[AttentionItem]:
     """Write one figure: each image, its attention map overlaid, the predicted label and probability (see
     :func:`attention_grid` for the images and ``options``); ``dpi`` sets the figure's resolution (lower:
     smaller file)."""
     figure_format(output)  # a bad file name fails before any work
-    fig, items = attention_grid(checkpoint, paths, **options)
+    fig, items = attention_grid(loaded, paths, **options)
     save_figure(fig, output, dpi=dpi)
     return items
 
 
-def attention_grid(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] = (), *,
+def attention_grid(loaded: LoadedModel, paths: Sequence[str | Path] = (), *,
                    method: str = "rollout", heads: bool = False, head_fusion: str = "mean",
                    discard_ratio: float = 0.0, data: str | None = None, num_images: int = 16,
                    max_images: int = 64):
@@ -98,7 +98,6 @@ def attention_grid(checkpoint: str | Path | LoadedModel, paths: Sequence[str | P
     spread over the split, with true labels). Unreadable files are left out and returned with ``error``.
     ``method``: ``rollout`` or ``last``; ``heads`` adds the last layer's map of every head.
     """
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load(checkpoint)
     items: list[AttentionItem] = []
     if data is not None:
         if paths:

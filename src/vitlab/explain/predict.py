@@ -16,7 +16,7 @@ import torch
 from vitlab.data.sources.folder import cached_files, decode_files
 from vitlab.errors import ConfigError
 from vitlab.explain.images import list_images
-from vitlab.interop import LoadedModel, load
+from vitlab.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,12 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
 
 
 @torch.inference_mode()
-def predict(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] | str | Path, top_k: int = 5,
-            batch_size: int = 32, *, device: str = "cpu", workers: int | None = None) -> list[Prediction]:
+def predict(loaded: LoadedModel, paths: Sequence[str | Path] | str | Path, top_k: int = 5, batch_size: int = 32,
+            *, workers: int | None = None) -> list[Prediction]:
     """Top-``top_k`` predictions for image files and folders, in the order the files are listed.
 
-    ``checkpoint``: a run folder, a checkpoint folder, any file :func:`vitlab.load` reads, or a
-    :class:`~vitlab.interop.LoadedModel`. Folders are searched
-    recursively for images; any image mode or size is converted to what the model was trained on.
+    ``loaded``: a model :func:`vitlab.load` loaded (``vitlab.predict`` takes any checkpoint path and loads it).
+    Folders are searched recursively for images; any image mode or size is converted to what the model was trained on.
     The probabilities are softmax(logits / T) with the checkpoint's fitted temperature T (``vitlab calibrate``;
     1 when none was fitted), so they mean what they say; T never changes the order of the classes.
     Unreadable files give a :class:`Prediction` with ``error`` set (check ``.ok``). Many files are decoded
@@ -69,7 +68,6 @@ def predict(checkpoint: str | Path | LoadedModel, paths: Sequence[str | Path] | 
         raise ConfigError(f"top_k={top_k} must be at least 1")
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be at least 1")
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load(checkpoint, device=device)
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files = list_images(paths)

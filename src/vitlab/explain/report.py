@@ -21,10 +21,10 @@ from vitlab._files import atomic_write_text, read_json
 from vitlab.errors import ConfigError, VitlabError
 from vitlab.evaluation import evaluate_held_out
 from vitlab.explain.attention import attention_panels
-from vitlab.interop import LoadedModel, load
+from vitlab.loaded import LoadedModel, load_checkpoint
 from vitlab.plots import (attention_figure, calibration_figure, confusion_figure, curves_figure, figure_bytes,
                           reliability_figure)
-from vitlab.runs import (BEST, CONFIG_JSON, LAST, CONFIG_YAML, EVAL, METRICS, read_calibration, read_metrics,
+from vitlab.checkpoints import (BEST, CONFIG_JSON, LAST, CONFIG_YAML, EVAL, METRICS, read_calibration, read_metrics,
                          read_run_config, read_state, require_run_folder)
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ def write_report(run: str | Path, output: str | Path | None = None, *, num_image
     run_config = read_run_config(run)
     if checkpoint is not None and checkpoint not in (BEST, LAST):
         raise ConfigError(f"checkpoint={checkpoint!r} must be 'best' or 'last' (a folder of the run)")
-    loaded = load(run / checkpoint if checkpoint else run)
+    loaded = load_checkpoint(run / checkpoint if checkpoint else run)
     state = read_state(loaded.path)
     history = read_metrics(run) if (run / METRICS).is_file() else []
 

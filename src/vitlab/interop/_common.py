@@ -10,7 +10,7 @@ import torch
 
 from vitlab.config import ViTConfig, config_from_dict
 from vitlab.errors import CheckpointError, ConfigError
-from vitlab.models import VisionTransformer
+from vitlab.models import VisionTransformer, patch_weight
 
 # Heads are not stored in a timm or torchvision state dict (the qkv weight has the same shape for any head
 # count), so they come from the standard sizes: ViT-Ti, S, B, L and H (64-wide heads, 80 for H); DeiT III
@@ -112,33 +112,6 @@ def count_blocks(keys, prefix: str, source: str) -> int:
     if missing:
         raise CheckpointError(f"{source}: encoder block {prefix}{missing[0]} is missing")
     return depth
-
-
-def check_num_heads(overrides: dict[str, Any], stored: int, source: str, field: str) -> None:
-    """Refuse a ``num_heads`` override that contradicts the head count the file stores (``field`` says where).
-
-    The fused qkv weight has the same shape for any head count, so a wrong one would load silently and compute
-    something else.
-    """
-    given = overrides.get("num_heads")
-    if given is not None and given != stored:
-        raise ConfigError(f"{source}: num_heads={given!r} but the file's {field} is {stored}; leave num_heads unset "
-                          f"(the file gives it) or pass {stored}")
-
-
-def patch_weight(weight: torch.Tensor, config: ViTConfig, style: str | None = None) -> torch.Tensor:
-    """The patchify weight in the layout of ``style`` (default ``config.patch_embed``): a conv kernel
-    ``(D, C, ph, pw)`` for ``conv``, that kernel flattened to ``(D, C*ph*pw)`` for ``linear`` (unfold's
-    channel-major order, so both give equal outputs). Any other shape (a conv stem's 1x1 kernel, a wrong
-    file) passes unchanged, for strict loading to name.
-    """
-    style = style or config.patch_embed
-    d, c, (ph, pw) = config.hidden_dim, config.in_channels, config.patch_size
-    if style == "linear" and tuple(weight.shape) == (d, c, ph, pw):
-        return weight.reshape(d, c * ph * pw)
-    if style == "conv" and tuple(weight.shape) == (d, c * ph * pw):
-        return weight.reshape(d, c, ph, pw)
-    return weight
 
 
 def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from vitlab._files import load_safetensors, read_json, save_safetensors, write_json
-from vitlab.config import ViTConfig
+from vitlab.config import ViTConfig, check_num_heads
 from vitlab.errors import CheckpointError, ConfigError
-from vitlab.interop._common import build_and_load, check_num_heads, make_config, patch_weight, read_state_dict
+from vitlab.interop._common import build_and_load, make_config, patch_weight, read_state_dict
 from vitlab.interop.hf_layouts import (FAMILIES, MODEL_TYPES, REFUSED_MODEL_TYPES, Rule, backbone_rules,
                                        config_fields, config_json, head_rules)
 
@@ -220,11 +220,6 @@ def load_hf_folder(directory: str | Path, **overrides: Any) -> "VisionTransforme
 
 # ---------------------------------------------------------------------------- export
 
-def hf_unsupported(config: ViTConfig) -> str | None:
-    """Why Hugging Face's ``ViTForImageClassification`` cannot express ``config``, or None when it can."""
-    return _unsupported("vit", config)
-
-
 def export_family(config: ViTConfig) -> str:
     """The Hugging Face family a model is exported as: DeiT with a distillation token, CLIP's tower with a
     pre-norm, SigLIP's with an attention pool, DINOv2 (with registers) for a layer-scale backbone without a
@@ -319,7 +314,8 @@ def to_hf_state_dict(model: "VisionTransformer") -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(model: "VisionTransformer", directory: str | Path, *, temperature: float = 1.0) -> Path:
+def export_hf(model: "VisionTransformer", directory: str | Path, *, temperature: float = 1.0,
+              normalization: tuple[Sequence[float], Sequence[float]] | None = None) -> Path:
     """Write a folder that transformers loads with equal outputs: ``ViTForImageClassification``; DeiT's
     ``DeiTForImageClassificationWithTeacher`` (or ``DeiTForImageClassification`` once the distillation head
     is gone); and, without a head, ``Dinov2Model`` / ``Dinov2WithRegistersModel``, ``CLIPVisionModel`` /
@@ -327,8 +323,8 @@ def export_hf(model: "VisionTransformer", directory: str | Path, *, temperature:
 
     Raises :class:`ConfigError` naming what Hugging Face cannot express (mean pooling, sin-cos or no
     positions, no class token, timm's fc_norm, a pre-logits layer, DeiT III's patch-only positions, a DINOv2,
-    CLIP or SigLIP classifier, ...). An RGB model that knows its input normalisation
-    (``pretrained_normalization``, set by ``load_pretrained`` from a run's ``preprocess.json``) also gets a
+    CLIP or SigLIP classifier, ...). An RGB model whose input ``normalization`` (mean, std) is given (a
+    :class:`~vitlab.loaded.LoadedModel`'s preprocessing, as ``vitlab export`` passes it) also gets a
     ``preprocessor_config.json``, so ``ViTImageProcessor`` prepares images as vitlab does (rescale to [0, 1],
     normalise; bilinear resize to the model's size). A fitted ``temperature`` other than 1 is recorded in
     config.json as ``logit_temperature``; transformers keeps the field but does not divide the logits by it.
@@ -339,7 +335,6 @@ def export_hf(model: "VisionTransformer", directory: str | Path, *, temperature:
     save_safetensors(directory / HF_SAFETENSORS, state, metadata={"format": "pt"})
     config = to_hf_config_dict(model.config)
     write_json(directory / HF_CONFIG, config if temperature == 1.0 else {**config, "logit_temperature": temperature})
-    normalization = getattr(model, "pretrained_normalization", None)
     if normalization is not None and model.config.in_channels == 3:
         h, w = model.config.image_size
         write_json(directory / HF_PREPROCESSOR, {

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitlab.config import ViTConfig
+from vitlab.config import ViTConfig, check_num_heads
 from vitlab.errors import CheckpointError, ConfigError
-from vitlab.interop._common import (build_and_load, check_num_heads, count_blocks, image_size_from_tokens,
+from vitlab.interop._common import (build_and_load, count_blocks, image_size_from_tokens,
                                     make_config, merge_qkv, need, patch_weight, split_qkv)
 from vitlab.models import VisionTransformer
 

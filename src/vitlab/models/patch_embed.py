@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab.config import ViTConfig
+
 from vitlab.config import conv_stem_channels
 from vitlab.errors import ConfigError
 
@@ -90,3 +92,18 @@ class PatchEmbed(nn.Module):
             return self.proj(self.stem(x)).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, D, h, w) -> (B, N, D)
         patches = F.unfold(x, kernel_size=self.patch_size, stride=self.patch_size)  # (B, C*ph*pw, N)
         return self.proj(patches.transpose(1, 2))  # (B, N, C*ph*pw) -> (B, N, D)
+
+
+def patch_weight(weight: torch.Tensor, config: ViTConfig, style: str | None = None) -> torch.Tensor:
+    """The patchify weight in the layout of ``style`` (default ``config.patch_embed``): a conv kernel
+    ``(D, C, ph, pw)`` for ``conv``, that kernel flattened to ``(D, C*ph*pw)`` for ``linear`` (unfold's
+    channel-major order, so both give equal outputs). Any other shape (a conv stem's 1x1 kernel, a wrong
+    file) passes unchanged, for strict loading to name.
+    """
+    style = style or config.patch_embed
+    d, c, (ph, pw) = config.hidden_dim, config.in_channels, config.patch_size
+    if style == "linear" and tuple(weight.shape) == (d, c, ph, pw):
+        return weight.reshape(d, c * ph * pw)
+    if style == "conv" and tuple(weight.shape) == (d, c * ph * pw):
+        return weight.reshape(d, c, ph, pw)
+    return weight

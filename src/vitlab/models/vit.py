@@ -10,18 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from vitlab.config import ViTConfig, config_from_dict, pair, to_dict
+from vitlab.checkpoints import load_state_dict_strict, read_model_folder, write_model_folder
+from vitlab.config import ViTConfig, check_num_heads, config_from_dict, pair, to_dict
 from vitlab.models.block import Block
-from vitlab.models.patch_embed import PatchEmbed
+from vitlab.models.patch_embed import PatchEmbed, patch_weight
 from vitlab.models.pool import AttentionPool
 from vitlab.models.position import resize_grid_embedding, sincos_2d
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 def class_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -299,30 +298,26 @@ class VisionTransformer(nn.Module):
 
     # ---------------------------------------------------------------- save / load
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (each atomically)."""
-        from vitlab._files import save_safetensors, write_json
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_safetensors(directory / WEIGHTS_NAME, self.state_dict(), metadata={"format": "pt"})
-        write_json(directory / CONFIG_NAME, {"architecture": "VisionTransformer", **to_dict(self.config)})
-        return directory
+        """Write a model folder (the config and the weights; see :mod:`vitlab.checkpoints`) into ``directory``."""
+        return write_model_folder(directory, to_dict(self.config), self.state_dict())
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "VisionTransformer":
-        """Load a folder written by :meth:`save_pretrained`; no file is ever unpickled."""
-        from vitlab._files import load_safetensors, read_json
-        from vitlab.errors import CheckpointError
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu",
+                        **overrides: Any) -> "VisionTransformer":
+        """Load a folder written by :meth:`save_pretrained`, or a run folder's ``best/`` (else ``last/``); no file
+        is ever unpickled. The one reader of a vitlab model folder.
 
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise CheckpointError(f"{directory}: not a folder; expected a folder with {CONFIG_NAME} and "
-                                  f"{WEIGHTS_NAME} (as written by save_pretrained)")
-        data = read_json(directory / CONFIG_NAME)
-        data.pop("architecture", None)
-        config = config_from_dict(ViTConfig, data, source=str(directory / CONFIG_NAME))
-        state = load_safetensors(directory / WEIGHTS_NAME, device=map_location)
-        return cls.from_state_dict(config, state, source=str(directory / WEIGHTS_NAME), device=map_location)
+        ``overrides`` change :class:`~vitlab.config.ViTConfig` fields (``drop_path=0.1``, ``patch_embed="linear"``
+        on a conv model); a ``num_heads`` other than the stored one is refused (the weights would load and compute
+        something else)."""
+        found = read_model_folder(path, map_location)
+        if "num_heads" in found.config:
+            check_num_heads(overrides, found.config["num_heads"], found.config_source, "num_heads")
+        config = config_from_dict(ViTConfig, {**found.config, **overrides}, source=found.config_source)
+        state = found.state
+        if "patch_embed.proj.weight" in state:  # patch_embed='linear' on a conv model, or the reverse
+            state["patch_embed.proj.weight"] = patch_weight(state["patch_embed.proj.weight"], config)
+        return cls.from_state_dict(config, state, source=found.weights_source, device=map_location)
 
     @classmethod
     def from_state_dict(cls, config: ViTConfig, state: dict[str, torch.Tensor], source: str,
@@ -340,20 +335,3 @@ class VisionTransformer(nn.Module):
         load_state_dict_strict(model, state, source=source)
         return model
 
-
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model``, raising a :class:`CheckpointError` that names the first key that is
-    missing, unexpected, or of the wrong shape."""
-    from vitlab.errors import CheckpointError
-
-    own = model.state_dict()
-    for key, expected in own.items():  # in the model's order, so "first" means first in the network
-        if key not in state:
-            raise CheckpointError(f"{source}: missing key {key!r} (expected shape {tuple(expected.shape)})")
-        if tuple(state[key].shape) != tuple(expected.shape):
-            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, the model expects "
-                                  f"{tuple(expected.shape)}")
-    for key, value in state.items():
-        if key not in own:
-            raise CheckpointError(f"{source}: unexpected key {key!r} of shape {tuple(value.shape)}")
-    model.load_state_dict(state, strict=True)

@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 from importlib import resources
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 import uvicorn
@@ -27,10 +26,9 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
-from vitlab._device import resolve_device
 from vitlab._version import __version__
 from vitlab.errors import ConfigError, DataError, ImageTooLargeError
-from vitlab.interop import LoadedModel, load
+from vitlab.loaded import LoadedModel
 from vitlab.server.limits import Limits
 from vitlab.server.model import ATTENTION, ServedModel, Upload
 
@@ -127,11 +125,9 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(checkpoint: str | Path | LoadedModel, *, device: str = "cpu", limits: Limits | None = None) -> Starlette:
-    """The ASGI app that serves ``checkpoint`` (anything :func:`vitlab.load` reads, or a loaded model): the
-    page, ``POST /api/predict``, ``GET /api/model``, ``GET /healthz`` and ``GET /openapi.json``."""
+def create_app(loaded: LoadedModel, *, limits: Limits | None = None) -> Starlette:
+    """The ASGI app that serves ``loaded`` (a model :func:`vitlab.load` loaded): the page, ``POST /api/predict``, ``GET /api/model``, ``GET /healthz`` and ``GET /openapi.json``."""
     limits = limits or Limits()
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load(checkpoint, device=str(resolve_device(device)))
     served = ServedModel(loaded, max_pixels=limits.max_pixels)
     log.info("serving %s (%d classes, %s px) from %s", served.card["name"], len(loaded.labels),
              "x".join(map(str, loaded.preprocess.image_size)), loaded.path)
@@ -238,13 +234,12 @@ class RunningServer:
         self.stop()
 
 
-def serve(checkpoint: str | Path | LoadedModel, *, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-          limits: Limits | None = None, background: bool = False, log_level: str = "info") -> RunningServer | None:
-    """Serve ``checkpoint`` (a run folder, any checkpoint :func:`vitlab.load` reads, or a loaded model) on
+def serve(loaded: LoadedModel, *, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None, background: bool = False, log_level: str = "info") -> RunningServer | None:
+    """Serve ``loaded`` (a model :func:`vitlab.load` loaded; ``vitlab.serve`` takes a checkpoint path) on
     ``http://host:port``: the page at ``/`` and the JSON API (see :func:`create_app`). Binds 127.0.0.1 unless
     ``host`` says otherwise. Blocks until Ctrl-C; with ``background=True`` (a notebook, a test) returns a
     :class:`RunningServer` at once (``port=0``: a free port)."""
-    app = create_app(checkpoint, device=device, limits=limits)
+    app = create_app(loaded, limits=limits)
     if background:
         return RunningServer(app, host, port, log_level)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -23,9 +23,9 @@ from vitlab.errors import ConfigError
 from vitlab.explain.attention import attention_panels, display_size
 from vitlab.explain.maps import AttentionMaps, compute_attention_maps
 from vitlab.explain.predict import predict_decoded, top_predictions
-from vitlab.interop import LoadedModel
+from vitlab.loaded import LoadedModel
 from vitlab.plots import Panel, heatmap_overlay
-from vitlab.runs import is_run_folder, read_run_config, read_state
+from vitlab.checkpoints import read_run_config, read_state
 
 ATTENTION = ("none", "png", "grid")  # no map; the rollout laid over the image as a PNG data URL; its numbers
 OVERLAY_MIN_SIDE = 224  # overlays of small inputs (8 or 32 px) are drawn from the upload decoded this large
@@ -43,7 +43,7 @@ def model_card(loaded: LoadedModel) -> dict[str, Any]:
     """What ``GET /api/model`` says: name, classes, input size and normalisation, size of the network, and, for
     a checkpoint of a vitlab run, the test metrics of the epoch it holds and the data it was trained on."""
     c, pre = loaded.model.config, loaded.preprocess
-    run = loaded.path.parent if loaded.format == "vitlab" and is_run_folder(loaded.path.parent) else None
+    run = loaded.run
     run_config = read_run_config(run) if run else {}
     state = read_state(loaded.path) if loaded.format == "vitlab" else None
     scored = [row for row in (state.history if state else []) if row.get("top1") is not None]

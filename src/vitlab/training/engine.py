@@ -34,15 +34,14 @@ from vitlab.config import TrainConfig, dump_yaml, to_dict
 from vitlab.data import DatasetSplits, Preprocess, load_data, with_val_split
 from vitlab.data.transforms import NAMED_MEAN_STD
 from vitlab.errors import ConfigError, DataError, VitlabError
+from vitlab.checkpoints import (BEST, CONFIG_YAML, EVAL, LAST, METRICS, RunState, can_resume, copy_checkpoint,
+                                load_training_state, recover_run, require_run_folder, save_checkpoint, write_metrics)
 from vitlab.evaluation import evaluate_views, fit_calibration, tta_views
-from vitlab.interop import load, load_pretrained
+from vitlab.loaded import Normalization, checkpoint_normalization, load_checkpoint
 from vitlab.models import VisionTransformer, create_model, get_config
 from vitlab.models.finetune import prepare_finetune
-from vitlab.plots import plot_run_files
-from vitlab.runs import (BEST, CONFIG_YAML, EVAL, LAST, METRICS, STATE, RunState, recover_run, require_run_folder,
-                         write_metrics)
 from vitlab.training.budget import TimeBudget
-from vitlab.training.checkpoint import copy_checkpoint, load_training_state, save_checkpoint
+from vitlab.training.progress import Progress
 from vitlab.training.step import TrainStep, make_train_step, schedule_steps
 
 log = logging.getLogger("vitlab.training")
@@ -69,19 +68,20 @@ class TrainResult:
 
 
 def fit(config: TrainConfig, *, data: DatasetSplits | None = None, model: VisionTransformer | None = None,
-        progress=None) -> TrainResult:
+        normalization: Normalization | None = None, progress: Progress | None = None) -> TrainResult:
     """Train as ``config`` says and write the run folder; return a :class:`TrainResult`.
 
     The model is, in this order: the run's own when ``config.resume`` names a run with a checkpoint; ``model``
-    (a ready, e.g. pretrained, VisionTransformer); the pretrained weights ``config.init`` names (any format
-    :func:`vitlab.interop.load_pretrained` reads); else a fresh ``config.model`` preset. A pretrained model's head
+    (a ready, e.g. pretrained, VisionTransformer, whose inputs were normalised with ``normalization`` when that
+    is known: ``normalize="auto"`` then keeps it); else a fresh ``config.model`` preset. ``config.init`` (weights
+    to fine-tune) is read by :func:`vitlab.train`, which passes them here as ``model``. A pretrained model's head
     is reset to the dataset's classes and its position embedding resized to ``config.image_size``. ``data``: a
-    ready ``DatasetSplits`` (else ``config.data`` is loaded). ``progress``: an object with ``start/update/end``
-    and optionally ``epoch_done`` (see :class:`~vitlab.training.progress.ProgressBar`), used on rank 0.
+    ready ``DatasetSplits`` (else ``config.data`` is loaded). ``progress``: a
+    :class:`~vitlab.training.progress.Progress`, used on rank 0. Figures of the run are :func:`vitlab.train`'s.
     """
     d = _setup_distributed(config.device)
     try:
-        return _train(_prepare(config, data, model, d), progress)
+        return _train(_prepare(config, data, model, normalization, d), progress)
     finally:
         if d.owns_group:
             gc.collect()  # free the DDP reducer's pending work while the process group still exists
@@ -89,7 +89,7 @@ def fit(config: TrainConfig, *, data: DatasetSplits | None = None, model: Vision
 
 
 # ---------------------------------------------------------------- the epoch loop
-def _train(r: "_Run", progress) -> TrainResult:
+def _train(r: "_Run", progress: Progress | None) -> TrainResult:
     config, state, step = r.config, r.state, r.step
     writer = _tensorboard(r.dir) if r.d.is_main else None
     spent, started, stopped, final_eval = state.wall_time, time.perf_counter(), "completed", None
@@ -126,7 +126,7 @@ def _train(r: "_Run", progress) -> TrainResult:
         state.wall_time = row["wall_time"] = spent + time.perf_counter() - started
         state.history.append(row)
         _save(r, row, best=state.record_best(row), writer=writer)
-        if r.d.is_main and hasattr(progress, "epoch_done"):  # an optional method: the epoch's metrics
+        if r.d.is_main and progress is not None:
             progress.epoch_done(row)
         if config.stop_after_epoch is not None and state.planned_epochs > state.epoch >= config.stop_after_epoch:
             stopped = "stop_after_epoch"
@@ -142,8 +142,6 @@ def _train(r: "_Run", progress) -> TrainResult:
             write_json(r.dir / EVAL, final_eval)
         if config.calibrate and stopped != "stop_after_epoch":  # not a pause: the run's model is final
             calibration = _calibrate(r)
-        if config.plots:
-            plot_run_files(r.dir, state.history, final_eval, calibration)
     _barrier(r.d)
     tested = [row for row in state.history if row["top1"] is not None]
     top1 = final_eval["top1"] if final_eval is not None else tested[-1]["top1"] if tested else None
@@ -155,7 +153,7 @@ def _train(r: "_Run", progress) -> TrainResult:
 def _calibrate(r: "_Run") -> dict:
     """Fit the temperature of the checkpoint that ``vitlab.load(run)`` gives (``best/``) on the validation split
     the run held out, and save it there. Rank 0 alone: the split is small."""
-    loaded = load(r.dir, device=str(r.device))
+    loaded = load_checkpoint(r.dir, device=r.device)
     return fit_calibration(loaded, r.data, batch_size=r.config.eval_batch_size, device=r.device,
                            precision=r.precision)
 
@@ -293,7 +291,8 @@ class _Run:
     generator: torch.Generator
 
 
-def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTransformer | None, d: "_Dist") -> _Run:
+def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTransformer | None,
+             normalization: Normalization | None, d: "_Dist") -> _Run:
     """Everything the loop needs, in dependency order; a resumed run gets its model, normalisation and state back."""
     device = resolve_device(config.device, d.local_rank)
     if config.threads is not None:
@@ -303,9 +302,11 @@ def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTrans
     if run is None and config.out:  # a bad --out is named before the data is loaded
         run = _new_run(config, "", d)
     if resuming:  # the run's own architecture and normalisation, as its checkpoint records them
-        model = load_pretrained(run / LAST, format="vitlab", **_model_overrides(config))
+        model = VisionTransformer.from_pretrained(run / LAST, **model_overrides(config))
+        normalization = checkpoint_normalization(run / LAST, model.config.in_channels)
     elif model is None and config.init:
-        model = load_pretrained(config.init, **_model_overrides(config))
+        raise ConfigError(f"TrainConfig.init={config.init!r} is read by vitlab.train; to call fit() yourself, "
+                          "load the weights (vitlab.interop.read_pretrained) and pass them as model=")
     image_size, channels = _input_spec(config, model)
     if data is None:
         data = load_data(config.data, image_size=image_size, channels=channels, val_fraction=config.val_fraction,
@@ -313,7 +314,7 @@ def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTrans
                          workers=config.workers)
     if config.calibrate:  # images the model never trains on, to fit the temperature on at the end
         data = with_val_split(data, config.val_fraction, config.seed)
-    mean, std = (resuming and model.pretrained_normalization) or _normalization(config, data, model, channels, d)
+    mean, std = (resuming and normalization) or _normalization(config, data, model, normalization, channels, d)
     if run is None:
         run = _new_run(config, getattr(data, "name", "data"), d)
 
@@ -371,7 +372,7 @@ def _resumed_run(config: TrainConfig, d: "_Dist") -> tuple[Path | None, bool]:
     if d.is_main:
         recover_run(run)
     _barrier(d)
-    return run, (run / LAST / STATE).is_file()
+    return run, can_resume(run)
 
 
 def _resume_state(config: TrainConfig, run: Path, step: TrainStep, device: torch.device, steps_per_epoch: int,
@@ -420,7 +421,7 @@ def _unused_run_name(config: TrainConfig, data_name: str) -> Path:
 
 
 # ---------------------------------------------------------------- the model and its input
-def _model_overrides(config: TrainConfig) -> dict[str, Any]:
+def model_overrides(config: TrainConfig) -> dict[str, Any]:
     """The ViTConfig fields the run sets: ``model_overrides`` and the dropouts."""
     overrides = dict(config.model_overrides)
     overrides.update({k: getattr(config, k) for k in ("drop_path", "dropout") if getattr(config, k) is not None})
@@ -429,7 +430,7 @@ def _model_overrides(config: TrainConfig) -> dict[str, Any]:
 
 def _build_model(config: TrainConfig, classes: list[str], model: VisionTransformer | None) -> VisionTransformer:
     if model is None:
-        overrides = _model_overrides(config)
+        overrides = model_overrides(config)
         if config.image_size is not None:
             overrides["image_size"] = tuple(config.image_size)
         model = create_model(get_config(config.model, **overrides, num_classes=len(classes), labels=list(classes)))
@@ -445,17 +446,17 @@ def _build_model(config: TrainConfig, classes: list[str], model: VisionTransform
 
 def _input_spec(config: TrainConfig, model: VisionTransformer | None) -> tuple[tuple[int, int], int]:
     """(image size, channels) the data must be loaded at."""
-    model_config = model.config if model is not None else get_config(config.model, **_model_overrides(config))
+    model_config = model.config if model is not None else get_config(config.model, **model_overrides(config))
     size = config.image_size if config.image_size is not None else model_config.image_size
     return tuple(size), model_config.in_channels
 
 
-def _normalization(config: TrainConfig, data, model: VisionTransformer | None, channels: int,
-                   d: "_Dist") -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) the run normalises its inputs with (``TrainConfig.normalize``)."""
+def _normalization(config: TrainConfig, data, model: VisionTransformer | None, pretrained: Normalization | None,
+                   channels: int, d: "_Dist") -> Normalization:
+    """The (mean, std) the run normalises its inputs with (``TrainConfig.normalize``); ``pretrained``: what the
+    given model's own inputs were normalised with, when that is known."""
     choice = config.normalize
     if choice == "auto":
-        pretrained = getattr(model, "pretrained_normalization", None) if model is not None else None
         if pretrained is not None:
             if d.is_main:
                 log.info("normalising with the pretrained weights' mean %s / std %s (normalize=data: this "

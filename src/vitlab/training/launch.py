@@ -46,16 +46,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: TrainConfig, devices: int, *, data=None, progress=None) -> TrainResult:
+def launch(config: TrainConfig, devices: int, *, data=None, model=None, normalization=None,
+           progress=None) -> TrainResult:
     """Train ``config`` on ``devices`` processes of this machine (one a GPU when it has them, else gloo on the
-    CPU); return rank 0's :class:`TrainResult`. ``data``: a ready ``DatasetSplits``, sent to every process;
-    ``progress``: as :func:`fit`'s, driven here by rank 0's calls."""
+    CPU); return rank 0's :class:`TrainResult`. ``data``: a ready ``DatasetSplits``, ``model`` and
+    ``normalization``: as :func:`fit` takes them, sent to every process; ``progress``: as :func:`fit`'s, driven
+    here by rank 0's calls."""
     _check_devices(config, devices)
     _check_picklable(config, data, devices)
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(devices),
            "LOCAL_WORLD_SIZE": str(devices), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     messages = mp.get_context("spawn").SimpleQueue()
-    procs = mp.start_processes(_worker, args=(env, config, data, messages), nprocs=devices, join=False,
+    procs = mp.start_processes(_worker, args=(env, config, data, model, normalization, messages), nprocs=devices, join=False,
                                start_method="spawn")
     inbox = _Inbox(progress)
     try:
@@ -126,13 +128,14 @@ class _Discard:
         return len(data)
 
 
-def _worker(index: int, env: dict[str, str], config: TrainConfig, data, messages) -> None:
+def _worker(index: int, env: dict[str, str], config: TrainConfig, data, model, normalization, messages) -> None:
     """One process: torchrun's environment for rank ``index``, then :func:`fit`; rank 0 reports through
     ``messages``, a rank that fails sends its exception before it exits."""
     os.environ.update(env, RANK=str(index), LOCAL_RANK=str(index))
     torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # as torchrun's OMP_NUM_THREADS would before torch starts
     try:
-        result = fit(config, data=data, progress=_QueueProgress(messages) if index == 0 else None)
+        result = fit(config, data=data, model=model, normalization=normalization,
+                     progress=_QueueProgress(messages) if index == 0 else None)
     except Exception as e:
         messages.put(("error", (index, _picklable_error(e), traceback.format_exc())))
         raise

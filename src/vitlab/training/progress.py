@@ -1,10 +1,28 @@
-"""A one-line progress bar (loss, images/s, ETA) that stays quiet when its stream is not a terminal."""
+"""What training reports as it goes (:class:`Progress`), and a one-line progress bar (loss, images/s, ETA) that
+stays quiet when its stream is not a terminal."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Protocol, TextIO, runtime_checkable
+
+
+@runtime_checkable
+class Progress(Protocol):
+    """What :func:`vitlab.training.fit` calls on rank 0: ``start`` as an epoch begins (its number from 1, the
+    epochs planned, its steps), ``update`` after each step (the running mean loss, images/s), ``end`` when the
+    epoch's steps are done, ``epoch_done`` with the epoch's metrics row once it is evaluated and saved.
+    :class:`ProgressBar`, :class:`vitlab.notebook.NotebookProgress` and the multi-process launcher's relay are
+    the three kinds vitlab has."""
+
+    def start(self, epoch: int, epochs: int, steps: int) -> None: ...
+
+    def update(self, step: int, loss: float, images_per_s: float) -> None: ...
+
+    def end(self) -> None: ...
+
+    def epoch_done(self, row: dict) -> None: ...
 
 
 def format_time(seconds: float) -> str:
@@ -24,10 +42,8 @@ def epoch_eta(step: int, steps: int, started: float) -> tuple[float, float]:
 
 
 class ProgressBar:
-    """Callback the training engine calls with ``start(epoch, epochs, steps)``, ``update(step, loss,
-    images_per_s)`` and ``end()`` (and, on an object that has it, ``epoch_done(row)`` with the epoch's metrics
-    row). Writes to ``stream`` (default stdout) only if it is a terminal, unless
-    ``force``."""
+    """A :class:`Progress` that draws one line per epoch: writes to ``stream`` (default stdout) only if it is a
+    terminal, unless ``force``."""
 
     def __init__(self, stream: TextIO | None = None, width: int = 24, force: bool = False):
         self.stream = stream or sys.stdout
@@ -53,3 +69,6 @@ class ProgressBar:
         if self.enabled:
             self.stream.write("\r" + " " * 100 + "\r")
             self.stream.flush()
+
+    def epoch_done(self, row: dict) -> None:
+        """Nothing: the bar shows steps; the command prints the epoch's line."""

@@ -1,26 +1,25 @@
-"""The Python functions a user calls; each CLI command is a thin wrapper over one of them.
-
-``vitlab.train(config)``, ``vitlab.evaluate(checkpoint, data)``, ``vitlab.calibrate(run)``, ``vitlab.load(path)``,
-``vitlab.plot_run(run)`` and ``vitlab.list_recipes()``.
-"""
+"""Training runs: ``vitlab.train(config)`` (which reads ``config.init``'s pretrained weights, trains, and draws the
+run's figures), ``vitlab.plot_run(run)``, ``vitlab.list_recipes()`` and :func:`resume_config`."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from vitlab._files import read_json
+from vitlab.checkpoints import CONFIG_YAML, EVAL, METRICS, can_resume, read_calibration, read_metrics, require_run_folder
 from vitlab.config import RECIPE_META_KEYS, RECIPES_DIR, TrainConfig, config_from_dict, load_yaml, to_dict
 from vitlab.data import DatasetSplits
-from vitlab.errors import DataError
-from vitlab.evaluation import calibrate, evaluate
-from vitlab.interop import LoadedModel, load
+from vitlab.errors import ConfigError, DataError
+from vitlab.interop import read_pretrained
 from vitlab.notebook import NotebookProgress, RunResult, in_notebook
 from vitlab.plots import plot_run_files
-from vitlab.runs import CONFIG_YAML, EVAL, read_calibration, read_metrics, require_run_folder
-from vitlab.training import fit
+from vitlab.training import TrainResult, fit
+from vitlab.training.engine import model_overrides
 from vitlab.training.launch import launch
+from vitlab.training.progress import Progress
 
 
 def train(config: TrainConfig | None = None, *, data: str | Path | DatasetSplits | None = None, progress=None,
@@ -53,9 +52,26 @@ def train(config: TrainConfig | None = None, *, data: str | Path | DatasetSplits
     if progress is None and in_notebook():
         progress = NotebookProgress()
     progress = None if progress is False else progress
+    if progress is not None and not isinstance(progress, Progress):
+        missing = [m for m in ("start", "update", "end", "epoch_done") if not callable(getattr(progress, m, None))]
+        raise ConfigError(f"progress={type(progress).__name__}: lacks {', '.join(missing)} (see "
+                          "vitlab.training.progress.Progress)")
+    model = normalization = None
+    if config.init and not (config.resume and can_resume(config.resume)):  # a resumed run has its own weights
+        found = read_pretrained(config.init, **model_overrides(config))
+        model, normalization = found.model, found.normalization
     if devices == 1:
-        return RunResult.of(fit(config, data=data, progress=progress))
-    return RunResult.of(launch(config, devices, data=data, progress=progress))
+        result = fit(config, data=data, model=model, normalization=normalization, progress=progress)
+    else:
+        result = launch(config, devices, data=data, model=model, normalization=normalization, progress=progress)
+    _draw(config, result)
+    return RunResult.of(result)
+
+
+def _draw(config: TrainConfig, result: TrainResult) -> None:
+    """The run's figures (``config.plots``), by one process: the caller of a launch, or torchrun's rank 0."""
+    if config.plots and result.history and os.environ.get("RANK", "0") == "0":
+        plot_run_files(result.run_dir, result.history, result.final_eval, result.calibration)
 
 
 def resume_config(run: str | Path, changes: dict[str, Any] | None = None) -> TrainConfig:
@@ -74,7 +90,7 @@ def plot_run(run: str | Path) -> list[Path]:
     run = Path(run)
     history = read_metrics(run)
     if not history:
-        raise DataError(f"{run / 'metrics.jsonl'} is empty: the run has not finished an epoch yet")
+        raise DataError(f"{run / METRICS} is empty: the run has not finished an epoch yet")
     final_eval = read_json(run / EVAL) if (run / EVAL).is_file() else None
     return plot_run_files(run, history, final_eval, read_calibration(run))
 
@@ -92,5 +108,4 @@ def list_recipes() -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["train", "RunResult", "resume_config", "evaluate", "calibrate", "load", "LoadedModel", "plot_run",
-           "list_recipes"]
+__all__ = ["train", "RunResult", "resume_config", "plot_run", "list_recipes"]
