@@ -199,7 +199,7 @@ def _trainer(o, data):
     device = torch.device("cpu")
     precision = default_precision(device)
     step = make_step(model, mode="train", precision=precision, device=device, image_size=(o.size, o.size),
-                     channels=3, num_classes=len(data.classes), mean=data.mean, std=data.std,
+                     channels=3, num_classes=len(data.classes), normalization=(data.mean, data.std),
                      generator=torch.Generator().manual_seed(0))
     return step, precision
 

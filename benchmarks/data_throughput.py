@@ -31,6 +31,7 @@ import torch
 from vitlab import TrainConfig, create_model
 from vitlab.bench import make_step
 from vitlab.data import BatchLoader, TrainTransform, load_data
+from vitlab.data.transforms import Mixing
 from vitlab.data.cache import default_cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,8 +40,8 @@ AUGMENT = {
     # crop + flip: the usual CIFAR recipe
     "basic": dict(crop_padding=4, hflip=True),
     # everything on: RandAugment, random erasing, Mixup/CutMix, label smoothing
-    "full": dict(crop_padding=4, hflip=True, auto_augment="rand-m9-n2", random_erasing=0.25, mixup_alpha=0.8,
-                 cutmix_alpha=1.0, label_smoothing=0.1),
+    "full": dict(crop_padding=4, hflip=True, auto_augment="rand-m9-n2", random_erasing=0.25,
+                 mixing=Mixing(mixup_alpha=0.8, cutmix_alpha=1.0), label_smoothing=0.1),
 }
 
 
@@ -80,7 +81,7 @@ def train_throughput(data, augment: dict, batch_size, device, steps) -> float:
     g = torch.Generator(device=device).manual_seed(0)
     step = make_step(model, mode="train", precision="fp32", device=device, image_size=data.image_size,
                      channels=data.channels, num_classes=len(data.classes), config=TrainConfig(**augment),
-                     mean=data.mean, std=data.std, generator=g)
+                     normalization=(data.mean, data.std), generator=g)
     loader = BatchLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=True, device=device)
     batches = []
     for images, labels in loader:

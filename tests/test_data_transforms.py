@@ -7,6 +7,7 @@ import torch
 
 from vitlab.data import EvalTransform, TrainTransform
 from vitlab.data import transforms as T
+from vitlab.data.transforms import Mixing
 from vitlab.errors import ConfigError
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
@@ -66,8 +67,8 @@ def test_random_crop_is_a_window_of_the_padded_image():
 def test_same_seed_same_batch_other_seed_other_batch():
     x, y = _batch(b=32)
     kw = dict(mean=MEAN, std=STD, image_size=12, num_classes=10, crop_padding=2, hflip=True,
-              auto_augment="rand-m9-n2", random_erasing=0.5, mixup_alpha=0.8, cutmix_alpha=1.0,
-              label_smoothing=0.1)
+              auto_augment="rand-m9-n2", random_erasing=0.5,
+              mixing=Mixing(mixup_alpha=0.8, cutmix_alpha=1.0), label_smoothing=0.1)
     a = TrainTransform(**kw)(x, y, torch.Generator().manual_seed(7))
     b = TrainTransform(**kw)(x, y, torch.Generator().manual_seed(7))
     c = TrainTransform(**kw)(x, y, torch.Generator().manual_seed(8))
@@ -82,8 +83,8 @@ def test_label_smoothing_values():
 
 def test_mixup_targets_sum_to_one_and_mix_the_reversed_batch():
     x, y = _batch(b=8)
-    tf = TrainTransform(mean=(0, 0, 0), std=(1, 1, 1), image_size=12, num_classes=10, mixup_alpha=1.0,
-                        label_smoothing=0.1)
+    tf = TrainTransform(mean=(0, 0, 0), std=(1, 1, 1), image_size=12, num_classes=10,
+                        mixing=Mixing(mixup_alpha=1.0), label_smoothing=0.1)
     out, t = tf(x, y, torch.Generator().manual_seed(3))
     torch.testing.assert_close(t.sum(1), torch.ones(8))
     ref = x.float() / 255
@@ -98,7 +99,7 @@ def test_cutmix_weight_is_the_pasted_area():
     x = torch.zeros(2, 1, 10, 10, dtype=torch.uint8)
     x[1] = 255
     y = torch.tensor([0, 1])
-    tf = TrainTransform(mean=(0,), std=(1,), image_size=10, num_classes=2, cutmix_alpha=1.0)
+    tf = TrainTransform(mean=(0,), std=(1,), image_size=10, num_classes=2, mixing=Mixing(cutmix_alpha=1.0))
     for seed in range(5):
         out, t = tf(x, y, torch.Generator().manual_seed(seed))
         pasted = float(out[0].mean())  # image 0 is black; pasted pixels come from the white image 1
@@ -108,7 +109,7 @@ def test_cutmix_weight_is_the_pasted_area():
 
 def test_mix_prob_zero_is_no_mixing():
     x, y = _batch(b=8)
-    tf = TrainTransform(mean=MEAN, std=STD, image_size=12, num_classes=10, mixup_alpha=1.0, mix_prob=0.0)
+    tf = TrainTransform(mean=MEAN, std=STD, image_size=12, num_classes=10, mixing=Mixing(mixup_alpha=1.0, prob=0.0))
     _, t = tf(x, y, torch.Generator())
     assert torch.equal(t, torch.nn.functional.one_hot(y, 10).float())
 

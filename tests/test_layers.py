@@ -156,3 +156,40 @@ def test_without_the_web_packages_serve_says_what_to_install_in_one_line_and_the
                                       "import vitlab\ntry:\n    vitlab.serve('runs/x')\nexcept ImportError as e:\n"
                                       "    print(type(e).__name__)")
     assert printed.splitlines()[0].startswith('{"name": ') and printed.splitlines()[-1] == "MissingExtraError"
+
+
+# vitlab's own file names; the foreign formats' files of the same name (a Hugging Face folder's config.json and
+# model.safetensors, a saved HF dataset's state.json) are interop's and the HF data source's to name
+VITLAB_FILES = ("model.safetensors", "preprocess.json", "state.json", "config.json", "config.yaml", "metrics.jsonl",
+                "eval.json", "calibration.json", "optimizer.safetensors", "rng.safetensors", "ema.safetensors",
+                "curves.png", "confusion_matrix.png", "reliability.png")
+FOREIGN = ("interop", "data/sources/hf.py")
+
+
+def file_names_outside_checkpoints(root: Path = SRC) -> list[str]:
+    """``file:line: name`` for each string in code (docstrings aside) that names a vitlab file, outside
+    ``checkpoints.py`` and the foreign formats."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative == "checkpoints.py" or relative.startswith(FOREIGN):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        found += [f"{relative}:{node.lineno}: {name}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                  for name in VITLAB_FILES if name in node.value]
+    return found
+
+
+def test_only_the_checkpoints_module_names_vitlabs_files(tmp_path):
+    assert file_names_outside_checkpoints() == []
+    copy = tmp_path / "vitlab"
+    shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    engine = copy / "training" / "engine.py"
+    engine.write_text(engine.read_text(encoding="utf-8") + '\n\nLATE = "best/model.safetensors"\n')
+    lines = len(engine.read_text(encoding="utf-8").splitlines())
+    assert file_names_outside_checkpoints(copy) == [f"training/engine.py:{lines}: model.safetensors"]

@@ -37,7 +37,7 @@ def test_a_bench_step_and_a_fit_step_leave_bit_identical_weights(tmp_path, devic
     model = _tiny_model(config, data.classes).to(device).train()
     generator = torch.Generator(device=device).manual_seed(_epoch_seed(config.seed, 0, 0))
     step = make_step(model, mode="train", precision="fp32", device=device, image_size=(8, 8),
-                     channels=1, num_classes=4, config=config, steps_per_epoch=1, mean=data.mean, std=data.std,
+                     channels=1, num_classes=4, config=config, steps_per_epoch=1, normalization=(data.mean, data.std),
                      generator=generator)
     loader = BatchLoader(data.train, batch_size=16, shuffle=True, seed=config.seed, drop_last=True)
     loader.set_epoch(0)

@@ -20,6 +20,7 @@ import os
 import statistics
 import time
 import weakref
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -157,14 +158,14 @@ def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> i
 # ---------------------------------------------------------------------------------------------- steps
 def make_step(model: nn.Module, *, mode: str, precision: str, device: torch.device, image_size: tuple[int, int],
               channels: int, num_classes: int, config: TrainConfig | None = None, steps_per_epoch: int = 1000,
-              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+              normalization: tuple[Sequence[float], Sequence[float]] | None = None,
               generator: torch.Generator | None = None, forward: Callable | None = None) -> Callable:
     """A closure ``step(images, labels)`` doing one training step or one inference batch, without host syncs.
 
     ``train``: the :class:`~vitlab.training.TrainStep` that ``fit()`` runs for ``config`` (default: the default
     TrainConfig: AdamW, warmup + cosine over ``config.epochs`` x ``steps_per_epoch`` steps, clipping, label
     smoothing; EMA and augmentation when the config has them), on uint8 images ``(B, channels, *image_size)`` and
-    int labels, normalised with ``mean``/``std`` (default 0.5), drawing its augmentation from ``generator``; the
+    int labels, normalised with ``normalization`` (mean, std; default 0.5 per channel), drawing its augmentation from ``generator``; the
     closure's ``train_step`` attribute is that step.
     ``infer``: the forward under autocast and ``inference_mode`` on float images. ``forward`` replaces ``model``
     for the forward call (a ``torch.compile``-d model).
@@ -175,9 +176,10 @@ def make_step(model: nn.Module, *, mode: str, precision: str, device: torch.devi
             with torch.inference_mode(), autocast(device, precision):
                 return logits_of(fwd(images))
         return infer
+    mean, std = normalization or ((0.5,) * channels, (0.5,) * channels)
     train_step = make_train_step(model, config or TrainConfig(), device=device, precision=precision,
                                  steps_per_epoch=steps_per_epoch, num_classes=num_classes, image_size=image_size,
-                                 mean=mean or (0.5,) * channels, std=std or (0.5,) * channels, forward=fwd)
+                                 mean=mean, std=std, forward=fwd)
 
     def train(images, labels):
         return train_step([(images, labels)], generator)
@@ -261,90 +263,124 @@ def deit_augmentation(image_size: tuple[int, int], channels: int) -> dict[str, A
                 cutmix_alpha=1.0, label_smoothing=0.1)
 
 
-def benchmark(model_or_preset: str | ViTConfig | nn.Module, batch: int = 32, mode: str = "train",
-              precision: str | None = "fp32", compile: bool = False, device: str | None = "cpu",
-              repeats: int = 5, *, warmup: int = 2, steps_per_repeat: int | None = None,
-              threads: int | None = None, gradient_checkpointing: bool = False, measure_peak: bool = True,
-              measure_memory: bool = True, flops_per_image: float | None = None, image_size=None,
-              in_channels: int | None = None, num_classes: int | None = None, seed: int = 0,
-              peak_flops: float | None = None, check_syncs: bool = False, augment: bool = False,
-              config: TrainConfig | None = None, **overrides: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BenchOptions:
+    """What :func:`benchmark` times and how (each field is also a keyword of :func:`benchmark`).
+
+    ``precision``: "fp32", "bf16" or "fp16" autocast (``None`` or "auto": :func:`resolve_precision`'s rule, as
+    training; fp16 needs a CUDA GPU). ``compile``: ``torch.compile`` the model (compile time is reported
+    separately, not in the timings). ``steps_per_repeat``: ``None`` picks enough steps for ~0.3 s per repeat (GPU
+    steps take milliseconds). ``gradient_checkpointing``: recompute each block in backward (vitlab models) to save
+    memory. ``check_syncs`` (GPU): make a host-device sync inside a timed step an error. ``config`` (train): the
+    :class:`~vitlab.config.TrainConfig` whose training step is timed (default: the defaults); ``augment`` adds
+    DeiT-style augmentation to it (:func:`deit_augmentation`), so the figures include the on-device input
+    pipeline. ``peak_flops``: reuse a measured :func:`matmul_peak` instead of measuring it again.
+    ``flops_per_image``, ``image_size``, ``in_channels``, ``num_classes``: what a module that is not a vitlab
+    model cannot say itself (a Hugging Face-style ``config.image_size`` etc. is read when it has one).
+    """
+
+    batch: int = 32
+    mode: str = "train"
+    precision: str | None = "fp32"
+    compile: bool = False
+    device: str | None = "cpu"
+    repeats: int = 5
+    warmup: int = 2
+    steps_per_repeat: int | None = None
+    threads: int | None = None
+    gradient_checkpointing: bool = False
+    measure_peak: bool = True
+    measure_memory: bool = True
+    seed: int = 0
+    peak_flops: float | None = None
+    check_syncs: bool = False
+    augment: bool = False
+    config: TrainConfig | None = None
+    flops_per_image: float | None = None
+    image_size: Any = None
+    in_channels: int | None = None
+    num_classes: int | None = None
+
+
+def benchmark(model_or_preset: str | ViTConfig | nn.Module, options: BenchOptions | None = None,
+              **settings: Any) -> dict[str, Any]:
     """Time ``repeats`` x ``steps_per_repeat`` training steps or inference batches; return the figures.
 
     ``model_or_preset``: a preset name (``vitlab models``), a :class:`ViTConfig`, or any module mapping
-    ``(B, C, H, W)`` images to logits (then pass ``flops_per_image`` unless it has a vitlab config, and
-    ``image_size``/``in_channels``/``num_classes`` unless it has ``config.image_size`` etc.).
-    ``precision``: "fp32", "bf16" or "fp16" autocast (``None`` or "auto": :func:`resolve_precision`'s rule, as
-    training; fp16 needs a CUDA GPU).
-    ``compile``: ``torch.compile`` the model (compile time is reported separately, not in the timings).
-    ``steps_per_repeat``: ``None`` picks enough steps for ~0.3 s per repeat (GPU steps take milliseconds).
-    ``gradient_checkpointing``: recompute each block in backward (vitlab models) to save memory.
-    ``check_syncs`` (GPU): make a host-device sync inside a timed step an error.
-    ``config`` (train): the :class:`~vitlab.config.TrainConfig` whose training step is timed (default: the
-    defaults); ``augment`` adds DeiT-style augmentation to it (:func:`deit_augmentation`), so the figures
-    include the on-device input pipeline.
-    ``peak_flops``: reuse a measured :func:`matmul_peak` instead of measuring it again.
+    ``(B, C, H, W)`` images to logits. ``settings``: :class:`BenchOptions` fields (``batch=8, mode="infer"``),
+    over ``options``; any other keyword is a ViTConfig field of the preset (``depth=2``).
     Returns a dict: model, mode, batch, precision, device, threads, compile, images_per_s (median),
     images_per_s_min, images_per_s_max, step_time_s, flops_per_image (per image per step: x3 in training),
     achieved_flops, peak_flops, utilisation, peak_memory_bytes, memory_method, compile_time_s,
     num_parameters, repeats, steps_per_repeat, torch.
     """
-    if mode not in MODES:
-        raise ConfigError(f"mode={mode!r} is not one of {', '.join(MODES)}")
-    dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
-    if repeats < 1 or batch < 1:
-        raise ConfigError(f"repeats={repeats} and batch={batch} must be >= 1")
+    known = {f.name for f in fields(BenchOptions)}
+    o = replace(options or BenchOptions(), **{k: v for k, v in settings.items() if k in known})
+    overrides = {k: v for k, v in settings.items() if k not in known}
+    if o.mode not in MODES:
+        raise ConfigError(f"mode={o.mode!r} is not one of {', '.join(MODES)}")
+    dev = resolve_device(o.device)
+    precision = resolve_precision(o.precision, dev)
+    if o.repeats < 1 or o.batch < 1:
+        raise ConfigError(f"repeats={o.repeats} and batch={o.batch} must be >= 1")
     model, name, cfg = _resolve_model(model_or_preset, overrides)
-    size, chans, classes, flops_fwd = _input_spec(model, cfg, flops_per_image, image_size, in_channels, num_classes)
-    config = config or TrainConfig()
-    if augment and mode == "train":
+    size, chans, classes, flops_fwd = _input_spec(model, cfg, o.flops_per_image, o.image_size, o.in_channels,
+                                                  o.num_classes)
+    config = o.config or TrainConfig()
+    if o.augment and o.mode == "train":
         config = config.replace(**deit_augmentation(size, chans))
-
-    with _threads(threads):
-        torch.manual_seed(seed)
-        model = model.to(dev)
-        model.train(mode == "train")
-        if gradient_checkpointing:
-            if not hasattr(model, "set_gradient_checkpointing"):
-                raise ConfigError(f"{name} has no gradient checkpointing switch")
-            model.set_gradient_checkpointing(True)
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        step = make_step(model, mode=mode, precision=precision, device=dev, image_size=size, channels=chans,
-                         num_classes=classes, config=config, generator=gen,
-                         forward=torch.compile(model) if compile else None)
-        if mode == "train":  # uint8 images, as the loader gives them; the step normalises and augments them
-            images = torch.randint(0, 256, (batch, chans, *size), device=dev, generator=gen, dtype=torch.uint8)
-        else:
-            images = torch.randn(batch, chans, *size, device=dev, generator=gen)
-        labels = torch.randint(0, max(classes, 1), (batch,), device=dev, generator=gen)
-        peak_before = matmul_peak(dev, precision) if peak_flops is None and measure_peak else None
-        times, steps_per_repeat, first = _time_steps(step, images, labels, dev, repeats=repeats, warmup=warmup,
-                                                     steps_per_repeat=steps_per_repeat, check_syncs=check_syncs)
-        peak_mem, method = _peak_memory(model, step, images, labels, dev) if measure_memory else (None, None)
-        peak = peak_flops
-        if peak is None and measure_peak:
-            # before and after the timed steps; the larger is the device's peak (load changes the other)
-            peak = max(peak_before, matmul_peak(dev, precision))
-        used_threads = torch.get_num_threads()
-    if gradient_checkpointing:
-        model.set_gradient_checkpointing(False)
-
-    step_time = statistics.median(times)
-    flops = (TRAIN_FLOPS_FACTOR if mode == "train" else 1) * float(flops_fwd)
-    ips = [batch / t for t in times]
-    achieved = flops * batch / step_time
-    augmented = mode == "train" and bool(config.hflip or config.crop_padding or config.random_resized_crop
-                                         or config.auto_augment or config.mixup_alpha or config.cutmix_alpha)
+    with _threads(o.threads):
+        measured = _measure(model, name, o, config, dev, precision, size, chans, classes)
+    step_time = statistics.median(measured["times"])
+    flops = (TRAIN_FLOPS_FACTOR if o.mode == "train" else 1) * float(flops_fwd)
+    ips = [o.batch / t for t in measured["times"]]
+    achieved = flops * o.batch / step_time
+    augmented = o.mode == "train" and bool(config.hflip or config.crop_padding or config.random_resized_crop
+                                           or config.auto_augment or config.mixup_alpha or config.cutmix_alpha)
+    peak = measured["peak"]
     return dict(
-        model=name, mode=mode, batch=batch, precision=precision, device=str(dev),
-        device_name=_device_name(dev), threads=used_threads if dev.type == "cpu" else None, compile=compile,
-        gradient_checkpointing=gradient_checkpointing, augment=augmented,
+        model=name, mode=o.mode, batch=o.batch, precision=precision, device=str(dev),
+        device_name=_device_name(dev), threads=measured["threads"] if dev.type == "cpu" else None,
+        compile=o.compile, gradient_checkpointing=o.gradient_checkpointing, augment=augmented,
         images_per_s=statistics.median(ips), images_per_s_min=min(ips), images_per_s_max=max(ips),
         step_time_s=step_time, flops_per_image=flops, achieved_flops=achieved, peak_flops=peak,
-        utilisation=(achieved / peak) if peak else None, peak_memory_bytes=peak_mem, memory_method=method,
-        compile_time_s=first if compile else None, num_parameters=sum(p.numel() for p in model.parameters()),
-        repeats=repeats, steps_per_repeat=steps_per_repeat, torch=torch.__version__)
+        utilisation=(achieved / peak) if peak else None, peak_memory_bytes=measured["memory"],
+        memory_method=measured["memory_method"], compile_time_s=measured["first"] if o.compile else None,
+        num_parameters=sum(p.numel() for p in model.parameters()), repeats=o.repeats,
+        steps_per_repeat=measured["steps_per_repeat"], torch=torch.__version__)
+
+
+def _measure(model: nn.Module, name: str, o: BenchOptions, config: TrainConfig, dev: torch.device, precision: str,
+             size: tuple[int, int], chans: int, classes: int) -> dict[str, Any]:
+    """Run and time the steps :func:`benchmark` asks for: the per-repeat times, the first call's time, the peak
+    memory, the device's matmul peak (before and after the timed steps: the larger) and the threads used."""
+    torch.manual_seed(o.seed)
+    model = model.to(dev)
+    model.train(o.mode == "train")
+    if o.gradient_checkpointing:
+        if not hasattr(model, "set_gradient_checkpointing"):
+            raise ConfigError(f"{name} has no gradient checkpointing switch")
+        model.set_gradient_checkpointing(True)
+    gen = torch.Generator(device=dev).manual_seed(o.seed)
+    step = make_step(model, mode=o.mode, precision=precision, device=dev, image_size=size, channels=chans,
+                     num_classes=classes, config=config, generator=gen,
+                     forward=torch.compile(model) if o.compile else None)
+    if o.mode == "train":  # uint8 images, as the loader gives them; the step normalises and augments them
+        images = torch.randint(0, 256, (o.batch, chans, *size), device=dev, generator=gen, dtype=torch.uint8)
+    else:
+        images = torch.randn(o.batch, chans, *size, device=dev, generator=gen)
+    labels = torch.randint(0, max(classes, 1), (o.batch,), device=dev, generator=gen)
+    peak_before = matmul_peak(dev, precision) if o.peak_flops is None and o.measure_peak else None
+    times, steps_per_repeat, first = _time_steps(step, images, labels, dev, repeats=o.repeats, warmup=o.warmup,
+                                                 steps_per_repeat=o.steps_per_repeat, check_syncs=o.check_syncs)
+    memory, method = _peak_memory(model, step, images, labels, dev) if o.measure_memory else (None, None)
+    peak = o.peak_flops
+    if peak is None and o.measure_peak:  # the larger is the device's peak (load changes the other)
+        peak = max(peak_before, matmul_peak(dev, precision))
+    if o.gradient_checkpointing:
+        model.set_gradient_checkpointing(False)
+    return dict(times=times, steps_per_repeat=steps_per_repeat, first=first, memory=memory, memory_method=method,
+                peak=peak, threads=torch.get_num_threads())
 
 
 def _time_steps(step: Callable, images, labels, dev: torch.device, *, repeats: int, warmup: int,

@@ -444,9 +444,17 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field that cannot work."""
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} {why}")
+        self._check_schedule()
+        self._check_regularisation()
+        self._check_augmentation()
+        self._check_run()
 
+    def _bad(self, name: str, why: str) -> ConfigError:
+        return ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} {why}")
+
+    def _check_schedule(self) -> None:
+        """The data, the batch and the optimiser's numbers."""
+        bad = self._bad
         for name in ("model", "data"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise bad(name, "must be a non-empty string")
@@ -472,6 +480,10 @@ class TrainConfig:
             raise bad("label_smoothing", "must be in [0, 1)")
         if not self.val_fraction < 1:
             raise bad("val_fraction", "must be in [0, 1)")
+
+    def _check_regularisation(self) -> None:
+        """Clipping, EMA, layer decay, the time limit, drop path, dropout, AdamW's betas."""
+        bad = self._bad
         if self.clip_grad is not None and not (isinstance(self.clip_grad, (int, float)) and self.clip_grad > 0):
             raise bad("clip_grad", "must be a positive number or null (off)")
         if self.ema_decay is not None and not (isinstance(self.ema_decay, (int, float)) and 0 < self.ema_decay < 1):
@@ -493,6 +505,10 @@ class TrainConfig:
                 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
             raise bad("betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
         self.betas = [float(b) for b in self.betas]
+
+    def _check_augmentation(self) -> None:
+        """The augmentation, the stem's whitening and the test-time views."""
+        bad = self._bad
         if self.random_resized_crop is not None:
             rrc = self.random_resized_crop
             if not (isinstance(rrc, (list, tuple)) and len(rrc) == 2 and 0 < rrc[0] <= rrc[1] <= 1):
@@ -507,6 +523,10 @@ class TrainConfig:
                       "leave it false when fine-tuning")
         if not isinstance(self.tta_shift, int) or isinstance(self.tta_shift, bool) or self.tta_shift < 0:
             raise bad("tta_shift", "must be an integer >= 0 (pixels; 0: no moved views)")
+
+    def _check_run(self) -> None:
+        """Normalisation, precision, device, the model's overrides, the image size, threads, seed, calibration."""
+        bad = self._bad
         if self.normalize not in NORMALIZATIONS:
             raise bad("normalize", f"is not one of {', '.join(NORMALIZATIONS)}")
         if self.precision not in PRECISIONS:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vitlab._device import autocast, resolve_precision
-from vitlab.checkpoints import read_run_config, write_temperature
+from vitlab.checkpoints import CONFIG_JSON, CONFIG_YAML, read_run_config, write_temperature
 from vitlab.data import DatasetSplits, EvalTransform, has_own_val, load_data, with_val_split
 from vitlab.errors import ConfigError, DataError
 from vitlab.loaded import LoadedModel
@@ -146,7 +146,7 @@ def check_classes(model_config, classes: list[str], data: str, source) -> None:
     """A :class:`DataError` unless dataset ``data`` has the classes (names and number) the model was trained on."""
     if model_config.labels is not None and list(model_config.labels) != list(classes):
         raise DataError(f"{data}: its classes {list(classes)[:10]} differ from the model's "
-                        f"{list(model_config.labels)[:10]} ({source}/config.json); evaluate on a dataset with the "
+                        f"{list(model_config.labels)[:10]} ({source}/{CONFIG_JSON}); evaluate on a dataset with the "
                         "classes the model was trained on")
     if model_config.num_classes != len(classes):
         raise DataError(f"{data}: {len(classes)} classes, but the model in {source} has "
@@ -164,7 +164,7 @@ def load_like_run(loaded: LoadedModel, data: str | None, config: dict[str, Any],
     :func:`run_config`) loaded it."""
     spec = data or config.get("data")
     if not spec:
-        raise ConfigError(f"{loaded.path}: no run config.yaml names its data; pass the data spec (--data SPEC)")
+        raise ConfigError(f"{loaded.path}: no run {CONFIG_YAML} names its data; pass the data spec (--data SPEC)")
     pre = loaded.preprocess
     splits = load_data(spec, image_size=pre.image_size, channels=pre.channels,
                        val_fraction=config.get("val_fraction", 0.1), seed=config.get("seed", 0),

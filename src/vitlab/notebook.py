@@ -26,7 +26,7 @@ from vitlab.explain.predict import Prediction, predict
 from vitlab.explain.report import img_tag, write_report
 from vitlab.loaded import LoadedModel, load_checkpoint
 from vitlab.plots import confusion_figure, curves_figure, figure_bytes
-from vitlab.checkpoints import read_run_config
+from vitlab.checkpoints import METRICS, read_run_config
 from vitlab.training import TrainResult
 from vitlab.training.progress import epoch_eta, format_time
 
@@ -89,7 +89,7 @@ class NotebookProgress:
         body = "".join("<tr>" + "".join(f"<td>{_cell(row.get(key), fmt)}</td>" for key, _, fmt in _METRICS)
                        + "</tr>" for row in shown)
         earlier = len(self.history) - len(shown)
-        note = f"<div>{earlier} earlier epoch(s) in metrics.jsonl</div>" if earlier else ""
+        note = f"<div>{earlier} earlier epoch(s) in {METRICS}</div>" if earlier else ""
         table = f'<table class="vitlab-epochs"><tr>{head}</tr>{body}</table>' if shown else ""
         return f'<div class="vitlab-progress"><div>{bar}</div>{note}{table}</div>'
 

@@ -14,6 +14,7 @@ from vitlab.checkpoints import model_folder, write_preprocess
 from vitlab.errors import ConfigError
 from vitlab.interop import (EXPORT_FORMATS, FORMATS, Pretrained, detect_format, export_hf, export_onnx, export_timm,
                             load_pretrained, read_pretrained)
+from vitlab.interop.hf import HF_CONFIG
 from vitlab.loaded import LoadedModel, load_checkpoint, loaded_model
 from vitlab.models import VisionTransformer
 
@@ -91,7 +92,7 @@ def export(model_or_path: VisionTransformer | LoadedModel | str | Path, out: str
     if temperature != 1.0:
         log.warning("the model's fitted temperature %.4f is not applied by a %s export: divide its logits by it "
                     "before the softmax%s", temperature, format,
-                    " (config.json records it as 'logit_temperature')" if format == "hf" else "")
+                    f" ({HF_CONFIG} records it as 'logit_temperature')" if format == "hf" else "")
     return path
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from vitlab.bench import benchmark, format_result
-from vitlab.checkpoints import BEST, LAST
+from vitlab.checkpoints import BEST, CONFIG_JSON, CONFIG_YAML, CONFUSION, EVAL, LAST, PREPROCESS, WEIGHTS
 from vitlab.data import dataset_info
 from vitlab.data.cache import cache_files, clear_cache, default_cache_dir
 from vitlab.data.download import download_dataset
@@ -40,5 +40,6 @@ def pack(*args: Any, **kwargs: Any) -> dict:
     return write_shards(*args, **kwargs)
 
 
-__all__ = ["model_table", "pack", "benchmark", "format_result", "BEST", "LAST", "dataset_info", "cache_files",
+__all__ = ["model_table", "pack", "benchmark", "format_result", "BEST", "LAST", "CONFIG_JSON", "CONFIG_YAML",
+           "CONFUSION", "EVAL", "PREPROCESS", "WEIGHTS", "dataset_info", "cache_files",
            "clear_cache", "default_cache_dir", "download_dataset", "data_kinds_help", "Limits", "ProgressBar"]

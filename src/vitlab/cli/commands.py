@@ -14,7 +14,7 @@ from vitlab._version import __version__
 from vitlab.api import (calibrate, convert, evaluate, export, list_recipes, load, plot_attention, plot_run, predict,
                         read_pretrained, resume_config, serve, train, write_report)
 from vitlab.api.explain import format_table
-from vitlab.api.tools import (BEST, LAST, Limits, ProgressBar, benchmark, cache_files, clear_cache, data_kinds_help,
+from vitlab.api.tools import (BEST, CONFIG_JSON, CONFIG_YAML, CONFUSION, EVAL, LAST, PREPROCESS, WEIGHTS, Limits, ProgressBar, benchmark, cache_files, clear_cache, data_kinds_help,
                               dataset_info, default_cache_dir, download_dataset, format_result, model_table, pack)
 from vitlab.config import apply_overrides, load_train_config, parse_override
 
@@ -244,7 +244,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     width = max(len(c) for c in result["classes"])
     for name, acc in result["per_class"].items():
         print(f"  {name:<{width}}  {100 * acc:6.2f}%")
-    print(f"wrote {out}/eval.json and {out}/confusion_matrix.png")
+    print(f"wrote {out}/{EVAL} and {out}/{CONFUSION}")
     return 0
 
 
@@ -268,7 +268,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 0
     print(f"{result['checkpoint']} on {result['data']}")
     print(format_calibration(result))
-    print(f"saved in {result['checkpoint']}/preprocess.json; predict, report and export now use it")
+    print(f"saved in {result['checkpoint']}/{PREPROCESS}; predict, report and export now use it")
     return 0
 
 
@@ -305,7 +305,7 @@ def _training_commands(sub) -> None:
     p = sub.add_parser("train", help="train a ViT (no arguments: the small default model on the built-in digits)")
     p.add_argument("--model", help="model preset (`vitlab models`); default vit-digits-p2")
     p.add_argument("--data", help=f"data spec: {data_kinds_help()}; default digits")
-    p.add_argument("--recipe", help="a recipe name (`vitlab recipes`) or a YAML file, e.g. RUN/config.yaml")
+    p.add_argument("--recipe", help=f"a recipe name (`vitlab recipes`) or a YAML file, e.g. RUN/{CONFIG_YAML}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any TrainConfig field, e.g. --set lr=1e-3 --set epochs=50 (repeatable)")
     p.add_argument("--epochs", type=int, help="number of epochs")
@@ -320,7 +320,7 @@ def _training_commands(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run or checkpoint: loss, top-1/top-5, per class, confusion")
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
     p.add_argument("--data", help="data spec whose test split to evaluate on (default: the run's own data)")
-    p.add_argument("--out", help="folder for eval.json and confusion_matrix.png (default RUN_OR_CHECKPOINT/eval)")
+    p.add_argument("--out", help=f"folder for {EVAL} and {CONFUSION} (default RUN_OR_CHECKPOINT/eval)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -462,7 +462,7 @@ def _pretrained_commands(sub) -> None:
                        "to a vitlab folder")
     p.add_argument("checkpoint", help="file or folder: HF save_pretrained folder, timm/torchvision .pth or "
                    ".safetensors, google-research .npz")
-    p.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
+    p.add_argument("--out", required=True, help=f"folder to write ({CONFIG_JSON} + {WEIGHTS})")
     p.add_argument("--format", choices=["vitlab", "hf", "timm", "torchvision", "jax"], default=None,
                    help="skip format detection")
     p.add_argument("--num-heads", type=int, default=None,

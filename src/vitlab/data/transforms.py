@@ -390,6 +390,21 @@ def mixup_cutmix(x: torch.Tensor, targets: torch.Tensor, g: torch.Generator | No
     return x, targets * lam + targets.flip(0) * (1 - lam)
 
 
+@dataclass(frozen=True)
+class Mixing:
+    """Mixup / CutMix of a batch (:func:`mixup_cutmix`): the two Beta distributions' alphas (0: off) and the
+    chance that a batch is mixed at all (timm's ``Mixup(mixup_alpha, cutmix_alpha, prob)``)."""
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0
+
+    def __call__(self, x: torch.Tensor, targets: torch.Tensor,
+                 g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return mixup_cutmix(x, targets, g, mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
+                            mix_prob=self.prob)
+
+
 class TrainTransform:
     """The training input pipeline on the batch's device: uint8 images + int labels -> normalised float
     images (B, C, H, W) + soft targets (B, num_classes).
@@ -401,8 +416,7 @@ class TrainTransform:
     def __init__(self, *, mean: Sequence[float], std: Sequence[float], image_size, num_classes: int,
                  crop_padding: int = 0, hflip: bool = False,
                  random_resized_crop: tuple[float, float] | None = None, auto_augment: str | None = None,
-                 random_erasing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                 mix_prob: float = 1.0, label_smoothing: float = 0.0):
+                 random_erasing: float = 0.0, mixing: Mixing | None = None, label_smoothing: float = 0.0):
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         if not 0.0 <= random_erasing <= 1.0:
@@ -423,7 +437,7 @@ class TrainTransform:
         self.random_resized_crop = tuple(random_resized_crop) if random_resized_crop is not None else None
         self.auto_augment = AutoAugment(auto_augment) if auto_augment else None
         self.random_erasing = random_erasing
-        self.mixup_alpha, self.cutmix_alpha, self.mix_prob = mixup_alpha, cutmix_alpha, mix_prob
+        self.mixing = mixing or Mixing()
         self.label_smoothing = label_smoothing
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
@@ -446,9 +460,7 @@ class TrainTransform:
         if self.random_erasing > 0:
             x = random_erasing(x, self.random_erasing, g)
         targets = one_hot_targets(labels, self.num_classes, self.label_smoothing)
-        x, targets = mixup_cutmix(x, targets, g, mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
-                                  mix_prob=self.mix_prob)
-        return x, targets
+        return self.mixing(x, targets, g)
 
 
 class EvalTransform:

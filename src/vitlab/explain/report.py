@@ -89,7 +89,7 @@ def _evaluate(loaded: LoadedModel, num_images: int, method: str):
 def _curves_html(history: list[dict]) -> list[str]:
     parts = ["<h2>Loss, accuracy and calibration</h2>"]
     if not history:
-        return parts + ['<p class="note">no metrics.jsonl in the run folder.</p>']
+        return parts + [f'<p class="note">no {METRICS} in the run folder.</p>']
     last = history[-1]
     return parts + [img_tag(figure_bytes(curves_figure(history)), "training curves"),
                     f'<p class="note">{len(history)} epochs logged; last: train loss '
@@ -165,7 +165,7 @@ def _results_html(run: Path, loaded: LoadedModel, num_images: int, method: str,
         log.warning("cannot evaluate on the run's data (%s); using %s", e, run / EVAL)
         result = read_json(run / EVAL)
         note = (f"The run's data could not be loaded ({html.escape(str(e))}); these numbers are the run's "
-                "<code>eval.json</code> (its last evaluated epoch) and the image grid is left out.")
+                f"<code>{EVAL}</code> (its last evaluated epoch) and the image grid is left out.")
     classes, confusion = list(result["classes"]), result["confusion"]
     totals = [sum(row) for row in confusion]
     rows = [(name, totals[i], confusion[i][i], f"{100 * result['per_class'][name]:.1f}%")

@@ -125,33 +125,9 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(loaded: LoadedModel, *, limits: Limits | None = None) -> Starlette:
-    """The ASGI app that serves ``loaded`` (a model :func:`vitlab.load` loaded): the page, ``POST /api/predict``, ``GET /api/model``, ``GET /healthz`` and ``GET /openapi.json``."""
-    limits = limits or Limits()
-    served = ServedModel(loaded, max_pixels=limits.max_pixels)
-    log.info("serving %s (%d classes, %s px) from %s", served.card["name"], len(loaded.labels),
-             "x".join(map(str, loaded.preprocess.image_size)), loaded.path)
-    page = resources.files("vitlab.server").joinpath("static/index.html").read_text(encoding="utf-8")
-    schemas = SchemaGenerator({"openapi": "3.0.0", "info": {"title": "vitlab serve", "version": __version__}})
-
-    async def index(request: Request) -> HTMLResponse:
-        return HTMLResponse(page)
-
-    async def model(request: Request) -> JSONResponse:
-        """
-        summary: The model served, its classes, input size, normalisation and its run's test metrics.
-        responses:
-          200: {description: "name, classes, image_size, channels, normalization, metrics"}
-        """
-        return JSONResponse(served.card)
-
-    async def healthz(request: Request) -> JSONResponse:
-        """
-        summary: Liveness.
-        responses:
-          200: {description: '{"status": "ok"}'}
-        """
-        return JSONResponse({"status": "ok"})
+def predict_endpoint(served: ServedModel, limits: Limits):
+    """``POST /api/predict`` over ``served``: the uploads read under ``limits``, predicted in a worker thread;
+    each refusal is a status and a one-line JSON error."""
 
     async def predict(request: Request) -> JSONResponse:
         """
@@ -193,10 +169,42 @@ def create_app(loaded: LoadedModel, *, limits: Limits | None = None) -> Starlett
         return JSONResponse({"model": served.card["name"], "results": results,
                              "seconds": round(time.perf_counter() - start, 6)})
 
+    return predict
+
+
+def create_app(loaded: LoadedModel, *, limits: Limits | None = None) -> Starlette:
+    """The ASGI app that serves ``loaded`` (a model :func:`vitlab.load` loaded): the page, ``POST /api/predict``
+    (:func:`predict_endpoint`), ``GET /api/model``, ``GET /healthz`` and ``GET /openapi.json``."""
+    limits = limits or Limits()
+    served = ServedModel(loaded, max_pixels=limits.max_pixels)
+    log.info("serving %s (%d classes, %s px) from %s", served.card["name"], len(loaded.labels),
+             "x".join(map(str, loaded.preprocess.image_size)), loaded.path)
+    page = resources.files("vitlab.server").joinpath("static/index.html").read_text(encoding="utf-8")
+    schemas = SchemaGenerator({"openapi": "3.0.0", "info": {"title": "vitlab serve", "version": __version__}})
+
+    async def index(request: Request) -> HTMLResponse:
+        return HTMLResponse(page)
+
+    async def model(request: Request) -> JSONResponse:
+        """
+        summary: The model served, its classes, input size, normalisation and its run's test metrics.
+        responses:
+          200: {description: "name, classes, image_size, channels, normalization, metrics"}
+        """
+        return JSONResponse(served.card)
+
+    async def healthz(request: Request) -> JSONResponse:
+        """
+        summary: Liveness.
+        responses:
+          200: {description: '{"status": "ok"}'}
+        """
+        return JSONResponse({"status": "ok"})
+
     async def openapi(request: Request) -> JSONResponse:
         return JSONResponse(schemas.get_schema(routes=routes))  # from the YAML in the endpoints' docstrings
 
-    routes = [Route("/", index), Route("/api/predict", predict, methods=["POST"]), Route("/api/model", model),
+    routes = [Route("/", index), Route("/api/predict", predict_endpoint(served, limits), methods=["POST"]), Route("/api/model", model),
               Route("/healthz", healthz), Route("/openapi.json", openapi, include_in_schema=False)]
     app = Starlette(routes=routes)
     app.state.served = served  # the model, its card and its lock, for whoever holds the app

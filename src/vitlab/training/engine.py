@@ -318,27 +318,12 @@ def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTrans
     if run is None:
         run = _new_run(config, getattr(data, "name", "data"), d)
 
-    per_step = d.world_size * config.accum_steps
-    if config.batch_size % per_step:
-        raise ConfigError(f"TrainConfig.batch_size={config.batch_size} must be divisible by world_size x "
-                          f"accum_steps = {d.world_size} x {config.accum_steps}")
-    _check_same_data(data, d, device)
-    loader = data.train.loader(batch_size=config.batch_size // per_step, shuffle=True, seed=config.seed,
-                               drop_last=True, device=device, rank=d.rank, world_size=d.world_size)
-    steps_per_epoch = len(loader) // config.accum_steps
-    if steps_per_epoch < 1:
-        raise ConfigError(f"TrainConfig.batch_size={config.batch_size} is larger than the training set "
-                          f"({len(data.train)} images): lower batch_size")
-
+    loader, steps_per_epoch = _train_loader(config, data, device, d)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = _build_model(config, list(data.classes), model)
     preprocess = Preprocess(image_size=tuple(image_size), channels=channels, mean=tuple(mean), std=tuple(std))
-    if config.whiten_stem and not resuming:  # the same first images on every rank: the same filters
-        sample = data.train.head(WHITEN_IMAGES)
-        done, filters = model.patch_embed.whiten_(sample, transform=preprocess)
-        if d.is_main:
-            log.info("whiten_stem: %d of the first convolution's %d filters whitened on the patches of %d training "
-                     "images", done, filters, len(sample))
+    if config.whiten_stem and not resuming:
+        _whiten(model, data, preprocess, d)
     model = model.to(device)
     step = make_train_step(model, config, device=device, precision=precision, steps_per_epoch=steps_per_epoch,
                            num_classes=len(data.classes), image_size=image_size, mean=mean, std=std,
@@ -362,6 +347,32 @@ def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTrans
                 preprocess=preprocess,
                 loader=loader, steps_per_epoch=steps_per_epoch, step=step, state=state,
                 generator=torch.Generator(device=device))
+
+
+def _train_loader(config: TrainConfig, data: DatasetSplits, device: torch.device, d: "_Dist"):
+    """(this rank's loader of training batches, optimizer steps per epoch)."""
+    per_step = d.world_size * config.accum_steps
+    if config.batch_size % per_step:
+        raise ConfigError(f"TrainConfig.batch_size={config.batch_size} must be divisible by world_size x "
+                          f"accum_steps = {d.world_size} x {config.accum_steps}")
+    _check_same_data(data, d, device)
+    loader = data.train.loader(batch_size=config.batch_size // per_step, shuffle=True, seed=config.seed,
+                               drop_last=True, device=device, rank=d.rank, world_size=d.world_size)
+    steps_per_epoch = len(loader) // config.accum_steps
+    if steps_per_epoch < 1:
+        raise ConfigError(f"TrainConfig.batch_size={config.batch_size} is larger than the training set "
+                          f"({len(data.train)} images): lower batch_size")
+    return loader, steps_per_epoch
+
+
+def _whiten(model: VisionTransformer, data: DatasetSplits, preprocess: Preprocess, d: "_Dist") -> None:
+    """``whiten_stem``: the first convolution whitened on the patches of the first training images (the same
+    images on every rank: the same filters)."""
+    sample = data.train.head(WHITEN_IMAGES)
+    done, filters = model.patch_embed.whiten_(sample, transform=preprocess)
+    if d.is_main:
+        log.info("whiten_stem: %d of the first convolution's %d filters whitened on the patches of %d training "
+                 "images", done, filters, len(sample))
 
 
 def _resumed_run(config: TrainConfig, d: "_Dist") -> tuple[Path | None, bool]:

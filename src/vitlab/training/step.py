@@ -20,6 +20,7 @@ from torch import nn
 from vitlab._device import autocast, sum_dtype
 from vitlab.config import TrainConfig
 from vitlab.data import TrainTransform
+from vitlab.data.transforms import Mixing
 from vitlab.training.optim import WarmupCosine, build_optimizer
 
 
@@ -101,8 +102,8 @@ def train_transform(config: TrainConfig, *, mean, std, image_size, num_classes: 
         mean=tuple(mean), std=tuple(std), image_size=tuple(image_size), num_classes=num_classes,
         crop_padding=config.crop_padding, hflip=config.hflip,
         random_resized_crop=tuple(config.random_resized_crop) if config.random_resized_crop else None,
-        auto_augment=config.auto_augment, random_erasing=config.random_erasing, mixup_alpha=config.mixup_alpha,
-        cutmix_alpha=config.cutmix_alpha, mix_prob=config.mix_prob, label_smoothing=config.label_smoothing)
+        auto_augment=config.auto_augment, random_erasing=config.random_erasing,
+        mixing=Mixing(config.mixup_alpha, config.cutmix_alpha, config.mix_prob), label_smoothing=config.label_smoothing)
 
 
 def schedule_steps(config: TrainConfig, total_steps: int, steps_per_epoch: int) -> tuple[int, int]:
