@@ -73,8 +73,9 @@ TIMM = [
     ("vit_small_patch14_dinov2", {}, {}),
     ("vit_small_patch14_reg4_dinov2", {}, {}),
     ("vit_base_patch16_clip_224", {}, {}),
-    ("vit_base_patch16_clip_quickgelu_224", {}, dict(mlp_activation="quick_gelu")),
+    ("vit_base_patch16_clip_quickgelu_224", {}, {}),  # QuickGELU: read from the file's name (timm's table)
     ("vit_base_patch16_siglip_224", {}, {}),
+    ("vit_base_patch32_siglip_256", {}, {}),  # tanh GELU, likewise
 ]
 # timm models of families vitlab cannot express (name, create_model kwargs, what the refusal must name)
 TIMM_REFUSED = [("beit_base_patch16_224", {}, "BEiT"), ("eva02_tiny_patch14_224", {}, "EVA"),
@@ -95,6 +96,11 @@ def timm_rows(tmp: Path, only: str | None):
         for suffix in (".safetensors", ".pth"):
             path = save_state_dict(peer, tmp / f"{name}{suffix}")
             yield compare("timm", label, suffix, path, ref, x, overrides)
+        if not kwargs:  # timm's hub folder (config.json naming the architecture), as hf_hub:timm/... downloads are
+            from timm.models._hub import save_for_hf
+
+            save_for_hf(peer, tmp / f"{name}-hub", safe_serialization=True)
+            yield compare("timm", label, "hub folder", tmp / f"{name}-hub", ref, x, overrides)
         if "dinov2" in name:  # the 37x37 grid resized to 224 px, as timm's set_input_size does it
             peer.set_input_size(img_size=(224, 224))
             x224 = images((224, 224))

@@ -7,7 +7,8 @@
 - a Hugging Face folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``) of ViT, DeiT
   (distilled too), DINOv2 (with registers too), CLIP's or SigLIP's image tower;
 - a timm ``vision_transformer`` state dict (``.safetensors``, ``.pth``, ``.pt``, ``.bin``), including the
-  ``fc_norm`` / global-average-pool variants, DeiT (distilled), DeiT III, registers, DINOv2, CLIP and SigLIP;
+  ``fc_norm`` / global-average-pool variants, DeiT (distilled), DeiT III, registers, DINOv2, CLIP and SigLIP, or
+  a timm hub folder (``config.json`` naming the architecture, as ``hf_hub:timm/...`` downloads are);
 - a torchvision ``vit_b_16``-style state dict (``.pth``);
 - a google-research ``.npz`` checkpoint (``ViT-B_16.npz`` and friends, with or without ``opt/target/``).
 """
@@ -30,7 +31,8 @@ from vitlab.interop.hf import HF_PREPROCESSOR, export_hf, hf_refusal, is_hf_fold
 from vitlab.interop.hf_layouts import MODEL_TYPES
 from vitlab.interop.jax_npz import is_jax_npz, load_jax_npz, read_npz_keys
 from vitlab.interop.onnx_export import export_onnx
-from vitlab.interop.timm import export_timm, is_timm_state_dict, load_timm, timm_model, unsupported_family
+from vitlab.interop.timm import (export_timm, is_timm_folder, is_timm_state_dict, load_timm, timm_folder_normalization,
+                                 timm_model, unsupported_family)
 from vitlab.interop.torchvision import is_torchvision_state_dict, load_torchvision, torchvision_model
 from vitlab.loaded import Normalization, checkpoint_normalization, per_channel
 from vitlab.models import VisionTransformer
@@ -50,9 +52,12 @@ def _detect(path: Path) -> tuple[str, dict[str, torch.Tensor] | None]:
             return "vitlab", None
         if is_hf_folder(path):
             return "hf", None
+        if is_timm_folder(path):
+            return "timm", None
         raise CheckpointError(hf_refusal(path) or f"{path}: a folder, but neither a vitlab save_pretrained/run "
-                              "folder nor a Hugging Face folder vitlab reads (config.json with model_type "
-                              f"{', '.join(MODEL_TYPES)}); pass the weights file itself")
+                              "folder, a Hugging Face folder vitlab reads (config.json with model_type "
+                              f"{', '.join(MODEL_TYPES)}) nor a timm hub folder (config.json with 'architecture'); "
+                              "pass the weights file itself")
     if path.suffix == ".npz":
         if is_jax_npz(read_npz_keys(path)):
             return "jax", None
@@ -143,6 +148,8 @@ def _normalization(path: Path, fmt: str, channels: int) -> Normalization | None:
         found = IMAGENET_MEAN_STD
     elif fmt == "jax":
         found = INCEPTION_MEAN_STD
+    elif fmt == "timm" and path.is_dir():
+        found = timm_folder_normalization(path)
     elif fmt == "hf" and (path / HF_PREPROCESSOR).is_file():
         cfg = read_json(path / HF_PREPROCESSOR)
         if cfg.get("do_normalize", True) and cfg.get("image_mean") is not None and cfg.get("image_std") is not None:
@@ -158,7 +165,7 @@ def _load(path: Path, fmt: str, state, num_heads: int | None, overrides: dict[st
     if fmt == "timm":
         if state is None:
             return load_timm(path, num_heads=num_heads, **overrides)
-        return timm_model(state, source, num_heads=num_heads, **overrides)
+        return timm_model(state, source, num_heads=num_heads, architecture=path.name, **overrides)
     if fmt == "torchvision":
         if state is None:
             return load_torchvision(path, num_heads=num_heads, **overrides)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vitlab._files import read_json
 from vitlab.config import ViTConfig, pair
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.interop._common import (build_and_load, count_blocks, image_size_from_tokens, make_config, need,
@@ -213,8 +214,63 @@ def export_timm(model: VisionTransformer, path: str | Path) -> Path:
     return path
 
 
+# The timm ViTs whose MLP is not exact GELU, by architecture name (the weights cannot tell: the activation has no
+# parameters). Every other timm vision_transformer vitlab reads uses nn.GELU. Generated from timm 1.0.x by
+# benchmarks/timm_activations.py (timm's own models on the meta device, their blocks[0].mlp.act), which
+# prints this table; rerun it when timm adds a family.
+TIMM_ACTIVATIONS = {
+    **dict.fromkeys(["vit_base_patch16_clip_quickgelu_224", "vit_base_patch32_clip_quickgelu_224",
+                     "vit_gigantic_patch14_clip_quickgelu_224", "vit_huge_patch14_clip_quickgelu_224",
+                     "vit_huge_patch14_clip_quickgelu_378", "vit_large_patch14_clip_quickgelu_224",
+                     "vit_large_patch14_clip_quickgelu_336"], "quick_gelu"),
+    **dict.fromkeys(["vit_base_patch32_siglip_256", "vit_base_patch32_siglip_gap_256",
+                     "vit_giantopt_patch16_siglip_256", "vit_giantopt_patch16_siglip_384",
+                     "vit_giantopt_patch16_siglip_gap_256", "vit_giantopt_patch16_siglip_gap_384",
+                     "vit_large_patch16_siglip_512", "vit_large_patch16_siglip_gap_512",
+                     "vit_so400m_patch16_siglip_256", "vit_so400m_patch16_siglip_384", "vit_so400m_patch16_siglip_512",
+                     "vit_so400m_patch16_siglip_gap_256", "vit_so400m_patch16_siglip_gap_384",
+                     "vit_so400m_patch16_siglip_gap_512"], "gelu_tanh"),
+}
+TIMM_CONFIG, TIMM_SAFETENSORS, TIMM_BIN = "config.json", "model.safetensors", "pytorch_model.bin"  # timm's hub folder
+
+
+def timm_activation(name: str) -> str | None:
+    """The MLP activation of timm architecture ``name`` when it is not GELU (``quick_gelu``, ``gelu_tanh``), read
+    from :data:`TIMM_ACTIVATIONS`; a file named after it counts (``vit_base_patch16_clip_quickgelu_224.openai
+    .safetensors``: the longest known name the file name starts with). None: GELU, or a name not known."""
+    matches = [arch for arch in TIMM_ACTIVATIONS if name == arch or name.startswith(arch + ".")]
+    return TIMM_ACTIVATIONS[max(matches, key=len)] if matches else None
+
+
+def _timm_hub_config(path: Path) -> dict | None:
+    """The ``config.json`` of a timm hub folder (what ``timm.models.push_to_hf_hub`` / ``save_for_hf`` write and
+    ``hf_hub:timm/...`` downloads: ``architecture`` + ``pretrained_cfg``), or None."""
+    file = path / TIMM_CONFIG
+    if not file.is_file():
+        return None
+    data = read_json(file)
+    named = isinstance(data, dict) and isinstance(data.get("architecture"), str)
+    return data if named and ("pretrained_cfg" in data or "num_features" in data) and "model_type" not in data \
+        else None
+
+
+def is_timm_folder(path: str | Path) -> bool:
+    """True for a timm hub folder of a ViT (its ``config.json`` names a ``vit_*`` / ``deit*`` / ``*siglip*`` ...
+    architecture, with ``model.safetensors`` or ``pytorch_model.bin`` beside it)."""
+    path = Path(path)
+    return (path.is_dir() and _timm_hub_config(path) is not None
+            and ((path / TIMM_SAFETENSORS).is_file() or (path / TIMM_BIN).is_file()))
+
+
+def timm_folder_normalization(path: str | Path) -> tuple[Any, Any] | None:
+    """The (mean, std) a timm hub folder's ``pretrained_cfg`` gives, or None."""
+    cfg = (_timm_hub_config(Path(path)) or {}).get("pretrained_cfg") or {}
+    return (cfg["mean"], cfg["std"]) if cfg.get("mean") is not None and cfg.get("std") is not None else None
+
+
 def load_timm(path: str | Path, *, num_heads: int | None = None, **overrides: Any) -> VisionTransformer:
-    """Load a timm ``vision_transformer`` state dict (``.safetensors`` or ``.pth``) into a vitlab model.
+    """Load a timm ``vision_transformer`` state dict (``.safetensors`` or ``.pth``), or a timm hub folder (its
+    ``config.json`` names the architecture, its weights beside it), into a vitlab model.
 
     The architecture is inferred from the weights: hidden size and patch from ``patch_embed.proj`` (no bias:
     CLIP), depth from the blocks, image size from the ``pos_embed`` grid (with or without positions for the
@@ -222,22 +278,39 @@ def load_timm(path: str | Path, *, num_heads: int | None = None, **overrides: An
     register tokens, CLIP's ``norm_pre``, the attention pool (``attn_pool``: SigLIP), layer scale, classes from
     ``head`` (none: no head), mean pooling when ``fc_norm`` is present or there is no class token. timm files
     do not store the number of heads: ``num_heads`` gives it, else the standard table by hidden size is used
-    (:data:`~vitlab.interop._common.STANDARD_HEADS`). Nor do they store the MLP's activation: GELU is assumed;
-    timm's ``*_clip_quickgelu_*`` models (OpenAI's CLIP weights) need ``mlp_activation="quick_gelu"``.
+    (:data:`~vitlab.interop._common.STANDARD_HEADS`). Nor do they store the MLP's activation: the architecture's
+    (:func:`timm_activation`: QuickGELU for OpenAI's CLIP, tanh GELU for some SigLIPs) when a hub folder names
+    it or the file is named after it, else GELU (``mlp_activation=`` says otherwise).
     ``overrides`` set any other :class:`ViTConfig` field (e.g. ``pool="mean"`` for a ``global_pool='avg'``
     model without ``fc_norm``, whose weights cannot tell). A family vitlab cannot express (BEiT, EVA, SwiGLU,
     qk-norm, ...) is refused with the key that shows it.
     """
-    return timm_model(read_state_dict(path), str(path), num_heads=num_heads, **overrides)
+    path = Path(path)
+    if path.is_dir():
+        hub = _timm_hub_config(path)
+        if hub is None:
+            raise CheckpointError(f"{path}: not a timm hub folder ({TIMM_CONFIG} with 'architecture' and "
+                                  "'pretrained_cfg')")
+        weights = path / TIMM_SAFETENSORS if (path / TIMM_SAFETENSORS).is_file() else path / TIMM_BIN
+        if num_heads is None:  # a model built with arguments records them (a hub download of a preset does not)
+            num_heads = (hub.get("model_args") or {}).get("num_heads")
+        return timm_model(read_state_dict(weights), str(weights), num_heads=num_heads, architecture=hub["architecture"],
+                          **overrides)
+    return timm_model(read_state_dict(path), str(path), num_heads=num_heads, architecture=path.name, **overrides)
 
 
 def timm_model(state: dict[str, torch.Tensor], source: str, *, num_heads: int | None = None,
-               **overrides: Any) -> VisionTransformer:
-    """:func:`load_timm` of a state dict already read (``source`` names its file in errors)."""
+               architecture: str | None = None, **overrides: Any) -> VisionTransformer:
+    """:func:`load_timm` of a state dict already read (``source`` names its file in errors; ``architecture``:
+    the timm model name, or a file name, that may say the MLP's activation)."""
     fields = timm_config_fields(state, source, num_heads, image_size=overrides.get("image_size"))
-    if fields["norm_before_blocks"] and "mlp_activation" not in overrides:
-        log.warning("%s: a CLIP image tower; timm files do not say the MLP's activation: GELU is used, as in "
-                    "OpenCLIP's weights; OpenAI's (timm's *_quickgelu models) need mlp_activation='quick_gelu'",
+    activation = timm_activation(architecture) if architecture else None
+    if activation is not None:
+        fields["mlp_activation"] = activation
+    elif (fields["norm_before_blocks"] or "attn_pool.latent" in state) and "mlp_activation" not in overrides:
+        log.warning("%s: a CLIP or SigLIP image tower; a timm state dict does not say the MLP's activation and its "
+                    "name is not one of timm's: GELU is used (OpenCLIP's CLIP, most SigLIPs); OpenAI's CLIP "
+                    "(timm's *_quickgelu models) needs mlp_activation='quick_gelu', some SigLIPs 'gelu_tanh'",
                     source)
     config = make_config(fields, overrides, source)
     return build_and_load(config, convert_timm_state_dict(state, config), source)
