@@ -50,6 +50,17 @@ def test_a_recipe_file_reads_numbers_as_the_command_line_does(tmp_path):
     assert parse_override("note=1e-3x") == ("note", "1e-3x")  # not a number: still text
 
 
+def test_only_true_and_false_are_booleans_as_in_yaml_1_2():
+    from vitlab.config import load_train_config, parse_yaml
+
+    assert parse_yaml("[true, False, TRUE, yes, no, on, off, y, n]") == [True, False, True, "yes", "no", "on", "off",
+                                                                           "y", "n"]
+    assert load_train_config(None, ["calibrate=true"]).calibrate is True
+    with pytest.raises(ConfigError, match=r"^TrainConfig.calibrate='yes' must be true or false$"):
+        load_train_config(None, ["calibrate=yes"])
+    assert parse_override("recipe=no") == ("recipe", "no")  # a name, not False
+
+
 def test_a_bad_value_in_a_file_names_the_file(tmp_path):
     import json
 

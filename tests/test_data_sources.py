@@ -384,7 +384,7 @@ def test_list_image_files_follows_symlinked_folders_skips_hidden_and_loops(tmp_p
 
 
 def test_folder_source_and_predict_listing_agree_on_symlinked_subfolder(tmp_path):
-    from vitlab.explain.images import list_images
+    from vitlab.explain.inputs import list_images
 
     root = tmp_path / "ds"
     write_image_folder(root, per_class=3)

@@ -15,7 +15,7 @@ from vitlab import ViTConfig, VisionTransformer
 from vitlab._files import write_json
 from vitlab.cli import main
 from vitlab.api import plot_attention
-from vitlab.explain.images import list_images
+from vitlab.explain.inputs import list_images
 from vitlab.explain.maps import compute_attention_maps, upsample_maps
 from vitlab.plots import heatmap_overlay
 from vitlab.api import predict

@@ -97,7 +97,7 @@ def test_imports_run_downwards_only():
 
 @pytest.mark.parametrize("source, target", [
     ("models/vit.py", "vitlab.data"), ("training/engine.py", "vitlab.explain"), ("training/step.py", "vitlab.bench"),
-    ("explain/report.py", "vitlab.training"), ("interop/hf.py", "vitlab.training"), ("data/load.py", "vitlab.cli"),
+    ("explain/report.py", "vitlab.training"), ("interop/hf.py", "vitlab.training"), ("data/specs.py", "vitlab.cli"),
     ("checkpoints.py", "vitlab.models"), ("config.py", "vitlab"), ("server/app.py", "vitlab.api"),
     ("server/model.py", "vitlab.bench"), ("loaded.py", "vitlab.evaluation"), ("metrics.py", "vitlab.data"),
     ("training/engine.py", "vitlab.interop"), ("training/step.py", "vitlab.plots"), ("evaluation.py", "vitlab.plots"),

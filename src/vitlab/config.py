@@ -293,8 +293,17 @@ def check_num_heads(overrides: dict[str, Any], stored: int, source: str, field: 
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading numbers as YAML 1.2 does: ``1e-3`` is a float (YAML 1.1, which PyYAML
-    follows, wants ``1.0e-3`` and reads ``1e-3`` as a string), so recipes and ``--set`` agree."""
+    """PyYAML's safe loader, reading numbers and booleans as YAML 1.2 does: ``1e-3`` is a float (YAML 1.1, which
+    PyYAML follows, wants ``1.0e-3`` and reads ``1e-3`` as a string), and only true/false are booleans (YAML 1.1
+    also reads yes/no/on/off, so ``--set calibrate=yes`` passed and ``--set name=no`` became False); recipes and
+    ``--set`` agree."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {  # the 1.1 bool resolver out, the 1.2 one in (below)
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
 
 
 _Yaml12Loader.add_implicit_resolver(

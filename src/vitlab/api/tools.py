@@ -12,7 +12,7 @@ from vitlab.checkpoints import BEST, CONFIG_JSON, CONFIG_YAML, CONFUSION, EVAL, 
 from vitlab.data import dataset_info
 from vitlab.data.cache import cache_files, clear_cache, default_cache_dir
 from vitlab.data.download import download_dataset
-from vitlab.data.load import data_kinds_help
+from vitlab.data.specs import data_kinds_help
 from vitlab.models import PRESETS, create_model, get_config
 from vitlab.server import Limits
 from vitlab.training.progress import ProgressBar

@@ -8,7 +8,7 @@ augment and normalise them there.
 """
 
 from vitlab.data.images import decode_image, list_image_files
-from vitlab.data.load import DATA_KINDS, dataset_info, has_own_val, load_data, parse_data_spec, with_val_split
+from vitlab.data.specs import DATA_KINDS, dataset_info, has_own_val, load_data, parse_data_spec, with_val_split
 from vitlab.data.loader import ArrayDataset, BatchLoader, DatasetSplits, channel_mean_std, stratified_split
 from vitlab.data.transforms import EvalTransform, Preprocess, TrainTransform
 

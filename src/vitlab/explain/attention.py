@@ -12,7 +12,7 @@ import torch
 from vitlab.data import load_data
 from vitlab.data.transforms import resize_uint8
 from vitlab.errors import ConfigError, DataError
-from vitlab.explain.images import list_images, read_image, true_label_from_folder
+from vitlab.explain.inputs import list_images, read_image, true_label_from_folder
 from vitlab.explain.maps import AttentionMaps, compute_attention_maps, upsample_maps
 from vitlab.loaded import LoadedModel
 from vitlab.plots import Panel, attention_figure, figure_format, save_figure

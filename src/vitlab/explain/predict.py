@@ -15,7 +15,7 @@ import torch
 
 from vitlab.data.sources.folder import cached_files, decode_files
 from vitlab.errors import ConfigError
-from vitlab.explain.images import list_images
+from vitlab.explain.inputs import list_images
 from vitlab.loaded import LoadedModel
 
 log = logging.getLogger(__name__)

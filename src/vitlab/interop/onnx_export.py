@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import warnings
 from pathlib import Path
@@ -37,10 +38,8 @@ def export_onnx(model: VisionTransformer, path: str | Path, *, opset: int = 17, 
     """
     from vitlab._files import atomic_write_bytes
 
-    try:
-        import onnx  # noqa: F401  (the exporter needs it; say so plainly instead of a deep ImportError)
-    except ImportError:
-        raise ConfigError("ONNX export needs the onnx package: pip install onnx onnxruntime") from None
+    if importlib.util.find_spec("onnx") is None:  # torch's exporter imports it deep inside: say so plainly first
+        raise ConfigError("ONNX export needs the onnx package: pip install onnx onnxruntime")
     c = model.config
     was_training = model.training
     ref = next(model.parameters())

@@ -642,7 +642,7 @@ def pack(spec: str, out: str | os.PathLike, *, shard_size: int = 5000, seed: int
 
 def _pack_source(spec, image_size, channels, cache_dir, workers):
     """(classes, {split: (count, sample_of(i) -> the sample's files)}) of the dataset to pack."""
-    from vitlab.data.load import load_data, parse_data_spec
+    from vitlab.data.specs import load_data, parse_data_spec
 
     kind, path = parse_data_spec(spec)
     if kind == "folder" and image_size is None and channels is None:
