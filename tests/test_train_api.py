@@ -197,30 +197,47 @@ class _VirtualClock:
 
 def test_time_limit_plans_in_steps_ends_the_cosine_with_the_time_and_cuts_the_last_epoch(tmp_path, monkeypatch):
     # 20 steps an epoch of 1 s each, an evaluation of 10 s after every epoch, 90 s: a plan in whole epochs fits 2
-    # (3 would cost 3 x (1.05 x 20 + 10) = 93 s) and ends at 60 s; in steps it trains 59 and ends at 89 s
+    # (3 would cost 3 x (1.05 x 20 + 10) = 93 s) and ends at 60 s. In steps, after epoch 2 (50 s) the plan ends
+    # with epoch 3 (20 steps and the final evaluation: 31 s of the 40 left) if epoch 2 is not evaluated, one step
+    # sooner if it is: it is not. After epoch 3 (70 s, the plan having grown to 69 steps as the evaluation's time
+    # freed) the same holds for epoch 3's: the run trains 9 steps of epoch 4 in its place and ends at 89 s
     clock = _VirtualClock(monkeypatch, step=1.0, evaluation=10.0)
     result = vitlab.train(tiny_config(tmp_path, epochs=10, time_limit_minutes=1.5, min_lr=1e-5),
                           data=tiny_splits(n_train=320))
     state = json.loads((result.run_dir / "last/state.json").read_text())
     steps = [row["steps"] for row in result.history]
     assert result.stopped == "completed" and clock.now <= 90.0
-    assert steps[:-1] == [20] * (len(steps) - 1) and 0 < steps[-1] < 20  # the last epoch ends with the plan
-    assert sum(steps) == clock.steps == state["scheduler"]["step"] == state["scheduler"]["total_steps"]
-    assert len(steps) == 3 and state["planned_epochs"] == state["epoch"] == 3
-    assert 90.0 - clock.now < 1.05 * 1.0 + 10.0 / 20 + 1.0  # less than a step and its share of evaluations unused
+    assert steps == [20, 20, 20, 9]  # the last epoch ends with the plan
+    assert sum(steps) == clock.steps == state["scheduler"]["step"] == state["scheduler"]["total_steps"] == 69
+    assert state["planned_epochs"] == state["epoch"] == 4
+    assert 90.0 - clock.now < 1.05 * 1.0 + 1.0  # less than a step unused
     assert result.history[-1]["lr"] == pytest.approx(1e-5)  # the cosine came down with the time
-    assert [row["top1"] is not None for row in result.history] == [True] * 3
+    assert [row["top1"] is not None for row in result.history] == [True, False, False, True]
     assert result.history[-1]["images_per_s"] == pytest.approx(16.0)  # its own steps: 16 images a virtual second
 
 
+def test_time_limit_does_not_evaluate_an_epoch_one_step_before_the_final_evaluation(tmp_path, monkeypatch):
+    # 72 s: after epoch 2 (50 s) the plan with that epoch's 10 s evaluation has room for 1 step of epoch 3 and the
+    # final evaluation (an evaluation, 1 step, another evaluation); without it, 11 steps fit and the run still
+    # ends inside epoch 3, so epoch 2 is not evaluated and the last evaluation falls on the last step
+    clock = _VirtualClock(monkeypatch, step=1.0, evaluation=10.0)
+    result = vitlab.train(tiny_config(tmp_path, epochs=10, time_limit_minutes=1.2), data=tiny_splits(n_train=320))
+    assert [row["steps"] for row in result.history] == [20, 20, 11] and clock.steps == 51
+    assert [row["top1"] is not None for row in result.history] == [True, False, True]
+    assert result.stopped == "completed" and 71.0 <= clock.now <= 72.0
+    state = json.loads((result.run_dir / "last/state.json").read_text())
+    assert state["scheduler"]["step"] == state["scheduler"]["total_steps"] == 51
+
+
 def test_time_limit_says_when_epochs_ends_the_run_before_the_time_does(tmp_path, monkeypatch, caplog):
-    # 90 s would hold 59 steps (the test above); epochs=2 caps the run at 40: one line says so, once
+    # 90 s: the first plan (after epoch 1's evaluation) finds room for 60 steps; epochs=2 caps the run at 40: one
+    # line says so, once
     _VirtualClock(monkeypatch, step=1.0, evaluation=10.0)
     with caplog.at_level(logging.INFO, logger="vitlab.training"):
         result = vitlab.train(tiny_config(tmp_path, epochs=2, time_limit_minutes=1.5), data=tiny_splits(n_train=320))
     assert result.stopped == "completed" and [row["steps"] for row in result.history] == [20, 20]
     told = [r.getMessage() for r in caplog.records if "would fit" in r.getMessage()]
-    assert told == ["time limit 1.5 min: 2.9 epochs would fit, epochs=2 ends the run sooner (raise epochs to use "
+    assert told == ["time limit 1.5 min: 3.0 epochs would fit, epochs=2 ends the run sooner (raise epochs to use "
                     "the time)"]
 
 

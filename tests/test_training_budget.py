@@ -34,6 +34,31 @@ def test_the_rule_counts_the_evaluations_the_steps_pass_and_keeps_the_final_one_
     assert steps_that_fit(seconds_left=1006.06, final_eval_scale=3.0, **kw) == 1901
 
 
+def test_an_evaluation_the_end_follows_within_an_epoch_is_dropped_and_its_time_trained():
+    # as above, epochs of 100 steps: the evaluation 100 steps on is not paid by a plan ending within 100 steps of it
+    kw = dict(done=1000, step_time=1.0, eval_time=10.0, to_next_eval=100, steps_per_eval=400)
+    assert steps_that_fit(seconds_left=10.0 + 150 * 1.05 + 0.01, **kw) == 1140  # paying it: (167.51 - 20) // 1.05
+    assert steps_that_fit(seconds_left=10.0 + 150 * 1.05 + 0.01, drop_within=100, **kw) == 1150  # dropped
+    assert steps_that_fit(seconds_left=10.0 + 201 * 1.05 + 0.01, drop_within=100, **kw) == 1200  # 201 pay it
+    assert steps_that_fit(seconds_left=20.0 + 201 * 1.05 + 0.01, drop_within=100, **kw) == 1201
+    # this epoch's evaluation too: dropped by a plan of at most 100 steps
+    assert steps_that_fit(seconds_left=10.0 + 50 * 1.05 + 0.01, evaluating_now=True, **kw) == 1040
+    assert steps_that_fit(seconds_left=10.0 + 50 * 1.05 + 0.01, evaluating_now=True, drop_within=100, **kw) == 1050
+    # after epoch 10, 62.51 s left: the final evaluation and 50 steps, or this epoch's evaluation too and 40
+    budget = _budget([1.0] * 4, seconds=10.0 + 50 * 1.05 + 0.01, eval_every=1)
+    assert budget.epoch_done(100.0, 100, epoch=10, done=1000, planned=2000) == (1050, False)
+    assert budget.skip_evaluation  # the engine does not evaluate epoch 10: the last evaluation is on step 1050
+    # kept when it costs no steps: `epochs` ends the run at 1050 with or without it
+    budget = _budget([1.0] * 4, seconds=10.0 + 62 * 1.05, eval_every=1)
+    budget.most_steps = 1050
+    assert budget.epoch_done(100.0, 100, epoch=10, done=1000, planned=1050) == (1050, False)
+    assert not budget.skip_evaluation
+    # and when the end is more than an epoch away
+    budget = _budget([1.0] * 4, seconds=20.0 + 101 * 1.05 + 0.01, eval_every=1)
+    assert budget.epoch_done(100.0, 100, epoch=10, done=1000, planned=2000) == (1101, False)
+    assert not budget.skip_evaluation
+
+
 def test_the_plan_follows_what_fits_up_to_epochs_and_stops_when_nothing_does():
     assert revise_plan(2000, 1900, done=1000, most=4000) == (1900, False)
     assert revise_plan(1000, 3000, done=300, most=4000) == (3000, False)
@@ -86,9 +111,10 @@ def test_steps_are_costed_at_the_median_of_the_last_five_epochs():
 def test_before_the_first_evaluation_the_plan_waits_for_it_and_then_may_grow():
     budget = _budget([], eval_time=None, seconds=3000.0, eval_every=1)
     assert budget.epoch_done(100.0, 100, epoch=1, done=100, planned=1000) == (1000, False)  # none timed yet
-    # 10 s after each 100 steps of 1.05 s: 115 s an epoch; the final evaluation aside, 26 epochs (2990 s) ...
-    assert budget.evaluation_done(10.0, epoch=1, done=100, planned=1000) == (100 + 26 * 100, False)
-    assert budget.evaluation_done(10.0, epoch=2, done=200, planned=2700) == (2700, False)  # only the first plans
+    # 10 s after each 100 steps of 1.05 s: 115 s an epoch; the final evaluation aside, 26 epochs (2990 s), and the
+    # evaluation after the 26th, which the end follows within an epoch, is dropped: its 10 s train 9 steps more
+    assert budget.evaluation_done(10.0, epoch=1, done=100, planned=1000) == (100 + 26 * 100 + 9, False)
+    assert budget.evaluation_done(10.0, epoch=2, done=200, planned=2709) == (2709, False)  # only the first plans
 
 
 def test_the_first_steps_of_a_fresh_run_lay_the_plan_out_and_every_quarter_epoch_revises_it():

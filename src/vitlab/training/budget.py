@@ -3,8 +3,10 @@
 One rule, applied early in the first epoch, at every quarter of an epoch and after every epoch:
 
     a step costs MARGIN x its training time; the run plans the most optimizer steps that fit in the time left
-    together with the evaluations they pass (one after every ``eval_every``-th epoch), the final evaluation (which
-    may score more test-time views), and this epoch's when it is about to be evaluated.
+    together with the evaluations they pass (one after every ``eval_every``-th epoch, this epoch's included when it
+    is about to be evaluated) and the final evaluation (which may score more test-time views); an evaluation that
+    the end follows within one epoch is dropped (when it would cost steps) and its time trained, so that the last
+    evaluation is the final one, on the last step, not one at an epoch's end and another a step or a few later.
 
 The warmup + cosine schedule is laid out over those steps, so the learning rate comes down to ``min_lr`` when the
 time runs out, and the last epoch ends where the plan does (its batches are the first part of that epoch's
@@ -35,20 +37,24 @@ CHECKS_PER_EPOCH = 4  # replans inside an epoch, besides the probe and the epoch
 
 
 def steps_that_fit(*, done: int, seconds_left: float, step_time: float, eval_time: float, to_next_eval: int,
-                   steps_per_eval: int, evaluating_now: bool = False, final_eval_scale: float = 1.0) -> int:
+                   steps_per_eval: int, evaluating_now: bool = False, final_eval_scale: float = 1.0,
+                   drop_within: int = 0) -> int:
     """The rule: ``done`` plus the most steps of ``step_time`` seconds that fit in ``seconds_left`` together with
     the evaluations of ``eval_time`` they pass (the first after ``to_next_eval`` steps, then one every
-    ``steps_per_eval``), the final evaluation, ``final_eval_scale`` times as long (it may score more views), and
-    this epoch's when ``evaluating_now``."""
+    ``steps_per_eval``; this epoch's, now, when ``evaluating_now``) and the final evaluation, ``final_eval_scale``
+    times as long (it may score more views). An evaluation that the end follows within ``drop_within`` steps
+    costs nothing: it is dropped, the final one follows it so closely."""
     per_step = MARGIN * max(step_time, 1e-9)
-    kept_aside = eval_time * (final_eval_scale + evaluating_now)
+    final = eval_time * final_eval_scale
+    first = to_next_eval + drop_within  # the first evaluation is paid by a plan longer than this
 
-    def cost(n: int) -> float:
-        passed = 0 if n <= to_next_eval else 1 + (n - to_next_eval - 1) // steps_per_eval  # the end's is final
-        return per_step * n + eval_time * passed + kept_aside
+    def cost(n: int) -> float:  # grows with n: each evaluation is paid from the step `drop_within` after it on
+        paid = int(evaluating_now and n > drop_within)
+        paid += 0 if n <= first else 1 + (n - first - 1) // steps_per_eval
+        return per_step * n + eval_time * paid + final
 
-    fits, most = 0, max(int((seconds_left - kept_aside) // per_step), 0)  # no evaluation passed: the most
-    while fits < most:  # the largest n with cost(n) <= seconds_left (cost grows with n)
+    fits, most = 0, max(int((seconds_left - final) // per_step), 0)  # no evaluation paid: the most
+    while fits < most:  # the largest n with cost(n) <= seconds_left
         n = (fits + most + 1) // 2
         fits, most = (n, most) if cost(n) <= seconds_left else (fits, n - 1)
     return done + fits
@@ -87,6 +93,7 @@ class TimeBudget:
     step_times: list[float] = field(default_factory=list)  # seconds per step of each epoch trained so far
     eval_time: float | None = None
     would_fit: int | None = None  # the steps the last plan found room for, before ``most_steps`` capped them
+    skip_evaluation: bool = False  # the last epoch_done dropped the epoch's evaluation (the final one is near)
     _probe_start: tuple[int, float] | None = None
 
     @classmethod
@@ -131,11 +138,26 @@ class TimeBudget:
 
     def epoch_done(self, train_time: float, steps: int, *, epoch: int, done: int, planned: int) -> tuple[int, bool]:
         """After epoch ``epoch`` (1-based) trained ``steps`` steps in ``train_time`` seconds (``done`` steps in
-        all). Before any evaluation was timed the plan waits for it (see :meth:`evaluation_done`)."""
+        all). Before any evaluation was timed the plan waits for it (see :meth:`evaluation_done`).
+
+        An epoch due for evaluation is not evaluated (:attr:`skip_evaluation`) when the plan then ends within the
+        next epoch and that evaluation would cost it steps: the final evaluation follows so closely that its time
+        is trained instead, and the last evaluation falls on the last step of the budget."""
         self.step_times.append(train_time / steps)
+        self.skip_evaluation = False
         if self.eval_time is None or done >= planned:
             return planned, False
-        return self._plan(epoch=epoch, done=done, planned=planned, evaluating_now=epoch % self.eval_every == 0)
+        due = epoch % self.eval_every == 0
+        plan = self._plan(epoch=epoch, done=done, planned=planned, evaluating_now=due)
+        if due and not plan[1] and plan[0] - done <= self.steps_per_epoch:  # the end follows within an epoch
+            would_fit = self.would_fit
+            kept = self._plan(epoch=epoch, done=done, planned=planned, reserve=self.eval_time)
+            self.skip_evaluation = kept[1] or kept[0] < plan[0]
+            if self.skip_evaluation:
+                self.would_fit = would_fit  # the plan returned
+            else:
+                plan = kept
+        return plan
 
     def evaluation_done(self, seconds: float, *, epoch: int, done: int, planned: int) -> tuple[int, bool]:
         """After epoch ``epoch``'s evaluation of ``seconds``; the first one also plans (it measured what an
@@ -147,16 +169,17 @@ class TimeBudget:
         return self._plan(epoch=epoch, done=done, planned=planned)
 
     def _plan(self, *, epoch: int, done: int, planned: int, into: int = 0, evaluating_now: bool = False,
-              step_time: float | None = None) -> tuple[int, bool]:
-        """The plan ``into`` steps into the epoch after ``epoch`` whole ones (0: at the end of epoch ``epoch``)."""
+              step_time: float | None = None, reserve: float = 0.0) -> tuple[int, bool]:
+        """The plan ``into`` steps into the epoch after ``epoch`` whole ones (0: at the end of epoch ``epoch``),
+        with ``reserve`` seconds of the time left set aside."""
         if step_time is None:
             step_time = statistics.median(self.step_times[-RECENT_EPOCHS:])
         next_eval = (epoch // self.eval_every + 1) * self.eval_every  # the next epoch that ends with one
-        fits = steps_that_fit(done=done, seconds_left=self.seconds - self.elapsed(), step_time=step_time,
+        fits = steps_that_fit(done=done, seconds_left=self.seconds - self.elapsed() - reserve, step_time=step_time,
                               eval_time=self.eval_time or 0.0,
                               to_next_eval=(next_eval - epoch) * self.steps_per_epoch - into,
                               steps_per_eval=self.eval_every * self.steps_per_epoch, evaluating_now=evaluating_now,
-                              final_eval_scale=self.final_eval_scale)
+                              final_eval_scale=self.final_eval_scale, drop_within=self.steps_per_epoch)
         self.would_fit = fits
         return revise_plan(planned, fits, done=done, most=self.most_steps)
 

@@ -106,11 +106,15 @@ def _train(r: "_Run", progress: Progress | None) -> TrainResult:
                                "top5": None, "lr": step.scheduler.current_lr(), "steps": steps,
                                "images_per_s": steps * config.batch_size / train_time}
         if budget is not None:  # plan before evaluating, so that the epoch that ends the run is evaluated
-            out_of_time |= _replan(r, budget.epoch_done(train_time, steps, epoch=state.epoch,
-                                                        done=step.scheduler.step_count,
-                                                        planned=step.scheduler.total_steps))
+            *plan, skip = _agree(r.d, r.device, *budget.epoch_done(train_time, steps, epoch=state.epoch,
+                                                                   done=step.scheduler.step_count,
+                                                                   planned=step.scheduler.total_steps),
+                                 budget.skip_evaluation)  # every rank evaluates, or none
+            budget.skip_evaluation = bool(skip)
+            out_of_time |= _replan(r, tuple(plan), agreed=True)
         last = state.epoch in (state.planned_epochs, config.stop_after_epoch) or out_of_time
-        if last or state.epoch % config.eval_every == 0 or (budget is not None and budget.eval_time is None):
+        due = state.epoch % config.eval_every == 0 and not (budget is not None and budget.skip_evaluation)
+        if last or due or (budget is not None and budget.eval_time is None):
             t_eval = time.perf_counter()
             final_eval = _evaluate(r, row, final=last)
             if budget is not None:  # the first evaluation measures what one costs, and plans with it
@@ -202,11 +206,11 @@ def _train_epoch(r: "_Run", budget: TimeBudget | None, progress) -> tuple[float,
     return train_loss, steps, out_of_time
 
 
-def _replan(r: "_Run", plan: tuple[int, bool], into_epoch: int = 0) -> bool:
+def _replan(r: "_Run", plan: tuple[int, bool], into_epoch: int = 0, *, agreed: bool = False) -> bool:
     """Apply a time-limit plan ``(planned steps, out of time)`` made ``into_epoch`` steps into an epoch (0: at its
-    end), the same on every rank (rank 0's: timings differ between ranks, the schedule must not); return
-    whether the run is out of time."""
-    planned, out_of_time = _agree(r.d, r.device, *plan)
+    end), the same on every rank (rank 0's, unless ``agreed`` already: timings differ between ranks, the schedule
+    must not); return whether the run is out of time."""
+    planned, out_of_time = plan if agreed else _agree(r.d, r.device, *plan)
     scheduler = r.step.scheduler
     if planned != scheduler.total_steps:
         scheduler.resize(*schedule_steps(r.config, planned, r.steps_per_epoch))
