@@ -4,6 +4,7 @@
     PYTHONPATH=src python benchmarks/accuracy.py mnist --set time_limit_minutes=10
     PYTHONPATH=src python benchmarks/accuracy.py cifar10-cpu --data-root /path/to/shared/data
     PYTHONPATH=src python benchmarks/accuracy.py cifar10-cpu --set precision=fp32 --target 80 85 --at 20 60
+    PYTHONPATH=src python benchmarks/accuracy.py cifar10-cpu --validation --set threads=1   # choosing a setting
 
 Runs `vitlab.train` with the recipe, its data spec replaced by the copy under --data-root (CIFAR-10's
 JPEG tarball is unpacked once into --cache-dir and read as an image folder), then prints the test accuracy per
@@ -11,7 +12,9 @@ epoch with the wall time, the final and best accuracy, the accuracy reached by g
 minutes it took to first reach given accuracies (--target: time to accuracy), and the machine with its CPU's
 matmul flags. Accuracies within a run come from its evaluations (every ``eval_every`` epochs, the first and the
 last), so "reached by" is the last evaluation before that minute and "minutes to" the first evaluation at or
-above the target. Not run by CI.
+above the target. With --validation the run trains on 90% of the training images and is scored on the other
+10% (seeded and stratified: vitlab.data.with_val_split), never on the test split: for comparing settings, so
+that the test split is used only for the figures of the setting chosen. Not run by CI.
 """
 
 from __future__ import annotations
@@ -118,6 +121,8 @@ def main() -> int:
                         help="also report the accuracy of the last epoch finished by these minutes")
     parser.add_argument("--target", type=float, nargs="*", default=[],
                         help="also report the minutes to the first evaluation at or above these accuracies (%%)")
+    parser.add_argument("--validation", action="store_true",
+                        help="train on 90%% of the training images and score the other 10%%, not the test split")
     args = parser.parse_args()
 
     import vitlab
@@ -130,10 +135,20 @@ def main() -> int:
     out = args.out or f"runs/accuracy-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = load_train_config(args.recipe, args.set, data=spec, out=out)
     t0 = time.perf_counter()
-    result = vitlab.train(config, progress=ProgressBar(sys.stdout))
-    total = time.perf_counter() - t0
+    data = None
+    if args.validation:  # the held-out tenth of the training images stands where the test split was
+        from dataclasses import replace
 
-    print(f"\nrecipe {name}: {config.model} on {spec}")
+        from vitlab.data import load_data, with_val_split
+
+        splits = with_val_split(load_data(spec, cache_dir=config.cache_dir, val_fraction=config.val_fraction,
+                                          seed=config.seed), 0.1, seed=0)
+        data = replace(splits, test=splits.val, val=None, spec=f"{spec} (validation: 10% of train)")
+    result = vitlab.train(config, data=data, progress=ProgressBar(sys.stdout))
+    total = time.perf_counter() - t0
+    split = "validation" if args.validation else "test"
+
+    print(f"\nrecipe {name}: {config.model} on {data.spec if data is not None else spec}")
     print(f"{'epoch':>5} {'minutes':>8} {'train loss':>11} {'test loss':>10} {'top-1':>8}")
     for row in result.history:
         if row["top1"] is not None:
@@ -141,11 +156,11 @@ def main() -> int:
                   f"{row['test_loss']:>10.4f} {100 * row['top1']:>7.2f}%")
     for line in time_to_accuracy(result.history, args.target, args.at, result.wall_time):
         print(line)
-    print(f"final test accuracy: {100 * result.top1:.2f}%  best: {100 * result.best_top1:.2f}% (epoch "
+    print(f"final {split} accuracy: {100 * result.top1:.2f}%  best: {100 * result.best_top1:.2f}% (epoch "
           f"{result.best_epoch})  epochs: {len(result.history)}  stopped: {result.stopped}")
     if config.tta_shift and result.history[-1]["top1"] is not None:  # the curve's views: no moved ones
-        print(f"final test accuracy without the moved views of tta_shift: {100 * result.history[-1]['top1']:.2f}%")
-    if config.tta_hflip or config.tta_shift:  # the same final model scored on the images alone
+        print(f"final {split} accuracy without the moved views of tta_shift: {100 * result.history[-1]['top1']:.2f}%")
+    if (config.tta_hflip or config.tta_shift) and not args.validation:  # the final model on the images alone
         plain = vitlab.evaluate(result.run_dir / "last", spec, tta_hflip=False, tta_shift=0,
                                 cache_dir=config.cache_dir)
         print(f"final test accuracy on the images alone (no test-time augmentation): {100 * plain['top1']:.2f}%")
