@@ -106,12 +106,7 @@ def _train(r: "_Run", progress: Progress | None) -> TrainResult:
                                "top5": None, "lr": step.scheduler.current_lr(), "steps": steps,
                                "images_per_s": steps * config.batch_size / train_time}
         if budget is not None:  # plan before evaluating, so that the epoch that ends the run is evaluated
-            *plan, skip = _agree(r.d, r.device, *budget.epoch_done(train_time, steps, epoch=state.epoch,
-                                                                   done=step.scheduler.step_count,
-                                                                   planned=step.scheduler.total_steps),
-                                 budget.skip_evaluation)  # every rank evaluates, or none
-            budget.skip_evaluation = bool(skip)
-            out_of_time |= _replan(r, tuple(plan), agreed=True)
+            out_of_time |= _plan_epoch_end(r, budget, train_time, steps)
         last = state.epoch in (state.planned_epochs, config.stop_after_epoch) or out_of_time
         due = state.epoch % config.eval_every == 0 and not (budget is not None and budget.skip_evaluation)
         if last or due or (budget is not None and budget.eval_time is None):
@@ -204,6 +199,17 @@ def _train_epoch(r: "_Run", budget: TimeBudget | None, progress) -> tuple[float,
     if not math.isfinite(train_loss):
         _diverged(r, epoch, steps, train_loss)
     return train_loss, steps, out_of_time
+
+
+def _plan_epoch_end(r: "_Run", budget: TimeBudget, train_time: float, steps: int) -> bool:
+    """The time-limit plan after an epoch's training part (rank 0's on every rank, with its decision whether the
+    epoch is evaluated: every rank evaluates, or none); return whether the run is out of time."""
+    scheduler = r.step.scheduler
+    *plan, skip = _agree(r.d, r.device, *budget.epoch_done(train_time, steps, epoch=r.state.epoch,
+                                                           done=scheduler.step_count, planned=scheduler.total_steps),
+                         budget.skip_evaluation)
+    budget.skip_evaluation = bool(skip)
+    return _replan(r, tuple(plan), agreed=True)
 
 
 def _replan(r: "_Run", plan: tuple[int, bool], into_epoch: int = 0, *, agreed: bool = False) -> bool:
