@@ -135,21 +135,23 @@ def main() -> int:
     out = args.out or f"runs/accuracy-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = load_train_config(args.recipe, args.set, data=spec, out=out)
     t0 = time.perf_counter()
-    data = None
+    data, split = None, "validation" if args.validation else "test"
     if args.validation:  # the held-out tenth of the training images stands where the test split was
         from dataclasses import replace
 
         from vitlab.data import load_data, with_val_split
+        from vitlab.training.engine import input_spec
 
-        splits = with_val_split(load_data(spec, cache_dir=config.cache_dir, val_fraction=config.val_fraction,
-                                          seed=config.seed), 0.1, seed=0)
+        image_size, channels = input_spec(config)  # as the run would load it
+        splits = with_val_split(load_data(spec, image_size=image_size, channels=channels, cache_dir=config.cache_dir,
+                                          val_fraction=config.val_fraction, seed=config.seed), 0.1, seed=0)
         data = replace(splits, test=splits.val, val=None, spec=f"{spec} (validation: 10% of train)")
     result = vitlab.train(config, data=data, progress=ProgressBar(sys.stdout))
     total = time.perf_counter() - t0
-    split = "validation" if args.validation else "test"
 
     print(f"\nrecipe {name}: {config.model} on {data.spec if data is not None else spec}")
-    print(f"{'epoch':>5} {'minutes':>8} {'train loss':>11} {'test loss':>10} {'top-1':>8}")
+    loss_column = "val loss" if args.validation else "test loss"
+    print(f"{'epoch':>5} {'minutes':>8} {'train loss':>11} {loss_column:>10} {'top-1':>8}")
     for row in result.history:
         if row["top1"] is not None:
             print(f"{row['epoch']:>5} {row['wall_time'] / 60:>8.2f} {row['train_loss']:>11.4f} "

@@ -205,9 +205,9 @@ def _plan_epoch_end(r: "_Run", budget: TimeBudget, train_time: float, steps: int
     """The time-limit plan after an epoch's training part (rank 0's on every rank, with its decision whether the
     epoch is evaluated: every rank evaluates, or none); return whether the run is out of time."""
     scheduler = r.step.scheduler
-    *plan, skip = _agree(r.d, r.device, *budget.epoch_done(train_time, steps, epoch=r.state.epoch,
-                                                           done=scheduler.step_count, planned=scheduler.total_steps),
-                         budget.skip_evaluation)
+    plan = budget.epoch_done(train_time, steps, epoch=r.state.epoch, done=scheduler.step_count,
+                             planned=scheduler.total_steps)
+    *plan, skip = _agree(r.d, r.device, *plan, budget.skip_evaluation)  # epoch_done decided it
     budget.skip_evaluation = bool(skip)
     return _replan(r, tuple(plan), agreed=True)
 
@@ -317,7 +317,7 @@ def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTrans
     elif model is None and config.init:
         raise ConfigError(f"TrainConfig.init={config.init!r} is read by vitlab.train; to call fit() yourself, "
                           "load the weights (vitlab.interop.read_pretrained) and pass them as model=")
-    image_size, channels = _input_spec(config, model)
+    image_size, channels = input_spec(config, model)
     if data is None:
         data = load_data(config.data, image_size=image_size, channels=channels, val_fraction=config.val_fraction,
                          seed=config.seed, cache_dir=config.cache_dir, skip_bad_files=config.skip_bad_files,
@@ -465,8 +465,9 @@ def _build_model(config: TrainConfig, classes: list[str], model: VisionTransform
     return model
 
 
-def _input_spec(config: TrainConfig, model: VisionTransformer | None) -> tuple[tuple[int, int], int]:
-    """(image size, channels) the data must be loaded at."""
+def input_spec(config: TrainConfig, model: VisionTransformer | None = None) -> tuple[tuple[int, int], int]:
+    """(image size, channels) a run of ``config`` (training ``model``, else the one it builds) loads its data at:
+    what :func:`fit` passes :func:`~vitlab.data.load_data` when it is given no data."""
     model_config = model.config if model is not None else get_config(config.model, **model_overrides(config))
     size = config.image_size if config.image_size is not None else model_config.image_size
     return tuple(size), model_config.in_channels
