@@ -138,6 +138,7 @@ def test_export_round_trip_through_transformers(tmp_path):
     (dict(pool="mean", norm_after_pool=True), "pool='mean'"),
     (dict(representation_dim=16), "representation_dim"),
     (dict(patch_embed="conv_stem"), "patch_embed='conv_stem'"),
+    (dict(locality_attention=True), "locality_attention"),
 ])
 def test_export_refuses_what_hf_cannot_express(tmp_path, change, word):
     cfg = ViTConfig(image_size=32, patch_size=8, hidden_dim=32, depth=1, num_heads=4, mlp_dim=64, num_classes=3)

@@ -150,10 +150,11 @@ def test_missing_and_mis_shaped_arrays_are_named(tmp_path):
         load_pretrained(path)
 
 
-def test_export_refuses_a_conv_stem():
+@pytest.mark.parametrize("change", [dict(patch_embed="conv_stem"), dict(locality_attention=True)])
+def test_export_refuses_a_conv_stem_and_locality_attention(change):
     from vitlab import ConfigError
 
     cfg = ViTConfig(image_size=16, patch_size=4, hidden_dim=16, depth=1, num_heads=2, mlp_dim=32, num_classes=3,
-                    patch_embed="conv_stem")
-    with pytest.raises(ConfigError, match="no layer scale, fc_norm, sin-cos positions or conv stem"):
+                    **change)
+    with pytest.raises(ConfigError, match="no layer scale, fc_norm, sin-cos positions, conv stem, shifted patches or locality"):
         to_jax_arrays(VisionTransformer(cfg))

@@ -24,7 +24,8 @@ BASE = ViTConfig(image_size=32, patch_size=8, hidden_dim=32, depth=2, num_heads=
          representation_dim=12, in_channels=1, image_size=(24, 40)),
     dict(pool="mean", norm_after_pool=True),
     dict(patch_embed="conv_stem"),
-], ids=["paper", "mean-sincos-linear-1ch", "fc_norm", "conv-stem"])
+    dict(locality_attention=True, register_tokens=1, patch_embed="shifted"),
+], ids=["paper", "mean-sincos-linear-1ch", "fc_norm", "conv-stem", "sl-vit"])
 def test_onnx_matches_pytorch_with_a_dynamic_batch(tmp_path, change):
     model = randomise(VisionTransformer(BASE.replace(**change)))
     path = export_onnx(model, tmp_path / "vit.onnx")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomise
 
 import vitlab
 from vitlab import ConfigError, ViTConfig, VisionTransformer, create_model
 from vitlab.errors import CheckpointError
+from vitlab.models.patch_embed import shifted_patches
 from vitlab.models.position import resize_grid_embedding, sincos_2d
 
 
@@ -145,7 +147,7 @@ def test_hybrid_presets_add_stride_one_convs(name, base, channels, depth_cut):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(class_token=False, pool="mean"), dict(pos_embed="sincos"),
-                                dict(layer_scale=0.1, qkv_bias=False)])
+                                dict(layer_scale=0.1, qkv_bias=False), dict(locality_attention=True)])
 @pytest.mark.device
 def test_fused_and_explicit_attention_agree(kw, device):
     torch.manual_seed(0)
@@ -159,6 +161,7 @@ def test_fused_and_explicit_attention_agree(kw, device):
     for a in out.attentions:
         torch.testing.assert_close(a.sum(-1), torch.ones(4, 3, n, device=device))
         assert (a >= 0).all()
+        assert (a.diagonal(dim1=-2, dim2=-1) == 0).all() == bool(kw.get("locality_attention"))
     assert len(out.hidden_states) == 3 and out.hidden_states[-1].shape == (4, n, 24)
     # The last hidden state, normed and pooled, gives the logits.
     torch.testing.assert_close(m.forward_head(m.norm(out.hidden_states[-1])), fused, rtol=1e-5, atol=1e-6)
@@ -279,6 +282,7 @@ def test_reset_classifier():
     (dict(depth=0), r"depth=0 must be a positive integer"),
     (dict(labels=["a", "b"]), r"labels has 2 names but num_classes=5"),
     (dict(image_size="big"), r"image_size='big' must be an integer or a pair"),
+    (dict(locality_attention="yes"), r"locality_attention='yes' must be true or false"),
 ])
 def test_config_validation_names_the_field(kw, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -332,7 +336,8 @@ def test_load_errors_name_the_file_and_key(tmp_path):
 def test_flops_per_image_matches_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
-    for cfg in (tiny(), tiny(class_token=False, pool="mean", representation_dim=6), tiny(patch_embed="linear")):
+    for cfg in (tiny(), tiny(class_token=False, pool="mean", representation_dim=6), tiny(patch_embed="linear"),
+                tiny(patch_embed="shifted")):
         m = VisionTransformer(cfg).eval()
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
@@ -400,3 +405,83 @@ def test_whitening_makes_the_first_convolutions_outputs_uncorrelated(style, filt
     assert torch.equal(conv.weight[k:], before[k:])  # the filters beyond 2 x 27 keep their initialisation
     with pytest.raises(ConfigError, match="whiten_stem needs a convolutional patch embedding"):
         VisionTransformer(tiny(patch_embed="linear")).patch_embed.whiten_(images)
+
+
+def _sl_vit_attention(x, qkv, proj, scale, heads):
+    """SL-ViT's locality self-attention as its authors' code computes it (aanna0701/SPT_LSA_ViT, models/vit.py:
+    ``dots = q k^T * scale[h]``, the diagonal set to -987654321, softmax, ``@ v``), with vitlab's qkv layout."""
+    b, n, d = x.shape
+    q, k, v = qkv(x).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    dots = torch.einsum("bhid,bhjd->bhij", q, k) * scale.view(1, heads, 1, 1)
+    eye = torch.nonzero(torch.eye(n) == 1)
+    dots[:, :, eye[:, 0], eye[:, 1]] = -987654321
+    out = torch.einsum("bhij,bhjd->bhid", dots.softmax(dim=-1), v)
+    return proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "explicit"])
+def test_locality_attention_is_sl_vits(impl):
+    from vitlab.models.attention import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(dim=24, num_heads=3, locality=True).eval()
+    attn.impl = impl
+    assert torch.equal(attn.temperature, torch.full((3,), 8 ** -0.5))  # initialised to 1/sqrt(head_dim)
+    with torch.no_grad():
+        attn.temperature.copy_(torch.tensor([0.1, 0.5, 2.0]))  # learned: each head its own
+    x = torch.randn(2, 17, 24)
+    expected = _sl_vit_attention(x, attn.qkv, attn.proj, attn.temperature, 3)
+    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+    plain = Attention(dim=24, num_heads=3)
+    plain.load_state_dict({k: v for k, v in attn.state_dict().items() if k != "temperature"})
+    assert (plain(x) - expected).abs().max() > 1e-2  # the check can fail: plain attention differs
+    y, probs = attn(x, return_attention=True)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    assert probs.diagonal(dim1=-2, dim2=-1).abs().max() == 0
+    attn(x).sum().backward()
+    assert attn.temperature.grad is not None and attn.temperature.grad.abs().min() > 0  # it is learned
+
+
+def test_locality_attention_temperatures_take_no_weight_decay_and_block_export():
+    from vitlab.interop.timm import timm_unsupported
+    from vitlab.training.optim import param_groups
+
+    m = VisionTransformer(tiny(locality_attention=True))
+    assert m.num_parameters() == VisionTransformer(tiny()).num_parameters() + 2 * 3  # one per head per block
+    no_decay = [n for g in param_groups(m, weight_decay=0.05) if g["weight_decay"] == 0 for n in g["names"]]
+    assert "blocks.0.attn.temperature" in no_decay and "blocks.1.attn.temperature" in no_decay
+    assert "locality_attention" in timm_unsupported(m.config)
+
+
+def _sl_vit_shifted_patches(x, patch):
+    """SL-ViT's shifted patch tokenization as its authors' code computes it (aanna0701/SPT_LSA_ViT, utils/SPT.py):
+    pad by half a patch, the 4 diagonal crops ``x_pad[:, :, :-2s, :-2s]`` ... concatenated after the image, then
+    ``Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')`` (here through unfold, whose features are (c, p1, p2))."""
+    s = patch // 2
+    x_pad = torch.nn.functional.pad(x, (s, s, s, s))
+    x_lu, x_ru = x_pad[:, :, :-s * 2, :-s * 2], x_pad[:, :, :-s * 2, s * 2:]
+    x_lb, x_rb = x_pad[:, :, s * 2:, :-s * 2], x_pad[:, :, s * 2:, s * 2:]
+    x_cat = torch.cat([x, x_lu, x_ru, x_lb, x_rb], dim=1)
+    b, c5 = x_cat.shape[:2]
+    cols = torch.nn.functional.unfold(x_cat, patch, stride=patch)  # (B, 5C*p*p, N), channel-major
+    return cols.reshape(b, c5, patch * patch, -1).permute(0, 3, 2, 1).reshape(b, cols.shape[-1], -1)
+
+
+@pytest.mark.parametrize("size,patch", [(16, 4), ((8, 12), 2)])
+def test_shifted_patch_tokenization_is_sl_vits(size, patch):
+    torch.manual_seed(0)
+    m = randomise(VisionTransformer(tiny(patch_embed="shifted", image_size=size, patch_size=patch))).eval()
+    x = torch.randn(2, 3, *m.config.image_size)
+    pe = m.patch_embed
+    assert pe.proj.in_features == 5 * 3 * patch * patch and pe.norm.eps == 1e-5
+    expected = pe.proj(torch.nn.functional.layer_norm(_sl_vit_shifted_patches(x, patch), (pe.proj.in_features,),
+                                                      pe.norm.weight, pe.norm.bias))
+    torch.testing.assert_close(pe(x), expected, rtol=1e-5, atol=1e-6)
+    cols = shifted_patches(x, (patch, patch))
+    assert torch.equal(cols, _sl_vit_shifted_patches(x, patch))
+    # a token sees its neighbours: token (1, 1)'s first pixel holds, after the image's 3 channels, the pixel half a
+    # patch up and left of it (the left-up copy), and zeros at the frame's corner (token (0, 0))
+    h = patch // 2
+    assert torch.equal(cols[0, 1 + m.config.grid_size[1], 3:6], x[0, :, patch - h, patch - h])
+    assert torch.equal(cols[0, 0, 3:6], torch.zeros(3)) and not torch.equal(cols[0, 0, :3], torch.zeros(3))
+    assert m(x).shape == (2, 5)

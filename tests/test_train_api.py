@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     (dict(batch_size=100, accum_steps=3), "batch_size"), (dict(precision="fp8"), "precision"),
     (dict(lr=0.0), "lr"), (dict(min_lr=1.0, lr=0.1), "min_lr"), (dict(ema_decay=1.5), "ema_decay"),
     (dict(device="tpu"), "device"), (dict(random_resized_crop=[0.9, 0.1]), "random_resized_crop"),
-    (dict(label_smoothing=1.0), "label_smoothing"), (dict(epochs=0), "epochs")])
+    (dict(label_smoothing=1.0), "label_smoothing"), (dict(epochs=0), "epochs"), (dict(lookahead=1), "lookahead")])
 def test_config_errors_name_the_field(changes, field):
     with pytest.raises(ConfigError, match=rf"TrainConfig\.{field}="):
         TrainConfig(**changes)
@@ -250,6 +250,20 @@ def test_time_limit_stops_inside_an_epoch_when_a_stall_leaves_no_time(tmp_path, 
     assert [row["steps"] for row in result.history] == [10] and result.top1 is not None
     state = json.loads((result.run_dir / "last/state.json").read_text())
     assert state["epoch"] == 1 and state["scheduler"]["step"] == 10
+
+
+def test_a_run_the_time_limit_ends_ends_on_lookaheads_slow_weights(tmp_path, monkeypatch):
+    # as above with 24 steps an epoch: the stall at step 8 stops the run at the next quarter, step 12, two steps
+    # after Lookahead's last update (step 10): the model takes the slow weights before the last evaluation
+    from vitlab._files import load_safetensors
+
+    clock = _VirtualClock(monkeypatch, step=1.0, evaluation=10.0, slow_steps={8: 100.0})
+    result = vitlab.train(tiny_config(tmp_path, epochs=10, time_limit_minutes=1.0, lookahead=True),
+                          data=tiny_splits(n_train=384))
+    assert result.stopped == "time_limit" and clock.steps == 12
+    weights = load_safetensors(result.run_dir / "last/model.safetensors")
+    slow = load_safetensors(result.run_dir / "last/lookahead.safetensors")
+    assert all(torch.equal(weights[k], slow[k]) for k in weights if weights[k].is_floating_point())
 
 
 def test_linear_probe_trains_the_head_only(tmp_path):

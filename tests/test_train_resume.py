@@ -26,7 +26,7 @@ def _metrics(run):
 
 
 def _assert_same_checkpoint(a, b):
-    for name in ("model.safetensors", "optimizer.safetensors", "ema.safetensors"):
+    for name in ("model.safetensors", "optimizer.safetensors", "ema.safetensors", "lookahead.safetensors"):
         ta, tb = load_safetensors(a / name), load_safetensors(b / name)
         assert ta.keys() == tb.keys()
         for key in ta:
@@ -35,8 +35,10 @@ def _assert_same_checkpoint(a, b):
     assert sa["scheduler"] == sb["scheduler"] and sa["epoch"] == sb["epoch"] == 2
 
 
-# Dropout, drop path, flips, label smoothing and EMA all draw on or carry state that resume must restore.
-RANDOM_BITS = dict(dropout=0.1, drop_path=0.1, hflip=True, label_smoothing=0.1, ema_decay=0.9, clip_grad=0.5)
+# Dropout, drop path, flips, label smoothing, EMA and Lookahead all draw on or carry state that resume must
+# restore (Lookahead's update at step 5 of 8 falls in the resumed epoch, from slow weights the checkpoint holds).
+RANDOM_BITS = dict(dropout=0.1, drop_path=0.1, hflip=True, label_smoothing=0.1, ema_decay=0.9, clip_grad=0.5,
+                   lookahead=True)
 
 
 # A conv stem adds BatchNorm running statistics (buffers) to the model and to its EMA.
@@ -59,6 +61,9 @@ def test_resume_is_exact(tmp_path, model, device):
         ema = load_safetensors(straight.run_dir / "last/ema.safetensors")
         assert torch.equal(ema["patch_embed.stem.1.running_mean"], weights["patch_embed.stem.1.running_mean"])
         assert ema["patch_embed.stem.1.num_batches_tracked"] == 8  # 2 epochs of 64 images in batches of 16
+    slow = load_safetensors(straight.run_dir / "last/lookahead.safetensors")  # the run ends on the slow weights
+    weights = load_safetensors(straight.run_dir / "last/model.safetensors")
+    assert all(torch.equal(slow[k], weights[k]) for k in weights if weights[k].is_floating_point())
     # the training actually changed the weights (a resume of nothing would also be "identical")
     before = vitlab.create_model(tiny_config(tmp_path).model, **tiny_config(tmp_path).model_overrides)
     assert not torch.equal(before.head.weight[:4], load_safetensors(straight.run_dir / "last/model.safetensors")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _train_fixtures import tiny_config, tiny_splits
+from _train_fixtures import TINY_MODEL, tiny_config, tiny_splits
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitlab
@@ -12,7 +12,7 @@ from vitlab._files import load_safetensors
 from vitlab.bench import make_step
 from vitlab.data import BatchLoader
 from vitlab.training.engine import _epoch_seed
-from vitlab.training.step import make_train_step
+from vitlab.training.step import lookahead_decay, make_train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,3 +131,58 @@ def test_the_whole_step_can_be_handed_to_torch_compile(tmp_path, device):
             assert torch.equal(x, y), name
     assert twin.scheduler.step_count == 3
     torch._dynamo.reset()
+
+
+def test_lookahead_schedule():
+    assert lookahead_decay(3, 100) is None and lookahead_decay(99, 100) is None  # between updates
+    assert lookahead_decay(5, 100) == 0.95 ** 5 * 0.05 ** 3
+    assert lookahead_decay(50, 100) == 0.95 ** 5 * 0.125
+    assert lookahead_decay(100, 100) == lookahead_decay(101, 100) == 1.0  # the end: the model takes the slow weights
+
+
+class _AirbenchLookahead:
+    """airbench94's LookaheadState, as its code has it (KellerJordan/airbench): an EMA of the float state that
+    the network is reset to on every update."""
+
+    def __init__(self, net):
+        self.net_ema = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def update(self, net, decay):
+        for ema_param, net_param in zip(self.net_ema.values(), net.state_dict().values()):
+            if net_param.dtype in (torch.half, torch.float):
+                ema_param.lerp_(net_param, 1 - decay)
+                net_param.copy_(ema_param)
+
+
+@pytest.mark.device
+def test_lookahead_is_airbenchs(tmp_path, monkeypatch, device):
+    """12 steps with ``lookahead: true`` leave the weights (and BatchNorm statistics) of the same steps without
+    it followed by airbench's own Lookahead updates (steps 5 and 10, then decay 1 after the last), bit for bit;
+    an update waits for nothing."""
+    bits = dict(STEP_BITS, epochs=3, device=device.type, model_overrides=dict(TINY_MODEL, patch_embed="conv_stem"))
+    ours, batches = _step_and_batch(tiny_config(tmp_path, lookahead=True, **bits), device=device)
+    plain, _ = _step_and_batch(tiny_config(tmp_path, **bits), device=device)
+    assert ours.slow is not None and plain.slow is None and ours.scheduler.total_steps == 12
+    reference = _AirbenchLookahead(plain.model)
+    g_ours, g_plain = (torch.Generator(device=device).manual_seed(1) for _ in range(2))
+    for i in range(1, 13):
+        torch.manual_seed(i)
+        with _HostSyncs(monkeypatch) as watch:
+            ours(batches, g_ours)
+        monkeypatch.undo()
+        assert watch.syncs == []
+        torch.manual_seed(i)
+        plain(batches, g_plain)
+        if i % 5 == 0:
+            reference.update(plain.model, 0.95 ** 5 * (i / 12) ** 3)
+        if i == 5:  # an update leaves the model on the slow weights
+            assert all(torch.equal(a, b) for a, b in zip(ours.model.parameters(), ours.slow.parameters()))
+        if i == 6:
+            assert not torch.equal(ours.model.head.weight, ours.slow.head.weight)
+    reference.update(plain.model, 1.0)
+    state, expected = ours.model.state_dict(), plain.model.state_dict()
+    assert "patch_embed.stem.1.running_mean" in state
+    for name, value in expected.items():
+        assert torch.equal(state[name], value), name
+    before = _step_and_batch(tiny_config(tmp_path, **bits), device=device)[0].model
+    assert not torch.equal(before.head.weight, ours.model.head.weight)  # it trained

@@ -416,7 +416,7 @@ def _time_steps(step: Callable, images, labels, dev: torch.device, *, repeats: i
 
 def _peak_memory(model, step, images, labels, dev) -> tuple[int, str]:
     """Peak memory of one more step: CUDA allocator peak on GPU; live tensor bytes on CPU (see
-    :class:`LiveTensorBytes`), both including parameters, gradients, optimizer (and EMA) state and the batch."""
+    :class:`LiveTensorBytes`), both including parameters, gradients, optimizer (and EMA, Lookahead) state and the batch."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -425,8 +425,9 @@ def _peak_memory(model, step, images, labels, dev) -> tuple[int, str]:
         return torch.cuda.max_memory_allocated(dev), "torch.cuda.max_memory_allocated"
     train_step = getattr(step, "train_step", None)
     before = _state_bytes(model, train_step.optimizer if train_step else None) + _tensor_bytes([images, labels])
-    if train_step is not None and train_step.ema is not None:
-        before += _state_bytes(train_step.ema, None)
+    for copy_ in (train_step.ema, train_step.slow) if train_step is not None else ():
+        if copy_ is not None:
+            before += _state_bytes(copy_, None)
     with LiveTensorBytes() as tracker:
         step(images, labels)
     return before + tracker.peak, "live tensor bytes (dispatch-mode tracker)"

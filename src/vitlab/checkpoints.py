@@ -11,7 +11,7 @@ RUN/
                          VisionTransformer.save_pretrained writes it), preprocess.json (the input normalisation,
                          and the temperature the logits are divided by once one was fitted), calibration.json
                          (what fitting it did), and the training state: state.json, optimizer.safetensors,
-                         rng.safetensors, ema.safetensors (with EMA)
+                         rng.safetensors, ema.safetensors (with EMA), lookahead.safetensors (with Lookahead)
 ```
 
 A checkpoint folder is written beside its final name and swapped in by two renames (:func:`swap_in`), so a
@@ -50,6 +50,7 @@ LAST, BEST = "last", "best"
 # in a checkpoint folder, besides the model folder's two
 PREPROCESS, STATE, CALIBRATION = "preprocess.json", "state.json", "calibration.json"
 OPTIMIZER, RNG, EMA = "optimizer.safetensors", "rng.safetensors", "ema.safetensors"
+LOOKAHEAD = "lookahead.safetensors"
 
 
 # ---------------------------------------------------------------- finding things
@@ -404,9 +405,11 @@ def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 # ---------------------------------------------------------------- checkpoint folders
 def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, preprocess: InputSpec, state: RunState,
-                    optimizer: torch.optim.Optimizer | None = None, ema: torch.nn.Module | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None, ema: torch.nn.Module | None = None,
+                    slow: torch.nn.Module | None = None) -> Path:
     """Write a complete checkpoint folder atomically (temp folder, then rename swap); RNG states are captured
-    here. Without ``optimizer`` the folder holds weights and state but cannot resume a run (``best/`` from EMA)."""
+    here. Without ``optimizer`` the folder holds weights and state but cannot resume a run (``best/`` from EMA).
+    ``slow``: Lookahead's slow weights."""
     directory = Path(directory)
     tmp = temp_sibling(directory)
     try:
@@ -418,8 +421,9 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, preprocess
             structure, tensors = flatten_state(optimizer.state_dict(), "optimizer")
             save_safetensors(tmp / OPTIMIZER, tensors)
             data["optimizer"] = structure
-        if ema is not None:
-            save_safetensors(tmp / EMA, ema.state_dict())
+        for module, name in ((ema, EMA), (slow, LOOKAHEAD)):
+            if module is not None:
+                save_safetensors(tmp / name, module.state_dict())
         rng_meta, rng_tensors = capture_rng()
         save_safetensors(tmp / RNG, rng_tensors)
         data["rng"] = rng_meta
@@ -446,8 +450,10 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
 
 def load_training_state(directory: str | Path, *, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer | None = None,
-                        ema: torch.nn.Module | None = None, map_location: str | torch.device = "cpu") -> RunState:
-    """Load weights, optimizer, EMA and RNG states of a checkpoint folder in place; return its :class:`RunState`."""
+                        ema: torch.nn.Module | None = None, slow: torch.nn.Module | None = None,
+                        map_location: str | torch.device = "cpu") -> RunState:
+    """Load weights, optimizer, EMA, Lookahead's slow weights and RNG states of a checkpoint folder in place;
+    return its :class:`RunState`."""
     directory = Path(directory)
     data = read_json(directory / STATE)
     load_state_dict_strict(model, load_safetensors(directory / WEIGHTS, device=str(map_location)),
@@ -457,9 +463,11 @@ def load_training_state(directory: str | Path, *, model: torch.nn.Module,
             raise CheckpointError(f"{directory / STATE}: no optimizer state; this checkpoint cannot resume")
         tensors = load_safetensors(directory / OPTIMIZER, device=str(map_location))
         optimizer.load_state_dict(unflatten_state(data["optimizer"], tensors))
-    if ema is not None:
-        if not (directory / EMA).is_file():
-            raise CheckpointError(f"{directory}: no {EMA}, but ema_decay is set; resume with the run's own config")
-        ema.load_state_dict(load_safetensors(directory / EMA, device=str(map_location)))
+    for module, name, field_name in ((ema, EMA, "ema_decay"), (slow, LOOKAHEAD, "lookahead")):
+        if module is not None:
+            if not (directory / name).is_file():
+                raise CheckpointError(f"{directory}: no {name}, but {field_name} is set; resume with the run's "
+                                      "own config")
+            module.load_state_dict(load_safetensors(directory / name, device=str(map_location)))
     restore_rng(data["rng"], load_safetensors(directory / RNG))
     return RunState.from_dict(data, str(directory / STATE))

@@ -17,7 +17,7 @@ from vitlab.errors import ConfigError
 
 T = TypeVar("T")
 
-PATCH_EMBEDS = ("conv", "linear", "conv_stem")
+PATCH_EMBEDS = ("conv", "linear", "conv_stem", "shifted")
 POS_EMBEDS = ("learned", "sincos", "none")
 POOLS = ("cls", "mean", "map")
 # The MLP's nonlinearity: exact GELU; its tanh approximation (SigLIP, the JAX ViTs); QuickGELU, x * sigmoid(1.702 x)
@@ -62,8 +62,10 @@ class ViTConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_dim: int = 3072
-    patch_embed: str = "conv"  # "conv" (strided convolution), "linear" (unfold + linear), or "conv_stem"
-    # (3x3 stride-2 convolutions + BatchNorm + ReLU, then 1x1: Xiao et al. 2021; square power-of-2 patches)
+    patch_embed: str = "conv"  # "conv" (strided convolution), "linear" (unfold + linear), "conv_stem"
+    # (3x3 stride-2 convolutions + BatchNorm + ReLU, then 1x1: Xiao et al. 2021; square power-of-2 patches), or
+    # "shifted" (SL-ViT's shifted patch tokenization: the image and 4 copies moved half a patch diagonally, patched
+    # together, LayerNorm, linear; Lee et al. 2021)
     stem_extra_convs: int = 0  # conv_stem only: stride-1 3x3 conv + BatchNorm + ReLU layers after the stride-2
     # ones, at the token grid's resolution (a small hybrid ViT, in the spirit of the paper's ResNet hybrids)
     patch_embed_bias: bool = True  # False: the patch projection has no bias (CLIP)
@@ -92,6 +94,8 @@ class ViTConfig:
     layer_scale: float | None = None  # initial value of the per-channel residual scales, None = off
     norm_eps: float = 1e-6
     qkv_bias: bool = True
+    locality_attention: bool = False  # SL-ViT's locality self-attention (Lee et al. 2021): a learned temperature
+    # per head (initialised to 1/sqrt(head_dim)) and no token attending to itself
     final_norm: bool = True
     norm_after_pool: bool = False  # final norm on the pooled vector instead of every token (timm's fc_norm)
     representation_dim: int | None = None  # the paper's pre-logits layer (Linear + tanh), None = off
@@ -154,6 +158,8 @@ class ViTConfig:
                 raise ConfigError(f"ViTConfig.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.norm_after_pool and not self.final_norm:
             raise ConfigError("ViTConfig.norm_after_pool=True needs final_norm=True (it moves that norm)")
+        if not isinstance(self.locality_attention, bool):
+            raise ConfigError(f"ViTConfig.locality_attention={self.locality_attention!r} must be true or false")
         if self.patch_embed == "conv_stem":
             ph, pw = self.patch_size
             if ph != pw or ph < 2 or ph & (ph - 1):
@@ -231,9 +237,9 @@ class ViTConfig:
                 c_in = c_out
             macs += self.stem_extra_convs * h * w * 9 * c_in * c_in  # stride-1 3x3 convs
             macs += self.num_patches * c_in * d  # the 1x1 projection
-        else:
+        else:  # conv, linear; shifted sees 5 copies of the image
             patch_in = self.in_channels * self.patch_size[0] * self.patch_size[1]
-            macs = self.num_patches * patch_in * d
+            macs = self.num_patches * patch_in * d * (5 if self.patch_embed == "shifted" else 1)
         per_block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * self.mlp_dim
         macs += self.depth * per_block
         if self.pool == "map":  # the probe's query, keys and values of the patches, scores and sum, output, MLP
@@ -408,6 +414,9 @@ class TrainConfig:
     clip_grad: float | None = 1.0  # max global grad norm; None = off
     label_smoothing: float = 0.1
     ema_decay: float | None = None  # EMA of the weights (e.g. 0.999), evaluated alongside
+    # airbench's Lookahead: every 5 steps slow weights move toward the model (by 1 - 0.95^5 t^3 at progress t of
+    # the schedule) and the model restarts from them; a run ends on the slow weights
+    lookahead: bool = False
     time_limit_minutes: float | None = None  # stop after this much training; the cosine is fitted to it
     stop_after_epoch: int | None = None  # stop cleanly after this epoch (schedule still laid out for `epochs`)
     # input normalisation: "auto" = with `init`, the pretrained weights' mean/std where the checkpoint says
@@ -491,12 +500,14 @@ class TrainConfig:
             raise bad("val_fraction", "must be in [0, 1)")
 
     def _check_regularisation(self) -> None:
-        """Clipping, EMA, layer decay, the time limit, drop path, dropout, AdamW's betas."""
+        """Clipping, EMA, Lookahead, layer decay, the time limit, drop path, dropout, AdamW's betas."""
         bad = self._bad
         if self.clip_grad is not None and not (isinstance(self.clip_grad, (int, float)) and self.clip_grad > 0):
             raise bad("clip_grad", "must be a positive number or null (off)")
         if self.ema_decay is not None and not (isinstance(self.ema_decay, (int, float)) and 0 < self.ema_decay < 1):
             raise bad("ema_decay", "must be in (0, 1) (e.g. 0.999) or null (off)")
+        if not isinstance(self.lookahead, bool):
+            raise bad("lookahead", "must be true or false")
         if self.layer_decay is not None and not (isinstance(self.layer_decay, (int, float))
                                                  and 0 < self.layer_decay <= 1):
             raise bad("layer_decay", "must be in (0, 1] or null (off)")

@@ -240,8 +240,10 @@ def _unsupported(family: str, config: ViTConfig) -> str | None:
     c, name = config, FAMILIES[family].name
     vit_like, dinov2 = family in ("vit", "deit"), family.startswith("dinov2")
     reasons = [
-        (c.patch_embed == "conv_stem", "patch_embed='conv_stem' (Hugging Face's ViTs have a patchify convolution "
-                                       "only)"),
+        (c.patch_embed in ("conv_stem", "shifted"), f"patch_embed={c.patch_embed!r} (Hugging Face's ViTs have a "
+                                                   "patchify convolution only)"),
+        (c.locality_attention, "locality_attention (Hugging Face's ViTs have neither SL-ViT's temperatures nor "
+                               "its mask)"),
         (c.pool != ("map" if family == "siglip" else "cls"),
          f"pool={c.pool!r} (Hugging Face's {name} " + ("pools with its attention head)" if family == "siglip"
                                                       else "reads the class token only)")),

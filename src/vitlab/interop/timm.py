@@ -167,7 +167,9 @@ def timm_unsupported(config: ViTConfig) -> str | None:
     """Why timm's ``VisionTransformer`` (or DeiT's ``VisionTransformerDistilled``) cannot hold ``config``."""
     reasons = [
         (config.pos_embed == "sincos", "pos_embed='sincos'"),
-        (config.patch_embed == "conv_stem", "patch_embed='conv_stem'"),
+        (config.patch_embed in ("conv_stem", "shifted"), f"patch_embed={config.patch_embed!r}"),
+        (config.locality_attention, "locality_attention (SL-ViT's; timm's attention has neither its temperatures "
+                                    "nor its mask)"),
         (config.distillation_token and not config.distillation_head,
          "a distillation token without its head (timm's distilled DeiT always averages two heads)"),
         (config.distillation_token and config.register_tokens > 0, "a distillation token beside register tokens"),

@@ -89,9 +89,11 @@ def to_torchvision_state_dict(model: VisionTransformer) -> dict[str, torch.Tenso
     """The model's weights under torchvision's ``vit_b_16`` names and shapes (the reverse of loading)."""
     c = model.config
     if not (c.class_token and c.pool == "cls" and c.pos_embed == "learned" and c.final_norm and c.qkv_bias
-            and c.layer_scale is None and c.patch_embed != "conv_stem" and not c.norm_after_pool):
+            and c.layer_scale is None and c.patch_embed in ("conv", "linear") and not c.norm_after_pool
+            and not c.locality_attention):
         raise ConfigError("torchvision's VisionTransformer only has class-token pooling, learned positions, "
-                          "a final norm, qkv bias, no layer scale and a patchify (not conv_stem) embedding")
+                          "a final norm, qkv bias, no layer scale, plain attention and a patchify (not conv_stem or "
+                          "shifted) embedding")
     sd = model.state_dict()
     out = {}
     for dst, src in _TOP.items():

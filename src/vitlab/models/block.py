@@ -71,11 +71,11 @@ class Block(nn.Module):
 
     def __init__(self, *, dim: int, num_heads: int, mlp_dim: int, qkv_bias: bool = True, dropout: float = 0.0,
                  attention_dropout: float = 0.0, drop_path: float = 0.0, layer_scale: float | None = None,
-                 norm_eps: float = 1e-6, activation: str = "gelu"):
+                 norm_eps: float = 1e-6, activation: str = "gelu", locality: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias,
-                              attention_dropout=attention_dropout, proj_dropout=dropout)
+                              attention_dropout=attention_dropout, proj_dropout=dropout, locality=locality)
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim=dim, hidden_dim=mlp_dim, dropout=dropout, activation=activation)

@@ -10,6 +10,12 @@ layer, costs little more, and makes a small ViT train much faster and more stabl
 ``extra_convs`` stride-1 3x3 convolutions (each with BatchNorm and ReLU) can follow the stride-2 ones, at the
 token grid's resolution: a small hybrid. In place of transformer blocks of about the same cost it reached a
 higher accuracy in the same time on a 2-core CPU (docs/training.md; presets vit-cifar-hybrid, vit-mnist-hybrid).
+
+A fourth, ``shifted``, is the shifted patch tokenization of SL-ViT (Lee et al., "Vision Transformer for
+Small-Size Datasets", 2021): the image and four copies moved half a patch diagonally (zero-padded) are stacked
+on the channels, cut into patches, flattened pixel by pixel (each pixel's 5C values together, as the authors'
+``Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')``), layer-normalised and projected: each token also sees
+the pixels of its neighbours.
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ class PatchEmbed(nn.Module):
                            nn.BatchNorm2d(c_in), nn.ReLU(inplace=True)]
             self.stem = nn.Sequential(*layers)
             self.proj = nn.Conv2d(c_in, hidden_dim, kernel_size=1, bias=bias)
+        elif style == "shifted":
+            dim = 5 * in_channels * patch_size[0] * patch_size[1]
+            self.norm = nn.LayerNorm(dim)  # PyTorch's default eps, as the authors' code
+            self.proj = nn.Linear(dim, hidden_dim, bias=bias)
         else:
             self.proj = nn.Linear(in_channels * patch_size[0] * patch_size[1], hidden_dim, bias=bias)
 
@@ -90,8 +100,22 @@ class PatchEmbed(nn.Module):
             return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
         if self.style == "conv_stem":
             return self.proj(self.stem(x)).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, D, h, w) -> (B, N, D)
+        if self.style == "shifted":
+            return self.proj(self.norm(shifted_patches(x, self.patch_size)))
         patches = F.unfold(x, kernel_size=self.patch_size, stride=self.patch_size)  # (B, C*ph*pw, N)
         return self.proj(patches.transpose(1, 2))  # (B, N, C*ph*pw) -> (B, N, D)
+
+
+def shifted_patches(x: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
+    """SL-ViT's shifted patches: ``(B, C, H, W) -> (B, N, ph*pw*5C)``, the image and its copies moved half a patch
+    left-up, right-up, left-down and right-down (zeros where they leave the frame), pixel-major."""
+    (ph, pw), (H, W) = patch_size, x.shape[-2:]
+    sh, sw = ph // 2, pw // 2
+    padded = F.pad(x, (sw, sw, sh, sh))
+    views = torch.cat([x] + [padded[:, :, i:i + H, j:j + W] for i in (0, 2 * sh) for j in (0, 2 * sw)], dim=1)
+    B, C5 = views.shape[:2]
+    views = views.reshape(B, C5, H // ph, ph, W // pw, pw).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, ph, pw, 5C)
+    return views.reshape(B, (H // ph) * (W // pw), ph * pw * C5)
 
 
 def patch_weight(weight: torch.Tensor, config: ViTConfig, style: str | None = None) -> torch.Tensor:

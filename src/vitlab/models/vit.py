@@ -70,7 +70,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(dim=c.hidden_dim, num_heads=c.num_heads, mlp_dim=c.mlp_dim, qkv_bias=c.qkv_bias,
                   dropout=c.dropout, attention_dropout=c.attention_dropout, drop_path=rate,
-                  layer_scale=c.layer_scale, norm_eps=c.norm_eps, activation=c.mlp_activation)
+                  layer_scale=c.layer_scale, norm_eps=c.norm_eps, activation=c.mlp_activation,
+                  locality=c.locality_attention)
             for rate in rates)
         self.norm = nn.LayerNorm(c.hidden_dim, eps=c.norm_eps) if c.final_norm else nn.Identity()
         self.attn_pool = (AttentionPool(dim=c.hidden_dim, num_heads=c.num_heads, mlp_dim=c.mlp_dim, norm_eps=c.norm_eps,

@@ -107,6 +107,8 @@ def _train(r: "_Run", progress: Progress | None) -> TrainResult:
                                "images_per_s": steps * config.batch_size / train_time}
         if budget is not None:  # plan before evaluating, so that the epoch that ends the run is evaluated
             out_of_time |= _plan_epoch_end(r, budget, train_time, steps)
+        if state.epoch >= state.planned_epochs or out_of_time:
+            step.finish()  # before the last evaluation and checkpoint
         last = state.epoch in (state.planned_epochs, config.stop_after_epoch) or out_of_time
         due = state.epoch % config.eval_every == 0 and not (budget is not None and budget.skip_evaluation)
         if last or due or (budget is not None and budget.eval_time is None):
@@ -258,7 +260,7 @@ def _save(r: "_Run", row: dict, *, best: str | None, writer) -> None:
     state, step = r.state, r.step
     state.scheduler, state.scaler = step.scheduler.state_dict(), step.scaler.state_dict()
     save_checkpoint(r.dir / LAST, model=step.model, preprocess=r.preprocess, state=state, optimizer=step.optimizer,
-                    ema=step.ema)
+                    ema=step.ema, slow=step.slow)
     write_metrics(r.dir, state.history)
     if best == "ema":
         save_checkpoint(r.dir / BEST, model=step.ema, preprocess=r.preprocess, state=state)
@@ -400,7 +402,7 @@ def _resume_state(config: TrainConfig, run: Path, step: TrainStep, device: torch
                   d: "_Dist") -> RunState:
     """Load the checkpoint in ``run/last`` into the step; a changed ``epochs`` re-lays the cosine over it."""
     state = load_training_state(run / LAST, model=step.model, optimizer=step.optimizer, ema=step.ema,
-                                map_location=device)
+                                slow=step.slow, map_location=device)
     step.scheduler.load_state_dict(state.scheduler)
     if state.scaler:
         step.scaler.load_state_dict(state.scaler)

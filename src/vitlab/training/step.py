@@ -43,22 +43,47 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         ema_buffer.copy_(buffer)
 
 
+LOOKAHEAD_EVERY = 5  # airbench94's Lookahead: an update every 5 optimizer steps ...
+LOOKAHEAD_DECAY = 0.95 ** 5  # ... with a decay that ramps as progress**3 to this at the end of the schedule
+
+
+def lookahead_decay(step: int, total_steps: int) -> float | None:
+    """airbench's Lookahead schedule: the decay of the update after optimizer step ``step`` of a schedule of
+    ``total_steps`` (0.95^5 (step / total_steps)^3 every 5 steps, 1.0 after the last: the model takes the slow
+    weights), or None where there is no update."""
+    if step >= total_steps:
+        return 1.0
+    if step % LOOKAHEAD_EVERY:
+        return None
+    return LOOKAHEAD_DECAY * (step / total_steps) ** 3
+
+
+@torch.no_grad()
+def lookahead_update(slow: nn.Module, model: nn.Module, decay: float) -> None:
+    """``slow = decay * slow + (1 - decay) * model``, then ``model = slow``, over all floating-point state
+    (parameters and BatchNorm statistics, as airbench's LookaheadState; not the integer batch counts)."""
+    pairs = [(s, m) for s, m in zip(slow.state_dict().values(), model.state_dict().values()) if m.is_floating_point()]
+    slow_state, model_state = [s for s, _ in pairs], [m for _, m in pairs]
+    torch._foreach_lerp_(slow_state, model_state, 1.0 - decay)
+    torch._foreach_copy_(model_state, slow_state)
+
+
 class TrainStep:
     """One training step; call it with the step's micro-batches and the augmentation generator.
 
     ``forward`` is what the inputs go through (``model`` itself, its DistributedDataParallel wrapper, or a
     compiled module); ``no_sync`` is DDP's context that skips the gradient all-reduce on all micro-batches but
     the last. The state a checkpoint must hold is here: ``model``, ``optimizer``, ``scheduler``, ``scaler``,
-    ``ema``.
+    ``ema``, ``slow`` (Lookahead's slow weights).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: WarmupCosine, *,
                  transform: TrainTransform, device: torch.device, precision: str, clip_grad: float | None = None,
                  ema: nn.Module | None = None, ema_decay: float | None = None, forward: Callable | None = None,
-                 no_sync: Callable | None = None):
+                 no_sync: Callable | None = None, slow: nn.Module | None = None):
         self.model, self.optimizer, self.scheduler, self.transform = model, optimizer, scheduler, transform
         self.device, self.precision, self.clip_grad = device, precision, clip_grad
-        self.ema, self.ema_decay = ema, ema_decay
+        self.ema, self.ema_decay, self.slow = ema, ema_decay, slow
         self.forward = model if forward is None else forward  # (a compiled module has no truth value)
         self.no_sync = no_sync
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 only (a GPU)
@@ -86,6 +111,12 @@ class TrainStep:
             ema_update(self.ema, self.model, self.ema_decay)
         return loss_sum
 
+    def finish(self) -> None:
+        """The run ends here: with Lookahead the model takes the slow weights (the step after the schedule's last
+        did it already, unless the time limit ended the run sooner; doing it twice changes nothing)."""
+        if self.slow is not None:
+            lookahead_update(self.slow, self.model, 1.0)
+
     @torch.compiler.disable
     def _optimizer_step(self) -> None:
         # Run as it is under torch.compile: the fused AdamW kernel is already one kernel, and the schedule's
@@ -94,6 +125,10 @@ class TrainStep:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.slow is not None:
+            decay = lookahead_decay(self.scheduler.step_count, self.scheduler.total_steps)
+            if decay is not None:
+                lookahead_update(self.slow, self.model, decay)
 
 
 def train_transform(config: TrainConfig, *, mean, std, image_size, num_classes: int) -> TrainTransform:
@@ -118,8 +153,9 @@ def make_train_step(model: nn.Module, config: TrainConfig, *, device: torch.devi
                     steps_per_epoch: int, num_classes: int, image_size, mean, std,
                     forward: Callable | None = None, no_sync: Callable | None = None) -> TrainStep:
     """The :class:`TrainStep` that ``config`` describes, for ``model`` on ``device``: AdamW parameter groups
-    (weight decay, layer decay, betas), warmup + cosine over ``config.epochs``, gradient clipping, EMA (a copy of
-    the model, made now), and the augmentation of the run on images normalised with ``mean``/``std``."""
+    (weight decay, layer decay, betas), warmup + cosine over ``config.epochs``, gradient clipping, EMA and
+    Lookahead (copies of the model, made now), and the augmentation of the run on images normalised with
+    ``mean``/``std``."""
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
                                 layer_decay=config.layer_decay)
     total, warmup = schedule_steps(config, config.epochs * steps_per_epoch, steps_per_epoch)
@@ -128,11 +164,12 @@ def make_train_step(model: nn.Module, config: TrainConfig, *, device: torch.devi
     if config.ema_decay is not None:
         ema = copy.deepcopy(model).eval()
         ema.requires_grad_(False)
+    slow = copy.deepcopy(model).requires_grad_(False) if config.lookahead else None
     transform = train_transform(config, mean=mean, std=std, image_size=image_size, num_classes=num_classes)
     return TrainStep(model, optimizer, scheduler, transform=transform, device=device, precision=precision,
                      clip_grad=config.clip_grad, ema=ema, ema_decay=config.ema_decay, forward=forward,
-                     no_sync=no_sync)
+                     no_sync=no_sync, slow=slow)
 
 
 __all__ = ["TrainStep", "make_train_step", "train_transform", "schedule_steps", "soft_cross_entropy",
-           "ema_update", "logits_of"]
+           "ema_update", "lookahead_decay", "lookahead_update", "logits_of"]
