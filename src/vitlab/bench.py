@@ -416,7 +416,8 @@ def _time_steps(step: Callable, images, labels, dev: torch.device, *, repeats: i
 
 def _peak_memory(model, step, images, labels, dev) -> tuple[int, str]:
     """Peak memory of one more step: CUDA allocator peak on GPU; live tensor bytes on CPU (see
-    :class:`LiveTensorBytes`), both including parameters, gradients, optimizer (and EMA, Lookahead) state and the batch."""
+    :class:`LiveTensorBytes`), both including parameters, gradients, optimizer (and EMA, Lookahead) state and the
+    batch."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)

@@ -143,8 +143,8 @@ def convert_jax_arrays(arrays: dict[str, np.ndarray], config: ViTConfig,
 def to_jax_arrays(model: VisionTransformer, prefix: str = "") -> dict[str, np.ndarray]:
     """The model's weights as google-research npz arrays (the reverse of loading); ``np.savez`` writes them."""
     c = model.config
-    if (c.layer_scale is not None or c.norm_after_pool or c.pos_embed == "sincos" or c.patch_embed in ("conv_stem", "shifted")
-            or c.locality_attention):
+    if (c.layer_scale is not None or c.norm_after_pool or c.pos_embed == "sincos"
+            or c.patch_embed in ("conv_stem", "shifted") or c.locality_attention):
         raise ConfigError("the google-research ViT has no layer scale, fc_norm, sin-cos positions, conv stem, "
                           "shifted patches or locality attention")
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
