@@ -39,8 +39,14 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """``ema = decay * ema + (1 - decay) * model`` for the parameters; buffers (BatchNorm statistics of a conv
     stem) are copied, so the EMA model normalises with the trained model's statistics."""
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
-    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
+    copy_buffers(ema, model)
+
+
+@torch.no_grad()
+def copy_buffers(twin: nn.Module, model: nn.Module) -> None:
+    """The model's buffers (BatchNorm statistics) into ``twin``, a copy of it (the EMA)."""
+    for twin_buffer, buffer in zip(twin.buffers(), model.buffers()):
+        twin_buffer.copy_(buffer)
 
 
 LOOKAHEAD_EVERY = 5  # airbench94's Lookahead: an update every 5 optimizer steps ...
@@ -49,10 +55,8 @@ LOOKAHEAD_DECAY = 0.95 ** 5  # ... with a decay that ramps as progress**3 to thi
 
 def lookahead_decay(step: int, total_steps: int) -> float | None:
     """airbench's Lookahead schedule: the decay of the update after optimizer step ``step`` of a schedule of
-    ``total_steps`` (0.95^5 (step / total_steps)^3 every 5 steps, 1.0 after the last: the model takes the slow
-    weights), or None where there is no update."""
-    if step >= total_steps:
-        return 1.0
+    ``total_steps`` (0.95^5 (step / total_steps)^3 every 5 steps), or None where there is no update. The end of
+    the run adds one of decay 1 (:meth:`TrainStep.finish`), as airbench does after its loop."""
     if step % LOOKAHEAD_EVERY:
         return None
     return LOOKAHEAD_DECAY * (step / total_steps) ** 3
@@ -112,10 +116,13 @@ class TrainStep:
         return loss_sum
 
     def finish(self) -> None:
-        """The run ends here: with Lookahead the model takes the slow weights (the step after the schedule's last
-        did it already, unless the time limit ended the run sooner; doing it twice changes nothing)."""
+        """The run ends here (its schedule's last step, or where the time limit stopped it): with Lookahead the
+        model takes the slow weights (an update of decay 1), and the EMA the BatchNorm statistics that came with
+        them (it normalises with the model's)."""
         if self.slow is not None:
             lookahead_update(self.slow, self.model, 1.0)
+            if self.ema is not None:
+                copy_buffers(self.ema, self.model)
 
     @torch.compiler.disable
     def _optimizer_step(self) -> None:
