@@ -32,7 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     (dict(batch_size=100, accum_steps=3), "batch_size"), (dict(precision="fp8"), "precision"),
     (dict(lr=0.0), "lr"), (dict(min_lr=1.0, lr=0.1), "min_lr"), (dict(ema_decay=1.5), "ema_decay"),
     (dict(device="tpu"), "device"), (dict(random_resized_crop=[0.9, 0.1]), "random_resized_crop"),
-    (dict(label_smoothing=1.0), "label_smoothing"), (dict(epochs=0), "epochs"), (dict(lookahead=1), "lookahead")])
+    (dict(label_smoothing=1.0), "label_smoothing"), (dict(epochs=0), "epochs"), (dict(lookahead=1), "lookahead"),
+    (dict(lr_decay="step"), "lr_decay")])
 def test_config_errors_name_the_field(changes, field):
     with pytest.raises(ConfigError, match=rf"TrainConfig\.{field}="):
         TrainConfig(**changes)
@@ -103,6 +104,35 @@ def test_warmup_then_cosine():
     assert lr_at(10, **kw) == pytest.approx(1.0)
     assert lr_at(60, **kw) == pytest.approx(0.55)  # half way down the cosine
     assert lr_at(110, **kw) == pytest.approx(0.1)
+
+
+def test_linear_decay_is_airbench94s_triangle_after_the_warmup():
+    kw = dict(total_steps=110, warmup_steps=10, lr=1.0, min_lr=0.1, decay="linear")
+    assert lr_at(9, **kw) == pytest.approx(1.0) and lr_at(35, **kw) == pytest.approx(0.775)  # a quarter down
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    # airbench94's triangle(steps, start, end, peak) past its peak: 1 at int(peak * steps), `end` at `steps`
+    steps, end, peak = 391 * 10, 0.07, 0.23
+    top = int(peak * steps)
+    triangle = [1 + (end - 1) * (x - top) / (steps - top) for x in range(top, steps + 1)]
+    ours = [lr_at(x, total_steps=steps, warmup_steps=top, lr=1.0, min_lr=end, decay="linear")
+            for x in range(top, steps + 1)]
+    assert ours == pytest.approx(triangle, abs=1e-12)
+
+
+def test_the_config_picks_the_decay_of_the_run():
+    from vitlab.training.step import make_train_step
+
+    model = vitlab.create_model("vit-digits-p2", **TINY_MODEL)
+    lrs = {}
+    for decay in ("cosine", "linear"):
+        step = make_train_step(model, TrainConfig(lr=1.0, min_lr=0.1, epochs=11, warmup_epochs=1, lr_decay=decay),
+                               device=torch.device("cpu"), precision="fp32", steps_per_epoch=10, num_classes=10,
+                               image_size=(8, 8), mean=(0.5,), std=(0.5,))
+        for _ in range(35):
+            step.scheduler.step()
+        lrs[decay] = [group["lr"] for group in step.optimizer.param_groups]
+    assert lrs["linear"] == pytest.approx([0.775] * 2)  # (the groups with weight decay and without)
+    assert lrs["cosine"] == pytest.approx([0.1 + 0.45 * (1 + math.cos(math.pi / 4))] * 2)
 
 
 # ---------------------------------------------------------------- metrics

@@ -11,7 +11,7 @@ import torch
 from _train_fixtures import tiny_config
 
 from vitlab.training.budget import MARGIN, TimeBudget, revise_plan, steps_that_fit
-from vitlab.training.optim import WarmupCosine
+from vitlab.training.optim import WarmupDecay
 from vitlab.training.step import schedule_steps
 
 
@@ -72,7 +72,7 @@ def test_growing_late_raises_the_learning_rate_by_at_most_pi_over_8_of_the_growt
     g = 0.05
     worst = 0.0
     for done in range(0, 1001, 10):
-        sched = WarmupCosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lr=1.0, min_lr=0.0,
+        sched = WarmupDecay(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lr=1.0, min_lr=0.0,
                              total_steps=1000, warmup_steps=0)
         sched.step_count = done
         before = sched.current_lr()
@@ -154,7 +154,7 @@ def test_a_later_epoch_costs_its_steps_with_the_current_one_counted_in_the_media
 
 def test_a_new_plan_stretches_the_cosine_and_the_warmup_keeps_its_share():
     config = tiny_config(Path("unused"), epochs=40, warmup_epochs=2, lr=1e-3, min_lr=0.0)
-    sched = WarmupCosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lr=1e-3, min_lr=0.0,
+    sched = WarmupDecay(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lr=1e-3, min_lr=0.0,
                          total_steps=10 * 100, warmup_steps=round(2 / 40 * 10 * 100))  # the probe's plan: 10 epochs
     assert schedule_steps(config, 1200, 100) == (1200, 60)  # warmup keeps its share: 2/40 of the run
     assert schedule_steps(config, 900, 100) == (900, 45)

@@ -407,8 +407,9 @@ class TrainConfig:
     batch_size: int = 128  # global batch (all processes, all accumulation steps)
     accum_steps: int = 1
     lr: float = 2e-3  # peak learning rate
-    min_lr: float = 1e-5  # end of the cosine
-    warmup_epochs: float = 3.0  # linear warmup from 0, then cosine decay to min_lr
+    min_lr: float = 1e-5  # end of the decay
+    warmup_epochs: float = 3.0  # linear warmup from 0, then the decay to min_lr
+    lr_decay: str = "cosine"  # "cosine" or "linear" (a straight line down: with the warmup, airbench94's triangle)
     weight_decay: float = 0.05  # AdamW; never on norms, biases, position embeddings, class token
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     clip_grad: float | None = 1.0  # max global grad norm; None = off
@@ -417,7 +418,7 @@ class TrainConfig:
     # airbench's Lookahead: every 5 steps slow weights move toward the model (by 1 - 0.95^5 t^3 at progress t of
     # the schedule) and the model restarts from them; a run ends on the slow weights
     lookahead: bool = False
-    time_limit_minutes: float | None = None  # stop after this much training; the cosine is fitted to it
+    time_limit_minutes: float | None = None  # stop after this much training; the schedule is fitted to it
     stop_after_epoch: int | None = None  # stop cleanly after this epoch (schedule still laid out for `epochs`)
     # input normalisation: "auto" = with `init`, the pretrained weights' mean/std where the checkpoint says
     # (vitlab.interop.load_pretrained), else the training split's per-channel mean/std ("data");
@@ -491,6 +492,8 @@ class TrainConfig:
             raise bad("lr", "must be > 0")
         if self.min_lr > self.lr:
             raise bad("min_lr", f"must be <= lr={self.lr}")
+        if self.lr_decay not in ("cosine", "linear"):
+            raise bad("lr_decay", f"must be 'cosine' or 'linear', not {self.lr_decay!r}")
         for name in ("random_erasing", "mix_prob"):
             if getattr(self, name) > 1:
                 raise bad(name, "must be in [0, 1]")

@@ -8,7 +8,7 @@ One rule, applied early in the first epoch, at every quarter of an epoch and aft
     the end follows within one epoch is dropped (when it would cost steps) and its time trained, so that the last
     evaluation is the final one, on the last step, not one at an epoch's end and another a step or a few later.
 
-The warmup + cosine schedule is laid out over those steps, so the learning rate comes down to ``min_lr`` when the
+The warmup + decay schedule is laid out over those steps, so the learning rate comes down to ``min_lr`` when the
 time runs out, and the last epoch ends where the plan does (its batches are the first part of that epoch's
 shuffled order): no time is left unused for want of a whole epoch.
 
@@ -20,8 +20,9 @@ last one measured (zero before the first). The plan follows what fits, shorter o
 ``TrainConfig.epochs``), at every replan: the margin is 5% of the time left at that moment, so the run ends
 within a few seconds of the limit on a steady machine. (Until this version the plan grew only in the first half of
 the run; a 60-minute CIFAR-10 run then left the margin planned at its midpoint, 1.5 minutes, unused.) Growing the
-plan by a fraction g of the remaining steps moves the cosine back by t(1 - t) g of its length at progress t, so
-the learning rate rises by at most pi/8 g (0.39 g) of ``lr``: 2% of ``lr`` for the whole 5% margin at once.
+plan by a fraction g of the remaining steps moves the decay back by t(1 - t) g of its length at progress t, so
+the learning rate rises by at most pi/8 g (0.39 g) of ``lr`` along the cosine (g/4 along ``lr_decay: linear``):
+2% of ``lr`` for the whole 5% margin at once.
 When not one more step fits, the run stops at the step it is in, and evaluates and saves as after an epoch.
 """
 

@@ -1,5 +1,6 @@
 """AdamW parameter groups (no decay on norms, biases, position embeddings, class token; optional layer-wise
-lr decay) and the warmup + cosine learning-rate schedule."""
+lr decay) and the learning-rate schedule: a linear warmup, then a cosine or (airbench's triangle) a straight line
+down to ``min_lr``."""
 
 from __future__ import annotations
 
@@ -57,31 +58,38 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas=(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
 
-def lr_at(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+LR_DECAYS = ("cosine", "linear")
+
+
+def lr_at(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr: float,
+          decay: str = "cosine") -> float:
     """Learning rate for optimiser step ``step`` (0-based): linear from ``lr / warmup_steps`` up to ``lr`` over
-    ``warmup_steps``, then cosine down to ``min_lr`` at ``total_steps``."""
+    ``warmup_steps``, then down to ``min_lr`` at ``total_steps``: along a cosine, or along a straight line
+    (``decay="linear"``: with the warmup, the triangle of airbench94)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     span = max(total_steps - warmup_steps, 1)
     t = min((step - warmup_steps) / span, 1.0)
+    if decay == "linear":
+        return lr - (lr - min_lr) * t
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
 
 
-class WarmupCosine:
-    """The schedule as a small object whose whole state is ``{step, total_steps, warmup_steps}`` (JSON), so a
-    resumed run continues at exactly the same learning rate. A time limit may change ``total_steps`` mid-run
-    (longer or shorter after the first epoch, shorter after later ones); the cosine is then recomputed over
-    the new total, so the learning rate steps a little at that point and still ends at ``min_lr``."""
+class WarmupDecay:
+    """The schedule of :func:`lr_at` as a small object whose whole state is ``{step, total_steps, warmup_steps}``
+    (JSON), so a resumed run continues at exactly the same learning rate. A time limit may change
+    ``total_steps`` mid-run (longer or shorter at any replan); the decay is then recomputed over the new total,
+    so the learning rate steps a little at that point and still ends at ``min_lr``."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, lr: float, min_lr: float, total_steps: int,
-                 warmup_steps: int):
-        self.optimizer, self.lr, self.min_lr = optimizer, lr, min_lr
+                 warmup_steps: int, decay: str = "cosine"):
+        self.optimizer, self.lr, self.min_lr, self.decay = optimizer, lr, min_lr, decay
         self.total_steps, self.warmup_steps, self.step_count = total_steps, warmup_steps, 0
         self._apply()
 
     def current_lr(self) -> float:
         return lr_at(self.step_count, total_steps=self.total_steps, warmup_steps=self.warmup_steps, lr=self.lr,
-                     min_lr=self.min_lr)
+                     min_lr=self.min_lr, decay=self.decay)
 
     def _apply(self) -> None:
         lr = self.current_lr()

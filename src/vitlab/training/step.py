@@ -21,7 +21,7 @@ from vitlab._device import autocast, sum_dtype
 from vitlab.config import TrainConfig
 from vitlab.data import TrainTransform
 from vitlab.data.transforms import Mixing
-from vitlab.training.optim import WarmupCosine, build_optimizer
+from vitlab.training.optim import WarmupDecay, build_optimizer
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ class TrainStep:
     ``ema``, ``slow`` (Lookahead's slow weights).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: WarmupCosine, *,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: WarmupDecay, *,
                  transform: TrainTransform, device: torch.device, precision: str, clip_grad: float | None = None,
                  ema: nn.Module | None = None, ema_decay: float | None = None, forward: Callable | None = None,
                  no_sync: Callable | None = None, slow: nn.Module | None = None):
@@ -160,13 +160,14 @@ def make_train_step(model: nn.Module, config: TrainConfig, *, device: torch.devi
                     steps_per_epoch: int, num_classes: int, image_size, mean, std,
                     forward: Callable | None = None, no_sync: Callable | None = None) -> TrainStep:
     """The :class:`TrainStep` that ``config`` describes, for ``model`` on ``device``: AdamW parameter groups
-    (weight decay, layer decay, betas), warmup + cosine over ``config.epochs``, gradient clipping, EMA and
-    Lookahead (copies of the model, made now), and the augmentation of the run on images normalised with
-    ``mean``/``std``."""
+    (weight decay, layer decay, betas), warmup + decay (``config.lr_decay``) over ``config.epochs``, gradient
+    clipping, EMA and Lookahead (copies of the model, made now), and the augmentation of the run on images
+    normalised with ``mean``/``std``."""
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
                                 layer_decay=config.layer_decay)
     total, warmup = schedule_steps(config, config.epochs * steps_per_epoch, steps_per_epoch)
-    scheduler = WarmupCosine(optimizer, lr=config.lr, min_lr=config.min_lr, total_steps=total, warmup_steps=warmup)
+    scheduler = WarmupDecay(optimizer, lr=config.lr, min_lr=config.min_lr, total_steps=total, warmup_steps=warmup,
+                            decay=config.lr_decay)
     ema = None
     if config.ema_decay is not None:
         ema = copy.deepcopy(model).eval()
