@@ -36,9 +36,10 @@ def _assert_same_checkpoint(a, b):
 
 
 # Dropout, drop path, flips, label smoothing, EMA and Lookahead all draw on or carry state that resume must
-# restore (Lookahead's update at step 5 of 8 falls in the resumed epoch, from slow weights the checkpoint holds).
+# restore (Lookahead's update at step 5 of 8 falls in the resumed epoch, from slow weights the checkpoint holds);
+# progressive resizing's size follows the restored schedule (4 px for steps 0-2 of 8, 6 px for 3-4, then 8 px).
 RANDOM_BITS = dict(dropout=0.1, drop_path=0.1, hflip=True, label_smoothing=0.1, ema_decay=0.9, clip_grad=0.5,
-                   lookahead=True)
+                   lookahead=True, progressive_resize=[0.5, 0.25, 0.75])
 
 
 # A conv stem adds BatchNorm running statistics (buffers) to the model and to its EMA.

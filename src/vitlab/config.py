@@ -433,6 +433,9 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
+    # progressive resizing [scale, start, end]: train at `scale` of the image size until `start` of the schedule
+    # (a fraction of its steps), then at a size growing to the full one by `end` (vitlab.training.resize)
+    progressive_resize: list[float] | None = None
     # data loading
     val_fraction: float = 0.1
     workers: int | None = None
@@ -537,6 +540,14 @@ class TrainConfig:
             if not (isinstance(rrc, (list, tuple)) and len(rrc) == 2 and 0 < rrc[0] <= rrc[1] <= 1):
                 raise bad("random_resized_crop", "must be a scale range [min, max] with 0 < min <= max <= 1")
             self.random_resized_crop = [float(x) for x in rrc]
+        if self.progressive_resize is not None:
+            pr = self.progressive_resize
+            if not (isinstance(pr, (list, tuple)) and len(pr) == 3
+                    and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pr)
+                    and 0 < pr[0] < 1 and 0 <= pr[1] <= pr[2] <= 1):
+                raise bad("progressive_resize", "must be [scale, start, end] with 0 < scale < 1 and "
+                          "0 <= start <= end <= 1 (e.g. [0.75, 0.4, 0.8])")
+            self.progressive_resize = [float(x) for x in pr]
         if not isinstance(self.crop_padding, int) or self.crop_padding < 0:
             raise bad("crop_padding", "must be an integer >= 0")
         if not isinstance(self.whiten_stem, bool):

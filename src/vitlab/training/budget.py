@@ -16,7 +16,9 @@ A step's time is the median over the last five epochs and the current one so far
 does not shrink the plan, a lasting slowdown does); in the first epoch, before any epoch has ended, it is the
 speed since the first quarter of the probe steps (the first steps select kernels and allocate), so that a long
 first epoch does not run on a schedule laid out for a run the limit cannot hold. An evaluation's time is the
-last one measured (zero before the first). The plan follows what fits, shorter or longer (up to
+last one measured (zero before the first). With progressive resizing (``units``) steps differ in cost, and the
+times are per full-size step: a step counts as its share of the full size's pixels, and the plan sums the shares
+of the steps it lays out. The plan follows what fits, shorter or longer (up to
 ``TrainConfig.epochs``), at every replan: the margin is 5% of the time left at that moment, so the run ends
 within a few seconds of the limit on a steady machine. (Until this version the plan grew only in the first half of
 the run; a 60-minute CIFAR-10 run then left the margin planned at its midpoint, 1.5 minutes, unused.) Growing the
@@ -31,6 +33,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 MARGIN = 1.05  # steps vary by a few percent on a busy machine; 5% spare keeps the last one inside the limit
 RECENT_EPOCHS = 5
@@ -39,22 +42,31 @@ CHECKS_PER_EPOCH = 4  # replans inside an epoch, besides the probe and the epoch
 
 def steps_that_fit(*, done: int, seconds_left: float, step_time: float, eval_time: float, to_next_eval: int,
                    steps_per_eval: int, evaluating_now: bool = False, final_eval_scale: float = 1.0,
-                   drop_within: int = 0) -> int:
+                   drop_within: int = 0, units: Callable[[int], float] | None = None, most: int = 0) -> int:
     """The rule: ``done`` plus the most steps of ``step_time`` seconds that fit in ``seconds_left`` together with
     the evaluations of ``eval_time`` they pass (the first after ``to_next_eval`` steps, then one every
     ``steps_per_eval``; this epoch's, now, when ``evaluating_now``) and the final evaluation, ``final_eval_scale``
     times as long (it may score more views). An evaluation that the end follows within ``drop_within`` steps
-    costs nothing: it is dropped, the final one follows it so closely."""
+    costs nothing: it is dropped, the final one follows it so closely. Steps that differ in cost (progressive
+    resizing) give ``units(n)``, the cost of a plan of ``n`` more steps in steps of ``step_time`` (default ``n``),
+    and ``most``, where the search starts (doubled until it does not fit, at most three times)."""
     per_step = MARGIN * max(step_time, 1e-9)
     final = eval_time * final_eval_scale
     first = to_next_eval + drop_within  # the first evaluation is paid by a plan longer than this
+    steps_of = (lambda n: n) if units is None else units
 
     def cost(n: int) -> float:  # grows with n: each evaluation is paid from the step `drop_within` after it on
         paid = int(evaluating_now and n > drop_within)
         paid += 0 if n <= first else 1 + (n - first - 1) // steps_per_eval
-        return per_step * n + eval_time * paid + final
+        return per_step * steps_of(n) + eval_time * paid + final
 
-    fits, most = 0, max(int((seconds_left - final) // per_step), 0)  # no evaluation paid: the most
+    fits = 0
+    if units is None:
+        most = max(int((seconds_left - final) // per_step), 0)  # no evaluation paid: the most
+    else:  # from `most` on, doubled until it does not fit (up to 8 times `most`: enough to say it is short)
+        most = start = max(most, 1)
+        while most < 8 * start and cost(most) <= seconds_left:
+            most *= 2
     while fits < most:  # the largest n with cost(n) <= seconds_left
         n = (fits + most + 1) // 2
         fits, most = (n, most) if cost(n) <= seconds_left else (fits, n - 1)
@@ -80,7 +92,10 @@ class TimeBudget:
     the schedule ``TrainConfig.epochs`` asks for. ``probe_steps`` is how many steps of the first epoch are timed
     before the first plan (0: the first plan waits for the first quarter of an epoch); the first quarter of them is
     not timed (kernel selection and allocation make the first steps slow). ``final_eval_scale``: how many times
-    an ordinary evaluation the final one costs (``TrainConfig.tta_shift`` adds views to it).
+    an ordinary evaluation the final one costs (``TrainConfig.tta_shift`` adds views to it). ``units(first,
+    last, total)``: the cost of steps ``first`` to ``last - 1`` of a schedule of ``total`` steps in steps at the
+    full size (progressive resizing, :meth:`vitlab.training.resize.Resizing.units`); without it every step costs
+    one. The step times kept are then times per unit.
     """
 
     seconds: float
@@ -90,6 +105,7 @@ class TimeBudget:
     spent: float = 0.0
     probe_steps: int = 0
     final_eval_scale: float = 1.0
+    units: Callable[[int, int, int], float] | None = None
     started: float = field(default_factory=time.perf_counter)
     step_times: list[float] = field(default_factory=list)  # seconds per step of each epoch trained so far
     eval_time: float | None = None
@@ -99,14 +115,19 @@ class TimeBudget:
 
     @classmethod
     def for_run(cls, minutes: float, *, eval_every: int, most_steps: int, steps_per_epoch: int, spent: float,
-                started: float, resuming: bool, final_eval_scale: float = 1.0) -> "TimeBudget":
+                started: float, resuming: bool, final_eval_scale: float = 1.0,
+                units: Callable[[int, int, int], float] | None = None) -> "TimeBudget":
         """The budget of a run whose session began at ``started`` (``time.perf_counter()``) after ``spent``
         seconds of earlier sessions; a fresh run of at least 20 steps an epoch plans after a tenth of its first
         epoch (at least 5 steps)."""
         probe = max(5, steps_per_epoch // 10) if not resuming and steps_per_epoch >= 20 else 0
         return cls(seconds=60.0 * minutes, eval_every=eval_every, most_steps=most_steps,
                    steps_per_epoch=steps_per_epoch, spent=spent, started=started, probe_steps=probe,
-                   final_eval_scale=final_eval_scale)
+                   final_eval_scale=final_eval_scale, units=units)
+
+    def _units(self, first: int, last: int, total: int) -> float:
+        """The cost of steps ``first`` to ``last - 1`` of a schedule of ``total`` steps, in full-size steps."""
+        return last - first if self.units is None else max(self.units(first, last, total), 1e-9)
 
     def elapsed(self) -> float:
         """Seconds of training so far, all sessions of the run."""
@@ -130,9 +151,11 @@ class TimeBudget:
             return None
         now = time.perf_counter()
         if self.step_times:  # the current epoch so far counts as one more epoch in the median
-            step_time = statistics.median([*self.step_times[-RECENT_EPOCHS:], (now - epoch_start) / step])
+            so_far = (now - epoch_start) / self._units(done - step, done, planned)
+            step_time = statistics.median([*self.step_times[-RECENT_EPOCHS:], so_far])
         elif self._probe_start is not None and step > self._probe_start[0]:
-            step_time = (now - self._probe_start[1]) / (step - self._probe_start[0])
+            timed = step - self._probe_start[0]
+            step_time = (now - self._probe_start[1]) / self._units(done - timed, done, planned)
         else:
             return None
         return self._plan(epoch=epoch, into=step, done=done, planned=planned, step_time=step_time)
@@ -144,7 +167,7 @@ class TimeBudget:
         An epoch due for evaluation is not evaluated (:attr:`skip_evaluation`) when the plan then ends within the
         next epoch and that evaluation would cost it steps: the final evaluation follows so closely that its time
         is trained instead, and the last evaluation falls on the last step of the budget."""
-        self.step_times.append(train_time / steps)
+        self.step_times.append(train_time / self._units(done - steps, done, planned))
         self.skip_evaluation = False
         if self.eval_time is None or done >= planned:
             return planned, False
@@ -180,7 +203,9 @@ class TimeBudget:
                               eval_time=self.eval_time or 0.0,
                               to_next_eval=(next_eval - epoch) * self.steps_per_epoch - into,
                               steps_per_eval=self.eval_every * self.steps_per_epoch, evaluating_now=evaluating_now,
-                              final_eval_scale=self.final_eval_scale, drop_within=self.steps_per_epoch)
+                              final_eval_scale=self.final_eval_scale, drop_within=self.steps_per_epoch,
+                              units=None if self.units is None else lambda n: self._units(done, done + n, done + n),
+                              most=self.most_steps - done)
         self.would_fit = fits
         return revise_plan(planned, fits, done=done, most=self.most_steps)
 

@@ -96,7 +96,8 @@ def _train(r: "_Run", progress: Progress | None) -> TrainResult:
     budget = None if config.time_limit_minutes is None else TimeBudget.for_run(
         config.time_limit_minutes, eval_every=config.eval_every, most_steps=config.epochs * r.steps_per_epoch,
         steps_per_epoch=r.steps_per_epoch, spent=spent, started=started, resuming=r.resuming,
-        final_eval_scale=len(tta_views(config.tta_hflip, config.tta_shift)) / len(tta_views(config.tta_hflip, 0)))
+        final_eval_scale=len(tta_views(config.tta_hflip, config.tta_shift)) / len(tta_views(config.tta_hflip, 0)),
+        units=None if step.resizing is None else step.resizing.units)  # smaller steps cost less
     while state.epoch < state.planned_epochs:
         t_epoch = time.perf_counter()
         train_loss, steps, out_of_time = _train_epoch(r, budget, progress)

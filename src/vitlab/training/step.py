@@ -1,7 +1,8 @@
 """THE training step: what ``fit()`` runs for every batch and ``vitlab bench --mode train`` times.
 
 One optimizer step over ``accum_steps`` micro-batches of uint8 images: augment and normalise on the device
-(soft targets: label smoothing, Mixup/CutMix), forward under autocast, soft-target cross-entropy, backward (the
+(soft targets: label smoothing, Mixup/CutMix), resize to the step's size (progressive resizing), forward under
+autocast, soft-target cross-entropy, backward (the
 GradScaler scales fp16 losses on a GPU), gradient clipping, the optimizer step, the learning-rate schedule step
 and the EMA update. Nothing in it waits for the device (no ``.item()``, no data-dependent Python branch), so a
 GPU runs ahead of the host, and the whole step can be handed to ``torch.compile``.
@@ -22,6 +23,7 @@ from vitlab.config import TrainConfig
 from vitlab.data import TrainTransform
 from vitlab.data.transforms import Mixing
 from vitlab.training.optim import WarmupDecay, build_optimizer
+from vitlab.training.resize import Resizing, resizing_for
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -77,17 +79,18 @@ class TrainStep:
 
     ``forward`` is what the inputs go through (``model`` itself, its DistributedDataParallel wrapper, or a
     compiled module); ``no_sync`` is DDP's context that skips the gradient all-reduce on all micro-batches but
-    the last. The state a checkpoint must hold is here: ``model``, ``optimizer``, ``scheduler``, ``scaler``,
+    the last. ``resizing`` gives each step's image size (progressive resizing; it follows the scheduler's step
+    and total). The state a checkpoint must hold is here: ``model``, ``optimizer``, ``scheduler``, ``scaler``,
     ``ema``, ``slow`` (Lookahead's slow weights).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: WarmupDecay, *,
                  transform: TrainTransform, device: torch.device, precision: str, clip_grad: float | None = None,
                  ema: nn.Module | None = None, ema_decay: float | None = None, forward: Callable | None = None,
-                 no_sync: Callable | None = None, slow: nn.Module | None = None):
+                 no_sync: Callable | None = None, slow: nn.Module | None = None, resizing: Resizing | None = None):
         self.model, self.optimizer, self.scheduler, self.transform = model, optimizer, scheduler, transform
         self.device, self.precision, self.clip_grad = device, precision, clip_grad
-        self.ema, self.ema_decay, self.slow = ema, ema_decay, slow
+        self.ema, self.ema_decay, self.slow, self.resizing = ema, ema_decay, slow, resizing
         self.forward = model if forward is None else forward  # (a compiled module has no truth value)
         self.no_sync = no_sync
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 only (a GPU)
@@ -98,12 +101,17 @@ class TrainStep:
         """Train on ``micro_batches`` (uint8 images ``(B, C, H, W)`` and int labels ``(B,)`` on the device) as one
         optimizer step; return the sum of the images' losses, a float64 tensor on the device."""
         loss_sum = torch.zeros((), dtype=sum_dtype(self.device), device=self.device)
+        size = None if self.resizing is None else \
+            self.resizing.size_at(self.scheduler.step_count, self.scheduler.total_steps)
         for i, (images, labels) in enumerate(micro_batches):
             inputs, targets = self.transform(images, labels, generator)  # -> float (B, C, H, W), soft (B, K)
+            kwargs = {}
+            if size is not None and size != tuple(inputs.shape[-2:]):
+                inputs, kwargs = self.resizing.resize(inputs, size), {"interpolate_pos_encoding": True}
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
                 with autocast(self.device, self.precision):
-                    logits = logits_of(self.forward(inputs))
+                    logits = logits_of(self.forward(inputs, **kwargs))
                 loss = soft_cross_entropy(logits, targets)
                 self.scaler.scale(loss / len(micro_batches)).backward()
             loss_sum += loss.detach().to(loss_sum.dtype) * labels.shape[0]
@@ -161,8 +169,8 @@ def make_train_step(model: nn.Module, config: TrainConfig, *, device: torch.devi
                     forward: Callable | None = None, no_sync: Callable | None = None) -> TrainStep:
     """The :class:`TrainStep` that ``config`` describes, for ``model`` on ``device``: AdamW parameter groups
     (weight decay, layer decay, betas), warmup + decay (``config.lr_decay``) over ``config.epochs``, gradient
-    clipping, EMA and Lookahead (copies of the model, made now), and the augmentation of the run on images
-    normalised with ``mean``/``std``."""
+    clipping, EMA and Lookahead (copies of the model, made now), progressive resizing, and the augmentation of
+    the run on images normalised with ``mean``/``std``."""
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
                                 layer_decay=config.layer_decay)
     total, warmup = schedule_steps(config, config.epochs * steps_per_epoch, steps_per_epoch)
@@ -176,7 +184,7 @@ def make_train_step(model: nn.Module, config: TrainConfig, *, device: torch.devi
     transform = train_transform(config, mean=mean, std=std, image_size=image_size, num_classes=num_classes)
     return TrainStep(model, optimizer, scheduler, transform=transform, device=device, precision=precision,
                      clip_grad=config.clip_grad, ema=ema, ema_decay=config.ema_decay, forward=forward,
-                     no_sync=no_sync, slow=slow)
+                     no_sync=no_sync, slow=slow, resizing=resizing_for(config.progressive_resize, model))
 
 
 __all__ = ["TrainStep", "make_train_step", "train_transform", "schedule_steps", "soft_cross_entropy",
