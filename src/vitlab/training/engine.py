@@ -93,11 +93,7 @@ def _train(r: "_Run", progress: Progress | None) -> TrainResult:
     config, state, step = r.config, r.state, r.step
     writer = _tensorboard(r.dir) if r.d.is_main else None
     spent, started, stopped, final_eval = state.wall_time, time.perf_counter(), "completed", None
-    budget = None if config.time_limit_minutes is None else TimeBudget.for_run(
-        config.time_limit_minutes, eval_every=config.eval_every, most_steps=config.epochs * r.steps_per_epoch,
-        steps_per_epoch=r.steps_per_epoch, spent=spent, started=started, resuming=r.resuming,
-        final_eval_scale=len(tta_views(config.tta_hflip, config.tta_shift)) / len(tta_views(config.tta_hflip, 0)),
-        units=None if step.resizing is None else step.resizing.units)  # smaller steps cost less
+    budget = _budget(r, spent, started)
     while state.epoch < state.planned_epochs:
         t_epoch = time.perf_counter()
         train_loss, steps, out_of_time = _train_epoch(r, budget, progress)
@@ -150,6 +146,18 @@ def _train(r: "_Run", progress: Progress | None) -> TrainResult:
     return TrainResult(run_dir=r.dir, history=state.history, top1=top1,
                        best_top1=state.best_top1, best_epoch=state.best_epoch, wall_time=state.wall_time,
                        stopped=stopped, final_eval=final_eval, calibration=calibration)
+
+
+def _budget(r: "_Run", spent: float, started: float) -> TimeBudget | None:
+    """The time limit's plan of a session that began at ``started`` after ``spent`` seconds; None without one."""
+    config = r.config
+    if config.time_limit_minutes is None:
+        return None
+    return TimeBudget.for_run(
+        config.time_limit_minutes, eval_every=config.eval_every, most_steps=config.epochs * r.steps_per_epoch,
+        steps_per_epoch=r.steps_per_epoch, spent=spent, started=started, resuming=r.resuming,
+        final_eval_scale=len(tta_views(config.tta_hflip, config.tta_shift)) / len(tta_views(config.tta_hflip, 0)),
+        units=None if r.step.resizing is None else r.step.resizing.units)  # smaller steps cost less
 
 
 def _calibrate(r: "_Run") -> dict:
