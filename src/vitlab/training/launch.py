@@ -57,8 +57,8 @@ def launch(config: TrainConfig, devices: int, *, data=None, model=None, normaliz
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(devices),
            "LOCAL_WORLD_SIZE": str(devices), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     messages = mp.get_context("spawn").SimpleQueue()
-    procs = mp.start_processes(_worker, args=(env, config, data, model, normalization, messages), nprocs=devices, join=False,
-                               start_method="spawn")
+    procs = mp.start_processes(_worker, args=(env, config, data, model, normalization, messages), nprocs=devices,
+                               join=False, start_method="spawn")
     inbox = _Inbox(progress)
     try:
         while not _join(procs, messages, inbox):
