@@ -87,7 +87,7 @@ def test_the_plan_measures_time_per_unit_and_fits_the_schedule_of_sizes():
     assert flat.epoch_done(25.0, 100, epoch=1, done=100, planned=1000)[0] > 3000
 
 
-def test_a_time_limited_run_with_resizing_trains_and_ends_at_the_full_size(tmp_path):
+def test_a_time_limited_run_with_resizing_plans_with_the_units_and_completes(tmp_path):
     config = tiny_config(tmp_path, epochs=3, progressive_resize=[0.5, 0.0, 0.5], time_limit_minutes=5)
     result = vitlab.train(config, data=tiny_splits())
     assert result.stopped == "completed" and len(result.history) == 3  # 5 minutes hold the 3 epochs

@@ -377,6 +377,7 @@ def dump_yaml(data: dict[str, Any]) -> str:
 
 NORMALIZATIONS = ("auto", "data", "imagenet", "inception", "clip")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+LR_DECAYS = ("cosine", "linear")  # after the warmup: vitlab.training.optim.lr_at
 
 
 @dataclass
@@ -495,8 +496,8 @@ class TrainConfig:
             raise bad("lr", "must be > 0")
         if self.min_lr > self.lr:
             raise bad("min_lr", f"must be <= lr={self.lr}")
-        if self.lr_decay not in ("cosine", "linear"):
-            raise bad("lr_decay", f"must be 'cosine' or 'linear', not {self.lr_decay!r}")
+        if self.lr_decay not in LR_DECAYS:
+            raise bad("lr_decay", f"must be one of {', '.join(LR_DECAYS)}, not {self.lr_decay!r}")
         for name in ("random_erasing", "mix_prob"):
             if getattr(self, name) > 1:
                 raise bad(name, "must be in [0, 1]")

@@ -58,9 +58,6 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas=(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
 
-LR_DECAYS = ("cosine", "linear")
-
-
 def lr_at(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr: float,
           decay: str = "cosine") -> float:
     """Learning rate for optimiser step ``step`` (0-based): linear from ``lr / warmup_steps`` up to ``lr`` over

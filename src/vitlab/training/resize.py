@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.errors import ConfigError
+from vitlab.models import VisionTransformer
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,9 @@ class Resizing:
         h, w = self._sides(torch.arange(first, last), total)
         return float((h * w).sum()) / (self.image_size[0] * self.image_size[1])
 
-    def resize(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Float images ``(B, C, H, W)`` at ``size`` (bilinear, antialiased as a downscale should be); the same
-        tensor at the model's size."""
-        if tuple(size) == tuple(images.shape[-2:]):
-            return images
+    @staticmethod
+    def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Float images ``(B, C, H, W)`` scaled down to ``size`` (bilinear, antialiased as a downscale should be)."""
         return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
@@ -74,13 +73,12 @@ def resizing_for(schedule: list[float] | None, model) -> Resizing | None:
     patch sizes), or None without one."""
     if schedule is None:
         return None
-    config = getattr(model, "config", None)
-    if not hasattr(config, "patch_size") or not hasattr(config, "image_size"):
+    if not isinstance(model, VisionTransformer):
         raise ConfigError("TrainConfig.progressive_resize needs a vitlab ViT (it resizes the position embedding "
                           f"to each size); {type(model).__name__} is not one: leave progressive_resize out")
     scale, start, end = schedule
-    return Resizing(image_size=tuple(config.image_size), multiple=tuple(config.patch_size), scale=float(scale),
-                    start=float(start), end=float(end))
+    return Resizing(image_size=tuple(model.config.image_size), multiple=tuple(model.config.patch_size),
+                    scale=float(scale), start=float(start), end=float(end))
 
 
 __all__ = ["Resizing", "resizing_for"]
