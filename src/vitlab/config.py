@@ -378,6 +378,7 @@ def dump_yaml(data: dict[str, Any]) -> str:
 NORMALIZATIONS = ("auto", "data", "imagenet", "inception", "clip")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LR_DECAYS = ("cosine", "linear")  # after the warmup: vitlab.training.optim.lr_at
+TEACHERS = ("airbench94",)  # CNN teachers for distillation: vitlab.training.teacher
 
 
 @dataclass
@@ -434,6 +435,12 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
+    # DeiT's hard distillation from a CNN teacher trained first, in the same run and time limit: `teacher_epochs`
+    # of airbench94's network and recipe (vitlab.training.teacher); the distillation head learns the teacher's
+    # class of each training input, the class head the labels (half the loss each). The model needs DeiT's
+    # token and head: model_overrides {distillation_token: true, distillation_head: true}
+    teacher: str | None = None
+    teacher_epochs: float = 10.0
     # progressive resizing [scale, start, end]: train at `scale` of the image size until `start` of the schedule
     # (a fraction of its steps), then at a size growing to the full one by `end` (vitlab.training.resize)
     progressive_resize: list[float] | None = None
@@ -534,7 +541,7 @@ class TrainConfig:
         self.betas = [float(b) for b in self.betas]
 
     def _check_augmentation(self) -> None:
-        """The augmentation, the stem's whitening and the test-time views."""
+        """The augmentation, the teacher, the stem's whitening and the test-time views."""
         bad = self._bad
         if self.random_resized_crop is not None:
             rrc = self.random_resized_crop
@@ -551,6 +558,11 @@ class TrainConfig:
             self.progressive_resize = [float(x) for x in pr]
         if not isinstance(self.crop_padding, int) or self.crop_padding < 0:
             raise bad("crop_padding", "must be an integer >= 0")
+        if self.teacher is not None and self.teacher not in TEACHERS:
+            raise bad("teacher", f"must be one of {', '.join(TEACHERS)} or null (no distillation)")
+        if not (isinstance(self.teacher_epochs, (int, float)) and not isinstance(self.teacher_epochs, bool)
+                and self.teacher_epochs > 0):
+            raise bad("teacher_epochs", "must be a positive number of epochs (e.g. 10, airbench94's)")
         if not isinstance(self.whiten_stem, bool):
             raise bad("whiten_stem", "must be true or false")
         if self.whiten_stem and self.init:

@@ -59,41 +59,14 @@ class PatchEmbed(nn.Module):
         else:
             self.proj = nn.Linear(in_channels * patch_size[0] * patch_size[1], hidden_dim, bias=bias)
 
-    @torch.no_grad()
     def whiten_(self, images: torch.Tensor, eps: float = 5e-4, transform=None) -> tuple[int, int]:
-        """Airbench's whitening initialisation (Keller Jordan's CIFAR-10 speedruns): the first convolution's
-        filters become the eigenvectors of the (uncentred) covariance of the patches it sees in ``images`` (model
-        inputs, ``(B, C, H, W)`` float, or what ``transform`` makes of each slice of them, e.g. uint8 images and
-        their :class:`~vitlab.data.Preprocess`), each divided by the square root of its eigenvalue + ``eps``, in
-        pairs ``v, -v`` from the largest eigenvalue down, as many as the layer has filters (the rest keep theirs).
-        Its outputs on those patches are then uncorrelated, channel ``2i`` with variance ``l_i / (l_i + eps)``.
-        Returns (filters set, filters)."""
+        """Airbench's whitening initialisation of the first convolution (:func:`whiten_conv_`) on ``images``;
+        returns (filters set, filters)."""
         conv = self.stem[0] if self.style == "conv_stem" else self.proj if self.style == "conv" else None
         if conv is None:
             raise ConfigError("whiten_stem needs a convolutional patch embedding (patch_embed: conv or conv_stem), "
                               f"not {self.style!r}")
-        c, (kh, kw) = conv.in_channels, conv.kernel_size
-        dim = c * kh * kw
-        cov, count = torch.zeros(dim, dim, dtype=torch.float64), 0
-        (sh, sw), (h, w) = conv.stride, images.shape[-2:]
-        per_image = max(1, ((h - kh) // sh + 1) * ((w - kw) // sw + 1))
-        for chunk in images.split(max(1, 2 ** 20 // per_image)):  # about a million patches at a time
-            chunk = (transform(chunk) if transform is not None else chunk).float().cpu()
-            # the patches at the layer's stride, inside the image (no padding)
-            patches = F.unfold(chunk, (kh, kw), stride=conv.stride).transpose(1, 2).reshape(-1, dim)
-            cov += patches.double().T @ patches.double()
-            count += len(patches)
-        if not count:
-            raise ConfigError("whiten_stem: no image patches to whiten on (the training set is empty)")
-        values, vectors = torch.linalg.eigh(cov / count)  # ascending
-        values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
-        filters = (vectors / (values + eps).sqrt()).T  # row i: eigenvector i, scaled
-        pairs = torch.stack([filters, -filters], 1).reshape(2 * dim, dim)
-        k = min(conv.out_channels, 2 * dim)
-        conv.weight[:k] = pairs[:k].reshape(k, c, kh, kw).to(conv.weight)
-        if conv.bias is not None:
-            conv.bias[:k] = 0
-        return k, conv.out_channels
+        return whiten_conv_(conv, images, eps=eps, transform=transform)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.style == "conv":
@@ -104,6 +77,39 @@ class PatchEmbed(nn.Module):
             return self.proj(self.norm(shifted_patches(x, self.patch_size)))
         patches = F.unfold(x, kernel_size=self.patch_size, stride=self.patch_size)  # (B, C*ph*pw, N)
         return self.proj(patches.transpose(1, 2))  # (B, N, C*ph*pw) -> (B, N, D)
+
+
+@torch.no_grad()
+def whiten_conv_(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4, transform=None) -> tuple[int, int]:
+    """Airbench's whitening initialisation (Keller Jordan's CIFAR-10 speedruns): ``conv``'s filters become the
+    eigenvectors of the (uncentred) covariance of the patches it sees in ``images`` (model inputs,
+    ``(B, C, H, W)`` float, or what ``transform`` makes of each slice of them, e.g. uint8 images and their
+    :class:`~vitlab.data.Preprocess`), each divided by the square root of its eigenvalue + ``eps``, in pairs
+    ``v, -v`` from the largest eigenvalue down, as many as the layer has filters (the rest keep theirs). Its
+    outputs on those patches are then uncorrelated, channel ``2i`` with variance ``l_i / (l_i + eps)``; its bias
+    (if any) is zeroed for those filters. Returns (filters set, filters)."""
+    c, (kh, kw) = conv.in_channels, conv.kernel_size
+    dim = c * kh * kw
+    cov, count = torch.zeros(dim, dim, dtype=torch.float64), 0
+    (sh, sw), (h, w) = conv.stride, images.shape[-2:]
+    per_image = max(1, ((h - kh) // sh + 1) * ((w - kw) // sw + 1))
+    for chunk in images.split(max(1, 2 ** 20 // per_image)):  # about a million patches at a time
+        chunk = (transform(chunk) if transform is not None else chunk).float().cpu()
+        # the patches at the layer's stride, inside the image (no padding)
+        patches = F.unfold(chunk, (kh, kw), stride=conv.stride).transpose(1, 2).reshape(-1, dim)
+        cov += patches.double().T @ patches.double()
+        count += len(patches)
+    if not count:
+        raise ConfigError("whiten_stem: no image patches to whiten on (the training set is empty)")
+    values, vectors = torch.linalg.eigh(cov / count)  # ascending
+    values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+    filters = (vectors / (values + eps).sqrt()).T  # row i: eigenvector i, scaled
+    pairs = torch.stack([filters, -filters], 1).reshape(2 * dim, dim)
+    k = min(conv.out_channels, 2 * dim)
+    conv.weight[:k] = pairs[:k].reshape(k, c, kh, kw).to(conv.weight)
+    if conv.bias is not None:
+        conv.bias[:k] = 0
+    return k, conv.out_channels
 
 
 def shifted_patches(x: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:

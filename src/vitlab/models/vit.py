@@ -202,25 +202,33 @@ class VisionTransformer(nn.Module):
     def _token_norm(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.config.norm_after_pool else self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, return_attention: bool = False):
+    def forward_head(self, x: torch.Tensor, return_attention: bool = False, both_heads: bool = False):
         """Final-norm tokens ``(B, N, D)`` -> logits ``(B, num_classes)`` (no classes: the pooled, projected
         vector). With a distillation head, the mean of the class-token and distillation-token heads, as DeiT
-        infers. ``return_attention``: also the attention pool's probabilities (see :meth:`pool`)."""
+        infers, or with ``both_heads`` the two apart (class head, distillation head), as DeiT trains them.
+        ``return_attention``: also the attention pool's probabilities (see :meth:`pool`)."""
         pooled, probs = self.pool(x, return_attention=True) if return_attention else (self.pool(x), None)
         if self.config.norm_after_pool:
             pooled = self.norm(pooled)
         logits = self.head(self.pre_logits(self.projection(pooled)))
         if self.head_dist is not None:
-            logits = (logits + self.head_dist(x[:, 1])) / 2  # x[:, 1]: the distillation token
+            dist = self.head_dist(x[:, 1])  # x[:, 1]: the distillation token
+            logits = (logits, dist) if both_heads else (logits + dist) / 2
+        elif both_heads:
+            raise ValueError("both_heads=True needs a distillation head (ViTConfig.distillation_head)")
         return (logits, probs) if return_attention else logits
 
     def forward(self, x: torch.Tensor, *, return_attentions: bool = False, return_hidden_states: bool = False,
-                interpolate_pos_encoding: bool = False):
+                interpolate_pos_encoding: bool = False, both_heads: bool = False):
         """Images ``(B, C, H, W)`` -> logits ``(B, num_classes)``.
 
         With ``return_attentions`` or ``return_hidden_states``, returns a :class:`ViTOutput` instead; asking
-        for attentions takes the explicit attention path for every block.
+        for attentions takes the explicit attention path for every block. ``both_heads`` (a model with a
+        distillation head): the tuple (class-token logits, distillation-token logits), what DeiT's training
+        loss reads.
         """
+        if both_heads:
+            return self.forward_head(self.forward_features(x, interpolate_pos_encoding), both_heads=True)
         if not (return_attentions or return_hidden_states):
             return self.forward_head(self.forward_features(x, interpolate_pos_encoding))
         x = self.embed(x, interpolate_pos_encoding)

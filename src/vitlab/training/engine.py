@@ -42,7 +42,8 @@ from vitlab.models import VisionTransformer, create_model, get_config
 from vitlab.models.finetune import prepare_finetune
 from vitlab.training.budget import TimeBudget
 from vitlab.training.progress import Progress
-from vitlab.training.step import TrainStep, make_train_step, schedule_steps
+from vitlab.training.step import Distillation, TrainStep, make_train_step, schedule_steps
+from vitlab.training.teacher import teacher_for_run
 
 log = logging.getLogger("vitlab.training")
 WHITEN_IMAGES = 5000  # whiten_stem's sample: airbench's (the first 5000 training images)
@@ -342,6 +343,10 @@ def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTrans
     loader, steps_per_epoch = _train_loader(config, data, device, d)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = _build_model(config, list(data.classes), model)
+    if config.teacher and not model.config.distillation_head:
+        raise ConfigError(f"TrainConfig.teacher={config.teacher!r} needs a model with DeiT's distillation token and "
+                          "head: set model_overrides.distillation_token=true and "
+                          "model_overrides.distillation_head=true")
     preprocess = Preprocess(image_size=tuple(image_size), channels=channels, mean=tuple(mean), std=tuple(std))
     if config.whiten_stem and not resuming:
         _whiten(model, data, preprocess, d)
@@ -356,6 +361,12 @@ def _prepare(config: TrainConfig, data: DatasetSplits | None, model: VisionTrans
     elif step.scheduler.warmup_steps >= step.scheduler.total_steps and d.is_main:
         log.warning("warmup_epochs=%g >= epochs=%d: the learning rate never reaches lr=%g", config.warmup_epochs,
                     config.epochs, config.lr)
+    if config.teacher:  # trained before the ViT's first step: its time counts against the time limit
+        teacher, seconds = teacher_for_run(config, run, data, preprocess=preprocess, device=device,
+                                           precision=precision, resuming=resuming, rank=d.rank,
+                                           world_size=d.world_size)
+        step.distillation = Distillation(teacher)
+        state.wall_time += seconds
     if d.is_main:
         saved = to_dict(config)
         saved.update(out=None, resume=None)  # so `--recipe RUN/config.yaml` starts a new run

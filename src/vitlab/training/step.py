@@ -2,7 +2,7 @@
 
 One optimizer step over ``accum_steps`` micro-batches of uint8 images: augment and normalise on the device
 (soft targets: label smoothing, Mixup/CutMix), resize to the step's size (progressive resizing), forward under
-autocast, soft-target cross-entropy, backward (the GradScaler scales fp16 losses on a GPU), gradient clipping,
+autocast, soft-target cross-entropy (with a CNN teacher, DeiT's distillation loss), backward (the GradScaler scales fp16 losses on a GPU), gradient clipping,
 the optimizer step, the learning-rate schedule step and the EMA update. Nothing in it waits for the device (no
 ``.item()``, no data-dependent Python branch), so a GPU runs ahead of the host, and the whole step can be handed
 to ``torch.compile``.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -51,6 +52,27 @@ def copy_buffers(twin: nn.Module, model: nn.Module) -> None:
         twin_buffer.copy_(buffer)
 
 
+DISTILL_ALPHA = 0.5  # DeiT's hard distillation: the distillation head's share of the loss
+
+
+@dataclass
+class Distillation:
+    """DeiT's hard distillation (Touvron et al. 2021): the student's distillation head learns the class the
+    ``teacher`` (in eval mode, no gradients) gives each training input, its class head the run's soft targets;
+    the loss is ``(1 - alpha) * CE(class head, targets) + alpha * CE(distillation head, teacher's class)``."""
+
+    teacher: nn.Module
+    alpha: float = DISTILL_ALPHA
+
+    def loss(self, heads: tuple[torch.Tensor, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
+             device: torch.device, precision: str) -> torch.Tensor:
+        with torch.no_grad(), autocast(device, precision):
+            teacher_class = logits_of(self.teacher(inputs)).argmax(-1)
+        cls_logits, dist_logits = heads
+        return ((1 - self.alpha) * soft_cross_entropy(cls_logits, targets)
+                + self.alpha * F.cross_entropy(dist_logits.float(), teacher_class))
+
+
 LOOKAHEAD_EVERY = 5  # airbench94's Lookahead: an update every 5 optimizer steps ...
 LOOKAHEAD_DECAY = 0.95 ** 5  # ... with a decay that ramps as progress**3 to this at the end of the schedule
 
@@ -80,17 +102,20 @@ class TrainStep:
     ``forward`` is what the inputs go through (``model`` itself, its DistributedDataParallel wrapper, or a
     compiled module); ``no_sync`` is DDP's context that skips the gradient all-reduce on all micro-batches but
     the last. ``resizing`` gives each step's image size (progressive resizing; it follows the scheduler's step
-    and total). The state a checkpoint must hold is here: ``model``, ``optimizer``, ``scheduler``, ``scaler``,
-    ``ema``, ``slow`` (Lookahead's slow weights).
+    and total). ``distillation``: DeiT's teacher loss (the model's forward then gives both heads). The state a
+    checkpoint must hold is here: ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``ema``, ``slow``
+    (Lookahead's slow weights); the teacher is fixed and saved once (:mod:`vitlab.training.teacher`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: WarmupDecay, *,
                  transform: TrainTransform, device: torch.device, precision: str, clip_grad: float | None = None,
                  ema: nn.Module | None = None, ema_decay: float | None = None, forward: Callable | None = None,
-                 no_sync: Callable | None = None, slow: nn.Module | None = None, resizing: Resizing | None = None):
+                 no_sync: Callable | None = None, slow: nn.Module | None = None, resizing: Resizing | None = None,
+                 distillation: Distillation | None = None):
         self.model, self.optimizer, self.scheduler, self.transform = model, optimizer, scheduler, transform
         self.device, self.precision, self.clip_grad = device, precision, clip_grad
         self.ema, self.ema_decay, self.slow, self.resizing = ema, ema_decay, slow, resizing
+        self.distillation = distillation
         self.forward = model if forward is None else forward  # (a compiled module has no truth value)
         self.no_sync = no_sync
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 only (a GPU)
@@ -105,14 +130,17 @@ class TrainStep:
             self.resizing.size_at(self.scheduler.step_count, self.scheduler.total_steps)
         for i, (images, labels) in enumerate(micro_batches):
             inputs, targets = self.transform(images, labels, generator)  # -> float (B, C, H, W), soft (B, K)
-            kwargs = {}
+            kwargs = {} if self.distillation is None else {"both_heads": True}
             if size is not None and size != tuple(inputs.shape[-2:]):
-                inputs, kwargs = self.resizing.resize(inputs, size), {"interpolate_pos_encoding": True}
+                inputs, kwargs = self.resizing.resize(inputs, size), {**kwargs, "interpolate_pos_encoding": True}
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
                 with autocast(self.device, self.precision):
-                    logits = logits_of(self.forward(inputs, **kwargs))
-                loss = soft_cross_entropy(logits, targets)
+                    out = self.forward(inputs, **kwargs)
+                if self.distillation is None:
+                    loss = soft_cross_entropy(logits_of(out), targets)
+                else:
+                    loss = self.distillation.loss(out, inputs, targets, self.device, self.precision)
                 self.scaler.scale(loss / len(micro_batches)).backward()
             loss_sum += loss.detach().to(loss_sum.dtype) * labels.shape[0]
         if self.clip_grad:
@@ -187,5 +215,5 @@ def make_train_step(model: nn.Module, config: TrainConfig, *, device: torch.devi
                      no_sync=no_sync, slow=slow, resizing=resizing_for(config.progressive_resize, model))
 
 
-__all__ = ["TrainStep", "make_train_step", "train_transform", "schedule_steps", "soft_cross_entropy",
+__all__ = ["TrainStep", "Distillation", "make_train_step", "train_transform", "schedule_steps", "soft_cross_entropy",
            "ema_update", "lookahead_decay", "lookahead_update", "logits_of"]
