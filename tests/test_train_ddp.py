@@ -134,3 +134,58 @@ def test_ranks_that_list_different_folders_stop_with_one_line(tmp_path):
     for rank in (0, 1):
         assert re.search(r"view[01]: the ranks read different datasets \(rank 0: \d+ training images, rank 1: \d+ "
                          r"training images\); did the data change", results[rank]) and "\n" not in results[rank]
+
+
+def _rank_training_a_teacher(rank, port, out_dir, out):
+    """One of 2 ranks training the run's CNN teacher on its half of each batch; saves the teacher it ends with."""
+    import torch.distributed as dist
+
+    from vitlab._files import save_safetensors
+    from vitlab.config import TrainConfig
+    from vitlab.data import Preprocess
+    from vitlab.training.teacher import teacher_for_run
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        data = tiny_splits(n_train=64, size=16)
+        config = TrainConfig(data="tiny", teacher="airbench94", teacher_epochs=3, eval_batch_size=16)
+        preprocess = Preprocess(image_size=(16, 16), channels=1, mean=(0.5,), std=(0.25,))
+        teacher, seconds = teacher_for_run(config, Path(out_dir), data, preprocess=preprocess,
+                                           device=torch.device("cpu"), precision="fp32", resuming=False, rank=rank,
+                                           world_size=2)
+        save_safetensors(Path(out_dir) / f"rank{rank}.safetensors", teacher.state_dict())
+        out.put((rank, "ok"))
+    except Exception as e:  # noqa: BLE001 (reported to the test)
+        out.put((rank, repr(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_train_the_same_teacher(tmp_path):
+    """Each rank trains the teacher on its share of the batch (flips and shifts drawn apart); DDP averages the
+    gradients and broadcasts rank 0's BatchNorm statistics, so both end with the same teacher, and rank 0 saves it."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    out, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_rank_training_a_teacher, args=(r, port, tmp_path, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert results == {0: "ok", 1: "ok"}
+    a, b = (load_safetensors(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    saved = load_safetensors(tmp_path / "teacher/model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+        assert torch.equal(a[key], saved[key]), key
+    info = json.loads((tmp_path / "teacher/teacher.json").read_text())
+    assert info["steps"] == 3  # 64 images: one batch of 32 per rank, 3 epochs
+    from vitlab.models.cnn import AirbenchNet
+
+    torch.manual_seed(0)
+    fresh = AirbenchNet(in_channels=1, num_classes=4).state_dict()
+    assert not torch.equal(a["2.conv1.weight"], fresh["2.conv1.weight"])  # it trained

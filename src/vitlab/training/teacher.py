@@ -109,6 +109,11 @@ def train_teacher(model: AirbenchNet, train, *, epochs: float, mean, std, image_
             step += 1
             if step == total:
                 break
+    if world_size > 1:  # DDP sends rank 0's BatchNorm statistics before each forward: after the last, once more
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
     model.eval()
     model.requires_grad_(False)
     return step
