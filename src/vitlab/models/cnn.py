@@ -88,6 +88,10 @@ class AirbenchNet(nn.Sequential):
             _Scale(AIRBENCH_SCALE),
         )
         self[0].weight.requires_grad = False
+        self.to(memory_format=torch.channels_last)  # oneDNN's convolutions: 3.6x faster on a 2-core Xeon (bf16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous(memory_format=torch.channels_last))
 
     def whiten_(self, images: torch.Tensor, transform=None) -> tuple[int, int]:
         """The first convolution's filters from ``images``' 2x2 patches (:func:`whiten_conv_`, airbench's eps
