@@ -12,6 +12,7 @@ RUN/
                          and the temperature the logits are divided by once one was fitted), calibration.json
                          (what fitting it did), and the training state: state.json, optimizer.safetensors,
                          rng.safetensors, ema.safetensors (with EMA), lookahead.safetensors (with Lookahead)
+  teacher/               a distilled run's CNN teacher (TrainConfig.teacher): model.safetensors, teacher.json
 ```
 
 A checkpoint folder is written beside its final name and swapped in by two renames (:func:`swap_in`), so a
@@ -51,6 +52,27 @@ LAST, BEST = "last", "best"
 PREPROCESS, STATE, CALIBRATION = "preprocess.json", "state.json", "calibration.json"
 OPTIMIZER, RNG, EMA = "optimizer.safetensors", "rng.safetensors", "ema.safetensors"
 LOOKAHEAD = "lookahead.safetensors"
+# a distilled run's CNN teacher (TrainConfig.teacher): run/teacher/model.safetensors + teacher.json
+TEACHER, TEACHER_JSON = "teacher", "teacher.json"
+
+
+# ---------------------------------------------------------------- a distilled run's teacher
+def write_teacher(run: str | Path, state: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """``run/teacher/``: the teacher's weights (model.safetensors) and ``info`` (teacher.json: its name, epochs,
+    seconds, test top-1), each atomically."""
+    folder = Path(run) / TEACHER
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(folder / WEIGHTS, state, metadata={"format": "pt"})
+    write_json(folder / TEACHER_JSON, info)
+
+
+def read_teacher(run: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(weights, info) of the teacher ``run`` saved, or None when it has none (it stopped while the teacher
+    trained)."""
+    folder = Path(run) / TEACHER
+    if not (folder / TEACHER_JSON).is_file() or not (folder / WEIGHTS).is_file():
+        return None
+    return load_safetensors(folder / WEIGHTS, device=str(device)), read_json(folder / TEACHER_JSON)
 
 
 # ---------------------------------------------------------------- finding things

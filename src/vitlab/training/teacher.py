@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from vitlab._device import autocast
-from vitlab._files import load_safetensors, read_json, save_safetensors, write_json
+from vitlab.checkpoints import read_teacher, write_teacher
 from vitlab.data import TrainTransform
 from vitlab.errors import ConfigError
 from vitlab.evaluation import evaluate_model
@@ -33,7 +33,6 @@ from vitlab.models.cnn import MIN_IMAGE_SIZE, AirbenchNet
 
 log = logging.getLogger("vitlab.train")
 
-TEACHER_DIR, TEACHER_JSON = "teacher", "teacher.json"
 BATCH_SIZE = 1000
 LR, MOMENTUM, WEIGHT_DECAY, BIAS_SCALER = 10.0, 0.85, 0.015, 64.0  # per 1024 images, decoupled
 LABEL_SMOOTHING, TRANSLATE, WARMUP = 0.2, 2, 0.2
@@ -150,7 +149,7 @@ def teacher_for_run(config, run: Path, data, *, preprocess, device: torch.device
     info = dict(model=config.teacher, epochs=config.teacher_epochs, steps=steps, seconds=round(seconds, 1),
                 top1=scored["top1"], parameters=teacher.num_parameters(), whitened_filters=done)
     if rank == 0:
-        save_teacher(run, teacher, info)
+        write_teacher(run, teacher.state_dict(), info)
         log.info("teacher %s: %d steps (%g epochs) in %.1f s, top-1 %.2f%% on the test split; the ViT's "
                  "distillation head learns its classes", config.teacher, steps, config.teacher_epochs, seconds,
                  100 * scored["top1"])
@@ -161,28 +160,17 @@ def teacher_for_run(config, run: Path, data, *, preprocess, device: torch.device
     return teacher, seconds
 
 
-def save_teacher(run: str | Path, model: AirbenchNet, info: dict) -> None:
-    """``run/teacher/``: the weights (model.safetensors) and ``info`` (teacher.json), each atomically."""
-    folder = Path(run) / TEACHER_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors(folder / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
-    write_json(folder / TEACHER_JSON, info)
-
-
 def load_teacher(run: str | Path, model: AirbenchNet, *, name: str, epochs: float,
                  device: torch.device) -> dict | None:
     """The teacher a run saved, into ``model`` (its info dict), or None when the run has none of this name and
     epochs (a run stopped while its teacher trained: the teacher trains again)."""
-    folder = Path(run) / TEACHER_DIR
-    if not (folder / TEACHER_JSON).is_file() or not (folder / "model.safetensors").is_file():
+    found = read_teacher(run, device=device)
+    if found is None or found[1].get("model") != name or found[1].get("epochs") != epochs:
         return None
-    info = read_json(folder / TEACHER_JSON)
-    if info.get("model") != name or info.get("epochs") != epochs:
-        return None
-    model.load_state_dict(load_safetensors(folder / "model.safetensors", device=str(device)))
+    model.load_state_dict(found[0])
     model.eval().requires_grad_(False)
-    return info
+    return found[1]
 
 
-__all__ = ["make_teacher", "train_teacher", "teacher_for_run", "save_teacher", "load_teacher", "teacher_lr_factor",
+__all__ = ["make_teacher", "train_teacher", "teacher_for_run", "load_teacher", "teacher_lr_factor",
            "teacher_optimizer", "WHITEN_IMAGES"]
