@@ -150,7 +150,8 @@ def test_fit_trains_the_teacher_first_and_saves_it(tmp_path):
 
 def test_resume_keeps_the_teacher_and_is_exact(tmp_path):
     data = tiny_splits(n_train=64, size=16)
-    bits = dict(model_overrides=DEIT, image_size=16, teacher="airbench94", teacher_epochs=2, hflip=True, label_smoothing=0.1)
+    bits = dict(model_overrides=DEIT, image_size=16, teacher="airbench94", teacher_epochs=2, hflip=True,
+                label_smoothing=0.1)
     straight = vitlab.train(tiny_config(tmp_path, "straight", **bits), data=data)
     vitlab.train(tiny_config(tmp_path, "split", stop_after_epoch=1, **bits), data=data)
     saved = (tmp_path / "split/teacher/teacher.json").read_text()

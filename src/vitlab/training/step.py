@@ -2,8 +2,9 @@
 
 One optimizer step over ``accum_steps`` micro-batches of uint8 images: augment and normalise on the device
 (soft targets: label smoothing, Mixup/CutMix), resize to the step's size (progressive resizing), forward under
-autocast, soft-target cross-entropy (with a CNN teacher, DeiT's distillation loss), backward (the GradScaler scales fp16 losses on a GPU), gradient clipping,
-the optimizer step, the learning-rate schedule step and the EMA update. Nothing in it waits for the device (no
+autocast, soft-target cross-entropy (with a CNN teacher, DeiT's distillation loss), backward (the GradScaler
+scales fp16 losses on a GPU), gradient clipping, the optimizer step, the learning-rate schedule step and the EMA
+update. Nothing in it waits for the device (no
 ``.item()``, no data-dependent Python branch), so a GPU runs ahead of the host, and the whole step can be handed
 to ``torch.compile``.
 """
