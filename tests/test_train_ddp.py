@@ -91,6 +91,21 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     _assert_close_runs(big.run_dir, accum.run_dir)
 
 
+def _two_ranks(target, root) -> dict:
+    """Run ``target(rank, port, root, queue)`` in 2 forked processes; return what each rank put: {rank: result}."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    out, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=target, args=(r, port, root, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    return results
+
+
 def _rank_with_its_own_listing(rank, port, root, out):
     """A rank whose folder listing differs from the other's (rank 1 sees one image more): both must refuse."""
     import torch.distributed as dist
@@ -112,8 +127,6 @@ def _rank_with_its_own_listing(rank, port, root, out):
 
 
 def test_ranks_that_list_different_folders_stop_with_one_line(tmp_path):
-    import multiprocessing
-
     from PIL import Image
 
     for view, per_class in (("view0", 4), ("view1", 5)):  # the folder as each rank listed it
@@ -121,14 +134,7 @@ def test_ranks_that_list_different_folders_stop_with_one_line(tmp_path):
             (tmp_path / view / c).mkdir(parents=True)
             for i in range(per_class):
                 Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / view / c / f"{i}.png")
-    ctx = multiprocessing.get_context("fork")
-    out, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_rank_with_its_own_listing, args=(r, port, tmp_path, out)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = _two_ranks(_rank_with_its_own_listing, tmp_path)
     import re
 
     for rank in (0, 1):
@@ -166,17 +172,7 @@ def _rank_training_a_teacher(rank, port, out_dir, out):
 def test_two_ranks_train_the_same_teacher(tmp_path):
     """Each rank trains the teacher on its share of the batch (flips and shifts drawn apart); DDP averages the
     gradients and broadcasts rank 0's BatchNorm statistics, so both end with the same teacher, and rank 0 saves it."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
-    out, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_rank_training_a_teacher, args=(r, port, tmp_path, out)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert results == {0: "ok", 1: "ok"}
+    assert _two_ranks(_rank_training_a_teacher, tmp_path) == {0: "ok", 1: "ok"}
     a, b = (load_safetensors(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
     saved = load_safetensors(tmp_path / "teacher/model.safetensors")
     for key in a:

@@ -79,6 +79,9 @@ class PatchEmbed(nn.Module):
         return self.proj(patches.transpose(1, 2))  # (B, N, C*ph*pw) -> (B, N, D)
 
 
+WHITEN_IMAGES = 5000  # airbench's whitening sample: the first 5000 training images (whiten_stem, the teacher)
+
+
 @torch.no_grad()
 def whiten_conv_(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4, transform=None) -> tuple[int, int]:
     """Airbench's whitening initialisation (Keller Jordan's CIFAR-10 speedruns): ``conv``'s filters become the

@@ -40,13 +40,13 @@ from vitlab.evaluation import evaluate_views, fit_calibration, tta_views
 from vitlab.loaded import Normalization, checkpoint_normalization, load_checkpoint
 from vitlab.models import VisionTransformer, create_model, get_config
 from vitlab.models.finetune import prepare_finetune
+from vitlab.models.patch_embed import WHITEN_IMAGES
 from vitlab.training.budget import TimeBudget
 from vitlab.training.progress import Progress
 from vitlab.training.step import Distillation, TrainStep, make_train_step, schedule_steps
 from vitlab.training.teacher import teacher_for_run
 
 log = logging.getLogger("vitlab.training")
-WHITEN_IMAGES = 5000  # whiten_stem's sample: airbench's (the first 5000 training images)
 
 
 class DivergedError(VitlabError):

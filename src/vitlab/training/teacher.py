@@ -30,13 +30,14 @@ from vitlab.data import TrainTransform
 from vitlab.errors import ConfigError
 from vitlab.evaluation import evaluate_model
 from vitlab.models.cnn import MIN_IMAGE_SIZE, AirbenchNet
+from vitlab.models.patch_embed import WHITEN_IMAGES
+from vitlab.training.step import soft_cross_entropy
 
 log = logging.getLogger("vitlab.train")
 
 BATCH_SIZE = 1000
 LR, MOMENTUM, WEIGHT_DECAY, BIAS_SCALER = 10.0, 0.85, 0.015, 64.0  # per 1024 images, decoupled
 LABEL_SMOOTHING, TRANSLATE, WARMUP = 0.2, 2, 0.2
-WHITEN_IMAGES = 5000
 
 
 def teacher_lr_factor(step: int, total_steps: int) -> float:
@@ -99,8 +100,8 @@ def train_teacher(model: AirbenchNet, train, *, epochs: float, mean, std, image_
             inputs, targets = transform(images, labels, generator)
             with autocast(device, precision):
                 logits = forward(inputs)
-            # airbench sums the loss over the batch (its learning rate is per 1024 images)
-            loss = torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1)) * world_size
+            # airbench sums the loss over the batch (its learning rate is per 1024 images); DDP averages ranks
+            loss = soft_cross_entropy(logits, targets) * len(targets) * world_size
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -133,7 +134,7 @@ def teacher_for_run(config, run: Path, data, *, preprocess, device: torch.device
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     teacher = make()
-    done, filters = teacher.whiten_(data.train.head(WHITEN_IMAGES), transform=preprocess)
+    done, _ = teacher.whiten_(data.train.head(WHITEN_IMAGES), transform=preprocess)
     forward = None
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -173,4 +174,4 @@ def load_teacher(run: str | Path, model: AirbenchNet, *, name: str, epochs: floa
 
 
 __all__ = ["make_teacher", "train_teacher", "teacher_for_run", "load_teacher", "teacher_lr_factor",
-           "teacher_optimizer", "WHITEN_IMAGES"]
+           "teacher_optimizer"]
