@@ -2,6 +2,8 @@
 
     PYTHONPATH=src python benchmarks/levers.py                              # the recipe presets and the tiny model
     PYTHONPATH=src python benchmarks/levers.py vit-cifar-hybrid:128 --precision fp32 --repeats 7
+    PYTHONPATH=src python benchmarks/levers.py vit-cifar-hybrid:128 --precision bf16 --patch-dropout 0.25 \
+        --levers channels_last "channels_last input"            # cifar10-cpu-20min's model and precision
 
 For each case PRESET:BATCH, the training step `vitlab train` runs (`vitlab.bench.make_step`, the default
 TrainConfig) is built once per lever on the same initial weights, and the levers' steps are interleaved repeat by
@@ -9,6 +11,8 @@ repeat (`vitlab.bench.time_alternating`), so they share the machine's load; the 
 and its speed relative to the baseline (median over repeats of baseline step time / lever step time, per image).
 
 Levers: `channels_last` (the conv stem in NHWC memory order, the oneDNN convolutions' preferred layout),
+`channels_last input` (only the images in NHWC: the convolutions follow the input's layout, and the weights, and so
+the checkpoints, stay as they are),
 `compile` (`torch.compile` of the model, inductor: fused elementwise kernels; compile time kept out),
 `batch x2` (twice the images per step), `threads 1` (one intra-op thread instead of all), `patch_dropout 0.25`
 and `0.5` (that fraction of the patch tokens left out in training; ViTConfig.patch_dropout). A lever that changes
@@ -33,7 +37,7 @@ from vitlab.bench import make_step, time_alternating  # noqa: E402
 from vitlab.config import TrainConfig  # noqa: E402
 
 DEFAULT_CASES = ["vit-cifar-tiny-p4:256", "vit-mnist-hybrid:128", "vit-cifar-hybrid:128"]
-LEVERS = ["baseline", "channels_last", "compile", "batch x2", "threads 1", "patch_dropout 0.25",
+LEVERS = ["baseline", "channels_last", "channels_last input", "compile", "batch x2", "threads 1", "patch_dropout 0.25",
           "patch_dropout 0.5"]
 
 
@@ -52,9 +56,12 @@ class _OneThread:
             torch.set_num_threads(old)
 
 
-def lever_step(lever: str, preset: str, batch: int, precision: str, state: dict):
-    """(step, (images, labels), images per step) of ``lever`` on ``preset``'s model with weights ``state``."""
-    overrides = {"patch_dropout": float(lever.split()[1])} if lever.startswith("patch_dropout") else {}
+def lever_step(lever: str, preset: str, batch: int, precision: str, state: dict, patch_dropout: float | None = None):
+    """(step, (images, labels), images per step) of ``lever`` on ``preset``'s model with weights ``state``
+    (and ``patch_dropout``, where given, for every lever but the patch_dropout ones)."""
+    overrides = {} if patch_dropout is None else {"patch_dropout": patch_dropout}
+    if lever.startswith("patch_dropout"):
+        overrides = {"patch_dropout": float(lever.split()[1])}
     model = create_model(preset, **overrides)
     model.load_state_dict(state)
     cfg = model.config
@@ -65,6 +72,8 @@ def lever_step(lever: str, preset: str, batch: int, precision: str, state: dict)
     if lever == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
+    elif lever == "channels_last input":
+        images = images.contiguous(memory_format=torch.channels_last)
     elif lever == "compile":
         forward = torch.compile(model)
     step = make_step(model.train(), mode="train", precision=precision, device=torch.device("cpu"),
@@ -74,10 +83,11 @@ def lever_step(lever: str, preset: str, batch: int, precision: str, state: dict)
     return (_OneThread(step) if lever == "threads 1" else step), (images, labels), n
 
 
-def run_case(preset: str, batch: int, precision: str, levers: list[str], repeats: int) -> list[tuple]:
+def run_case(preset: str, batch: int, precision: str, levers: list[str], repeats: int,
+             patch_dropout: float | None = None) -> list[tuple]:
     torch.manual_seed(0)
     state = create_model(preset).state_dict()
-    built = {lever: lever_step(lever, preset, batch, precision, state) for lever in levers}
+    built = {lever: lever_step(lever, preset, batch, precision, state, patch_dropout) for lever in levers}
     times = time_alternating({k: v[0] for k, v in built.items()}, {k: v[1] for k, v in built.items()},
                              repeats=repeats, warmup=2)
     per_image = {k: [t / built[k][2] for t in ts] for k, ts in times.items()}
@@ -95,13 +105,17 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--levers", nargs="*", default=LEVERS, help=f"a subset of: {', '.join(LEVERS)}")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--patch-dropout", type=float, help="ViTConfig.patch_dropout of every lever's model "
+                        "(default: the preset's), e.g. 0.25 as in cifar10-cpu-20min")
     args = parser.parse_args()
     levers = ["baseline"] + [lever for lever in args.levers if lever != "baseline"]
-    print(f"machine: {machine()}; precision {args.precision}; {args.repeats} interleaved repeats")
+    print(f"machine: {machine()}; precision {args.precision}; {args.repeats} interleaved repeats"
+          + ("" if args.patch_dropout is None else f"; patch_dropout {args.patch_dropout}"))
     for case in args.cases:
         preset, _, batch = case.partition(":")
         print(f"\n{preset}, batch {batch or 128}:\n| lever | images/s | x baseline |\n|---|---|---|")
-        for lever, ips, ratio in run_case(preset, int(batch or 128), args.precision, levers, args.repeats):
+        for lever, ips, ratio in run_case(preset, int(batch or 128), args.precision, levers, args.repeats,
+                                          args.patch_dropout):
             print(f"| {lever} | {ips:.0f} | {ratio:.2f} |")
     return 0
 
