@@ -296,6 +296,27 @@ def test_a_run_the_time_limit_ends_ends_on_lookaheads_slow_weights(tmp_path, mon
     assert all(torch.equal(weights[k], slow[k]) for k in weights if weights[k].is_floating_point())
 
 
+def test_an_evaluation_that_uses_the_time_left_ends_the_run_on_lookaheads_slow_weights(tmp_path, monkeypatch):
+    # 24 steps of 1 s fit the 60 s, but epoch 1's evaluation (the first, which measures what one costs) takes
+    # 100 s: the run ends there, four steps after Lookahead's last update (step 20), so it takes the slow weights
+    # and scores them as its final evaluation (a second one of 100 s)
+    from vitlab._files import load_safetensors
+    from vitlab.evaluation import evaluate_model
+
+    clock = _VirtualClock(monkeypatch, step=1.0, evaluation=100.0)
+    result = vitlab.train(tiny_config(tmp_path, epochs=10, time_limit_minutes=1.0, lookahead=True),
+                          data=tiny_splits(n_train=384))
+    assert result.stopped == "time_limit" and clock.steps == 24 and clock.now == 224.0
+    weights = load_safetensors(result.run_dir / "last/model.safetensors")
+    slow = load_safetensors(result.run_dir / "last/lookahead.safetensors")
+    assert all(torch.equal(weights[k], slow[k]) for k in weights if weights[k].is_floating_point())
+    final = json.loads((result.run_dir / "eval.json").read_text())
+    loaded = vitlab.load(result.run_dir / "last")
+    scored = evaluate_model(loaded.model, tiny_splits(n_train=384).test, mean=loaded.preprocess.mean,
+                            std=loaded.preprocess.std)  # the saved model, the slow weights
+    assert result.top1 == result.history[-1]["top1"] == final["top1"] == scored["top1"]
+
+
 def test_linear_probe_trains_the_head_only(tmp_path):
     from vitlab._files import load_safetensors
 

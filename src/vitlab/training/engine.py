@@ -118,6 +118,10 @@ def _train(r: "_Run", progress: Progress | None) -> TrainResult:
                 out_of_time |= _replan(r, budget.evaluation_done(seconds, epoch=state.epoch,
                                                                  done=step.scheduler.step_count,
                                                                  planned=step.scheduler.total_steps))
+                if out_of_time and not last:  # this evaluation used the time left: the run ends here after all
+                    step.finish()
+                    if step.slow is not None:  # the model took Lookahead's slow weights: score those
+                        final_eval = _evaluate(r, row, final=True)
                 if first and r.d.is_main and (budget.would_fit or 0) > budget.most_steps:
                     log.info("time limit %g min: %.1f epochs would fit, epochs=%d ends the run sooner (raise "
                              "epochs to use the time)", config.time_limit_minutes,
