@@ -387,7 +387,7 @@ def test_cli_recipes_lists_them(capsys):
     assert "cifar10-cpu:" in out and "tintn-cifar10:" in out and "model vit-mnist-hybrid" in out
     assert "note:     goal 80% reached" in out  # what the number means is said where it is
     mnist = out[out.index("\nmnist:"):out.index("\ntintn-cifar10:")]
-    assert mnist.count("    measured: ") == 3 and "capped at AVX2 kernels" in mnist  # runs on two kinds of CPU
+    assert mnist.count("    measured: ") == 5 and "capped at AVX2 kernels" in mnist  # runs on two kinds of CPU
     rows = {row["name"]: row["measured"] for row in vitlab.list_recipes()}  # one shape: a list of runs
     assert len(rows["cifar10-cpu"]) == 4 and len(rows["digits"]) == 1 and rows["cifar10-gpu"] == []
 
