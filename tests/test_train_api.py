@@ -389,7 +389,7 @@ def test_cli_recipes_lists_them(capsys):
     mnist = out[out.index("\nmnist:"):out.index("\ntintn-cifar10:")]
     assert mnist.count("    measured: ") == 5 and "capped at AVX2 kernels" in mnist  # runs on two kinds of CPU
     rows = {row["name"]: row["measured"] for row in vitlab.list_recipes()}  # one shape: a list of runs
-    assert len(rows["cifar10-cpu"]) == 4 and len(rows["digits"]) == 1 and rows["cifar10-gpu"] == []
+    assert len(rows["cifar10-cpu"]) == 6 and len(rows["digits"]) == 1 and rows["cifar10-gpu"] == []
 
 
 def test_init_from_pretrained_resets_head_and_resizes_positions(tmp_path):
