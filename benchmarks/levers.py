@@ -3,16 +3,17 @@
     PYTHONPATH=src python benchmarks/levers.py                              # the recipe presets and the tiny model
     PYTHONPATH=src python benchmarks/levers.py vit-cifar-hybrid:128 --precision fp32 --repeats 7
     PYTHONPATH=src python benchmarks/levers.py vit-cifar-hybrid:128 --precision bf16 --patch-dropout 0.25 \
-        --levers channels_last "channels_last input"            # cifar10-cpu-20min's model and precision
+        --levers channels_last "NCHW stem"            # cifar10-cpu-20min's model and precision
 
 For each case PRESET:BATCH, the training step `vitlab train` runs (`vitlab.bench.make_step`, the default
 TrainConfig) is built once per lever on the same initial weights, and the levers' steps are interleaved repeat by
 repeat (`vitlab.bench.time_alternating`), so they share the machine's load; the table gives each lever's images/s
 and its speed relative to the baseline (median over repeats of baseline step time / lever step time, per image).
 
-Levers: `channels_last` (the conv stem in NHWC memory order, the oneDNN convolutions' preferred layout),
-`channels_last input` (only the images in NHWC: the convolutions follow the input's layout, and the weights, and so
-the checkpoints, stay as they are),
+Levers: `channels_last` (the whole model, weights too, in NHWC memory order, the oneDNN convolutions' preferred
+layout; the images in NHWC as well), `NCHW stem` (the conv stem's input left in NCHW order: vitlab's conv stem
+converts it to NHWC itself, `PatchEmbed.channels_last`, so this lever measures what that gives; the weights stay
+contiguous either way),
 `compile` (`torch.compile` of the model, inductor: fused elementwise kernels; compile time kept out),
 `batch x2` (twice the images per step), `threads 1` (one intra-op thread instead of all), `patch_dropout 0.25`
 and `0.5` (that fraction of the patch tokens left out in training; ViTConfig.patch_dropout). A lever that changes
@@ -37,7 +38,7 @@ from vitlab.bench import make_step, time_alternating  # noqa: E402
 from vitlab.config import TrainConfig  # noqa: E402
 
 DEFAULT_CASES = ["vit-cifar-tiny-p4:256", "vit-mnist-hybrid:128", "vit-cifar-hybrid:128"]
-LEVERS = ["baseline", "channels_last", "channels_last input", "compile", "batch x2", "threads 1", "patch_dropout 0.25",
+LEVERS = ["baseline", "channels_last", "NCHW stem", "compile", "batch x2", "threads 1", "patch_dropout 0.25",
           "patch_dropout 0.5"]
 
 
@@ -72,8 +73,8 @@ def lever_step(lever: str, preset: str, batch: int, precision: str, state: dict,
     if lever == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    elif lever == "channels_last input":
-        images = images.contiguous(memory_format=torch.channels_last)
+    elif lever == "NCHW stem":
+        model.patch_embed.channels_last = False
     elif lever == "compile":
         forward = torch.compile(model)
     step = make_step(model.train(), mode="train", precision=precision, device=torch.device("cpu"),

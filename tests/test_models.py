@@ -125,6 +125,29 @@ def test_conv_stem_matches_a_functional_reference(size, patch, channels, extra):
     assert m(x).shape == (3, 5)
 
 
+def test_conv_stem_runs_in_nhwc_and_leaves_the_weights_and_optimizer_state_contiguous():
+    torch.manual_seed(0)
+    m = VisionTransformer(tiny(patch_embed="conv_stem", image_size=16, patch_size=4, stem_extra_convs=1))
+    seen = []
+    for conv in (mod for mod in m.patch_embed.stem if isinstance(mod, torch.nn.Conv2d)):
+        conv.register_forward_pre_hook(lambda mod, args: seen.append(
+            args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    x = torch.randn(3, 3, 16, 16)  # NCHW, as the data pipeline makes it
+    tokens = m.patch_embed(x)
+    assert seen == [True, True, True] and tokens.is_contiguous()
+    m.patch_embed.channels_last = False  # the NCHW path: the same tokens
+    seen.clear()
+    torch.testing.assert_close(m.patch_embed(x), tokens, rtol=1e-5, atol=1e-5)
+    assert seen == [False, False, False]
+    m.patch_embed.channels_last = True
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    torch.nn.functional.cross_entropy(m(x), torch.tensor([0, 1, 2])).backward()
+    opt.step()
+    assert all(p.is_contiguous() and p.grad.is_contiguous() for p in m.parameters())
+    assert all(t.is_contiguous() for st in opt.state.values() for t in st.values())
+    assert all(t.is_contiguous() for t in m.state_dict().values())  # safetensors saves only contiguous tensors
+
+
 def test_conv_stem_parameter_count_and_channels():
     m = create_model("vit-cifar-c4")
     assert [c.out_channels for c in m.patch_embed.stem if isinstance(c, torch.nn.Conv2d)] == [64, 128]
