@@ -5,7 +5,9 @@
 For each checkpoint (a run folder, or its ``last``/``best``), loads the test split its run used and prints the
 top-1 accuracy with: the image alone; with its mirror image (``tta_hflip``); and with those moved 1 or 2 pixels
 diagonally (``tta_shift``, airbench's weights: the moved views half). Each distinct view is run once and shared
-between the sets. Scored in fp32 on the CPU (2 threads unless --threads). Not run by CI.
+between the sets. Scored in fp32 on the CPU (2 threads unless --threads). With --validation, scores the
+held-out tenth of the training images instead (the split ``accuracy.py --validation`` trained beside), to choose a
+view set without the test split. Not run by CI.
 """
 
 from __future__ import annotations
@@ -36,24 +38,29 @@ def main() -> int:
     import torch
 
     import vitlab
+    from vitlab.data import with_val_split
     from vitlab.evaluation import evaluate_views, load_like_run, run_config
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-flip", action="store_true", help="data whose mirror image is another class (digits)")
+    parser.add_argument("--validation", action="store_true",
+                        help="score the 10%% of the training images that accuracy.py --validation held out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for path in args.checkpoints:
         loaded = vitlab.load(path, device="cpu")
         splits = load_like_run(loaded, None, run_config(loaded), None, None)
+        held_out, name = (with_val_split(splits, 0.1, seed=0).val, "validation") if args.validation \
+            else (splits.test, "test")
         sets = view_sets(not args.no_flip)
         pre = loaded.preprocess
         t0 = time.perf_counter()
-        results = evaluate_views(loaded.model, splits.test, list(sets.values()), mean=pre.mean, std=pre.std,
+        results = evaluate_views(loaded.model, held_out, list(sets.values()), mean=pre.mean, std=pre.std,
                                  image_size=pre.image_size, batch_size=500, classes=loaded.labels)
         seconds = time.perf_counter() - t0
-        print(f"{path}: {len(splits.test)} test images, {seconds:.0f} s for "
+        print(f"{path}: {len(held_out)} {name} images, {seconds:.0f} s for "
               f"{len({v for s in sets.values() for v in s})} distinct views")
         for (name, views), result in zip(sets.items(), results):
             print(f"  {name:42s} {100 * result['top1']:6.2f}%  ({len(views)} views)")
