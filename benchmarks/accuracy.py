@@ -92,6 +92,14 @@ def cpu_flags() -> str:
     return " ".join(wanted) + ("" if "avx512f" in flags else ", no AVX-512")
 
 
+def validation_split(splits):
+    """``splits``' held-out tenth of the training images (seeded, stratified), the split ``--validation`` scores
+    (tta_views.py --validation scores the same images)."""
+    from vitlab.data import with_val_split
+
+    return with_val_split(splits, 0.1, seed=0)
+
+
 def time_to_accuracy(history: list[dict], targets: list[float], ats: list[float], wall_time: float) -> list[str]:
     """Lines "by M min: A%" (the last evaluation finished by minute M) and "to T%: M min" (the first evaluation at
     or above T percent), from a run's history rows (``epoch``, ``wall_time`` in seconds, ``top1`` in [0, 1] or
@@ -139,12 +147,13 @@ def main() -> int:
     if args.validation:  # the held-out tenth of the training images stands where the test split was
         from dataclasses import replace
 
-        from vitlab.data import load_data, with_val_split
+        from vitlab.data import load_data
         from vitlab.training.engine import input_spec
 
         image_size, channels = input_spec(config)  # as the run would load it
-        splits = with_val_split(load_data(spec, image_size=image_size, channels=channels, cache_dir=config.cache_dir,
-                                          val_fraction=config.val_fraction, seed=config.seed), 0.1, seed=0)
+        splits = validation_split(load_data(spec, image_size=image_size, channels=channels,
+                                            cache_dir=config.cache_dir, val_fraction=config.val_fraction,
+                                            seed=config.seed))
         data = replace(splits, test=splits.val, val=None, spec=f"{spec} (validation: 10% of train)")
     result = vitlab.train(config, data=data, progress=ProgressBar(sys.stdout))
     total = time.perf_counter() - t0

@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from accuracy import machine  # noqa: E402  (the CPU line every benchmark prints)
+from accuracy import machine, validation_split  # noqa: E402  (the CPU line every benchmark prints)
 
 
 def view_sets(flip: bool) -> dict[str, dict]:
@@ -38,7 +38,6 @@ def main() -> int:
     import torch
 
     import vitlab
-    from vitlab.data import with_val_split
     from vitlab.evaluation import evaluate_views, load_like_run, run_config
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -52,15 +51,14 @@ def main() -> int:
     for path in args.checkpoints:
         loaded = vitlab.load(path, device="cpu")
         splits = load_like_run(loaded, None, run_config(loaded), None, None)
-        held_out, name = (with_val_split(splits, 0.1, seed=0).val, "validation") if args.validation \
-            else (splits.test, "test")
+        held_out, split = (validation_split(splits).val, "validation") if args.validation else (splits.test, "test")
         sets = view_sets(not args.no_flip)
         pre = loaded.preprocess
         t0 = time.perf_counter()
         results = evaluate_views(loaded.model, held_out, list(sets.values()), mean=pre.mean, std=pre.std,
                                  image_size=pre.image_size, batch_size=500, classes=loaded.labels)
         seconds = time.perf_counter() - t0
-        print(f"{path}: {len(held_out)} {name} images, {seconds:.0f} s for "
+        print(f"{path}: {len(held_out)} {split} images, {seconds:.0f} s for "
               f"{len({v for s in sets.values() for v in s})} distinct views")
         for (name, views), result in zip(sets.items(), results):
             print(f"  {name:42s} {100 * result['top1']:6.2f}%  ({len(views)} views)")

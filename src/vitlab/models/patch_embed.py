@@ -18,7 +18,7 @@ on the channels, cut into patches, flattened pixel by pixel (each pixel's 5C val
 the pixels of its neighbours.
 
 The convolutional stem reads its input in channels_last (NHWC) memory order, oneDNN's preferred layout for
-convolutions: with bf16 a training step of vit-cifar-hybrid ran 1.03-1.07x faster so on two 2-core CPUs
+convolutions: with bf16 a training step of vit-cifar-hybrid ran 1.03-1.07x faster on two kinds of 2-core CPU
 (docs/performance.md, "channels_last"). Only the activations change layout; the weights, and so the
 checkpoints and the optimizer state, stay contiguous.
 """
